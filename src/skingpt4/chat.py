@@ -1,0 +1,286 @@
+"""The chat engine: sessions with images and turns, streaming, key/value-cache reuse, batching.
+
+One `ChatEngine` wraps one loaded model and is shared; everything per consultation lives in a `Session`. Each
+image is encoded once, when added. A single session's turn reuses the key/value cache of the conversation so far
+(the longest prefix on which text *and* images agree), so a turn costs about its new tokens; under greedy decoding
+its output is the same as recomputing from scratch. Several sessions can be answered in one left-padded batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .conversation import Conversation, get_template, postprocess
+from .errors import InputError
+from .images import load_image
+from .model import LoadedModel
+from .pixels import eval_transform
+from .processing import common_prefix, image_keys, prompt_ids, truncate_left
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding options; the defaults are the released demo's (sampling, top_p 0.9, 300 new tokens)."""
+
+    max_new_tokens: int = 300
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 0.9
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_context: int = 2000  # the original `max_length`: prompt and answer together
+
+    def __post_init__(self):
+        checks = [
+            (1 <= self.max_new_tokens < self.max_context, f"max_new_tokens must be 1..{self.max_context - 1}"),
+            (0.0 < self.temperature <= 5.0, "temperature must be in (0, 5]"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (1 <= self.num_beams <= 10, "num_beams must be 1..10"),
+            (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+
+    @classmethod
+    def greedy(cls, **overrides) -> GenerationSettings:
+        return cls(do_sample=False, **overrides)
+
+
+class ChatEngine:
+    """Shared, thread-safe wrapper around one model; generation is serialised by a lock."""
+
+    def __init__(self, loaded: LoadedModel, template: str | None = None):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.template = get_template(template or loaded.meta.template)
+        self.lock = threading.RLock()
+
+    def session(self) -> Session:
+        return Session(self)
+
+    # -- images ---------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, images: list) -> torch.Tensor:
+        """PIL images -> projected Q-Former features (N, 32, H) in the LLM's dtype, on the embeddings' device."""
+        size = self.loaded.meta.image_size
+        pixels = torch.stack([eval_transform(img, size) for img in images])
+        vision = self.model.vision_model.embeddings.patch_embedding.weight
+        with self.lock:
+            out = self.model.get_image_features(pixel_values=pixels.to(vision.device, vision.dtype))
+        embeddings = self.model.get_input_embeddings().weight
+        return out.pooler_output.to(embeddings.device, embeddings.dtype)
+
+    def embed(self, ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings (B, T, H) with image features scattered into the placeholder positions, in order."""
+        embeds = self.model.get_input_embeddings()(ids)
+        slots = (ids == self.loaded.image_token_id).unsqueeze(-1)
+        count = int(slots.sum()) * embeds.shape[-1]
+        given = 0 if features is None else features.numel()
+        if count != given:
+            raise ValueError(f"prompt has {count // embeds.shape[-1]} image slots but {given} feature values")
+        if features is None:
+            return embeds
+        return embeds.masked_scatter(slots, features.to(embeds.dtype))
+
+    # -- generation -------------------------------------------------------------------------------------------------
+
+    def prepare(self, session: Session, settings: GenerationSettings) -> tuple[list[int], torch.Tensor | None, int]:
+        """Ids of the session's prompt (left-truncated to the budget), its image features, first kept image."""
+        ids = prompt_ids(self.tokenizer, session.conversation.prompt(), self.loaded.image_token_id)
+        ids, dropped = truncate_left(ids, settings.max_context - settings.max_new_tokens, self.loaded.image_token_id)
+        kept = session.features[dropped:]
+        return ids, (torch.stack(kept) if kept else None), dropped
+
+    def generation_config(self, settings: GenerationSettings):
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        options = dict(
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=settings.do_sample,
+            num_beams=settings.num_beams,
+            repetition_penalty=settings.repetition_penalty,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            suppress_tokens=[self.loaded.image_token_id],
+        )
+        if settings.do_sample:
+            options.update(temperature=settings.temperature, top_p=settings.top_p)
+        if self.template.stop:
+            options["stop_strings"] = [self.template.stop]
+        return GenerationConfig(**options)
+
+    @torch.no_grad()
+    def generate(self, sessions: list[Session], settings: GenerationSettings | None = None, streamer=None):
+        """Answer each session's pending question; returns the answers and appends them to the sessions."""
+        settings = settings or GenerationSettings()
+        for s in sessions:
+            if not s.conversation.awaiting_answer:
+                raise InputError("ask a question first")
+        prepared = [self.prepare(s, settings) for s in sessions]
+        with self.lock:
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            if len(sessions) == 1 and settings.num_beams == 1:
+                new_tokens = [self._generate_cached(sessions[0], *prepared[0], settings, streamer)]
+            else:
+                new_tokens = self._generate_batch([p[:2] for p in prepared], settings, streamer)
+        answers = []
+        for session, tokens in zip(sessions, new_tokens):
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            answers.append(postprocess(text, self.template))
+            session.conversation.add_answer(answers[-1])
+        return answers
+
+    def _run(self, ids: torch.Tensor, mask: torch.Tensor, features, settings, streamer, cache=None):
+        embeds = self.embed(ids, features)
+        return self.model.language_model.generate(
+            input_ids=ids,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            generation_config=self.generation_config(settings),
+            tokenizer=self.tokenizer,
+            streamer=streamer,
+            **({"cache": cache} if cache is not None else {}),
+        )
+
+    def _generate_cached(self, session, ids, features, first_image, settings, streamer) -> torch.Tensor:
+        """One session: reuse its cache for the prefix shared with the last turn, run only the rest."""
+        from transformers import DynamicCache
+
+        keys = image_keys(ids, self.loaded.image_token_id, first_image)
+        cache, reuse = session.cache, 0
+        if cache is not None:
+            reuse = min(common_prefix(session.cache_keys, keys), len(ids) - 1)
+        if cache is None or reuse == 0:
+            cache = DynamicCache(config=self.model.language_model.config)
+        elif cache.get_seq_length() > reuse:
+            cache.crop(reuse - cache.get_seq_length())  # a negative count removes that many positions
+        device = self.loaded.device
+        row = torch.tensor([ids], device=device)
+        out = self._run(row, torch.ones_like(row), features, settings, streamer, cache)
+        new = out[0, len(ids) :]
+        session.cache, session.cache_keys = cache, (keys + new.tolist())[: cache.get_seq_length()]
+        session.reused_tokens = reuse
+        return new
+
+    def _generate_batch(self, prepared, settings, streamer) -> list[torch.Tensor]:
+        """Several prompts in one left-padded batch (no cache reuse); identical to one at a time under greedy."""
+        width = max(len(ids) for ids, _ in prepared)
+        pad = self.tokenizer.pad_token_id
+        rows = [[pad] * (width - len(ids)) + ids for ids, _ in prepared]
+        mask = [[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in prepared]
+        features = [f for _, f in prepared if f is not None]
+        device = self.loaded.device
+        ids = torch.tensor(rows, device=device)
+        out = self._run(
+            ids, torch.tensor(mask, device=device), torch.cat(features) if features else None, settings, streamer
+        )
+        return list(out[:, width:])
+
+
+class Session:
+    """One consultation: its images (encoded once), its turns, and its key/value cache."""
+
+    def __init__(self, engine: ChatEngine):
+        self.engine = engine
+        self.reset()
+
+    def reset(self) -> None:
+        tokenizer = self.engine.tokenizer
+        self.conversation = Conversation(self.engine.template, special_tokens=tuple(tokenizer.all_special_tokens))
+        self.features: list[torch.Tensor] = []
+        self.image_hashes: list[str] = []
+        self.cache, self.cache_keys, self.reused_tokens = None, [], 0
+
+    def add_image(self, source: str | Path | bytes) -> str:
+        """Decode (through the one image loader), encode once, and add an image; returns its SHA-256."""
+        image = load_image(source)  # rejects missing, unreadable and unsafe files with a one-line reason
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        self.add_encoded(self.engine.encode_images([image])[0], sha256_bytes(data))
+        return self.image_hashes[-1]
+
+    def add_encoded(self, features: torch.Tensor, sha256: str = "") -> None:
+        """Add an image already encoded by `ChatEngine.encode_images` (used for batches)."""
+        self.conversation.add_image()
+        self.features.append(features)
+        self.image_hashes.append(sha256)
+
+    def ask(self, text: str) -> None:
+        self.conversation.add_question(text)
+
+    def answer(self, settings: GenerationSettings | None = None) -> str:
+        return self.engine.generate([self], settings)[0]
+
+    def stream(self, settings: GenerationSettings | None = None) -> Iterator[str]:
+        """Yield the answer as text pieces while it is generated (the final, cleaned answer is stored)."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def work():
+            try:
+                self.engine.generate([self], settings, streamer)
+            except BaseException as exc:  # surfaced in the consumer's thread below
+                failure.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        yield from until_stop(streamer, self.engine.template.stop)
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    def transcript(self) -> dict:
+        """A JSON-ready record of the consultation (no pixels)."""
+        conv = self.conversation
+        turns = [{"role": ("user", "assistant")[r], "text": t} for r, t in conv.messages if t is not None]
+        return {"template": conv.template.name, "images_sha256": self.image_hashes, "turns": turns}
+
+
+def until_stop(pieces: Iterable[str], stop: str | None) -> Iterator[str]:
+    """Pass text pieces through up to the stop string, holding back any tail that may be its beginning."""
+    pieces = iter(pieces)
+    text, sent = "", 0
+    for piece in pieces:
+        text += piece
+        if not sent:
+            text = text.lstrip()  # the stored answer is stripped; so is the stream
+        cut = text.find(stop) if stop else -1
+        end = cut if cut >= 0 else len(text) - _partial_stop(text, stop)
+        if end > sent:
+            yield text[sent:end]
+            sent = end
+        if cut >= 0:
+            for _ in pieces:  # let the producer finish
+                pass
+            return
+    if sent < len(text):
+        yield text[sent:]  # a held-back tail that was not the stop string after all
+
+
+def _partial_stop(text: str, stop: str | None) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
+    if not stop:
+        return 0
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,198 @@
+"""`skingpt4 ...`: a thin command line over the library. Each command parses flags and calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import InputError, SkinGPT4Error
+from .images import ImageRejected
+
+EXAMPLES = {
+    "create-tiny-model": "skingpt4 create-tiny-model ./tiny",
+    "convert": (
+        "skingpt4 convert --vit eva_vit_g.pth --qformer blip2_pretrained_flant5xxl.pth \\\n"
+        "    --llm ./Llama-2-13b-chat-hf --projection skingpt4_llama2_13bchat_base_pretrain_stage2.pth --out ./skingpt4"
+    ),
+    "chat": "skingpt4 chat --model ./skingpt4 --image lesion.jpg      (or --model tiny to try it offline)",
+    "diagnose": "skingpt4 diagnose --model ./skingpt4 photos/ manifest.jsonl --out results.jsonl --greedy",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    _quiet_libraries()
+    try:
+        return args.run(args) or 0
+    except (SkinGPT4Error, ImageRejected) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="skingpt4", description="SkinGPT-4 dermatology assistant (research use)")
+    commands = parser.add_subparsers(title="commands")
+
+    def command(name: str, help: str, run) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name, help=help, description=help, epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        sub.set_defaults(run=run)
+        return sub
+
+    tiny = command("create-tiny-model", "write a random, UNTRAINED tiny model folder (for trying the software)",
+                   cmd_create_tiny)  # fmt: skip
+    tiny.add_argument("out", help="folder to create")
+    tiny.add_argument("--seed", type=int, default=0)
+
+    conv = command("convert", "convert the original checkpoints into one model folder", cmd_convert)
+    conv.add_argument("--out", required=True, help="folder to create")
+    conv.add_argument("--llm", required=True, help="Llama-family model folder or hub id (Llama-2-13b-chat, Vicuna)")
+    conv.add_argument("--projection", required=True, help="SkinGPT-4 / MiniGPT-4 .pth with llama_proj.*")
+    conv.add_argument("--vit", help="LAVIS eva_vit_g.pth")
+    conv.add_argument("--qformer", help="LAVIS blip2_pretrained_flant5xxl.pth")
+    conv.add_argument("--blip2", help="instead of --vit/--qformer: a HF folder or id like Salesforce/blip2-flan-t5-xxl")
+    conv.add_argument("--vit-heads", type=int, default=16)
+    conv.add_argument("--qformer-heads", type=int, default=12)
+    conv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast weights (default: keep)")
+    conv.add_argument("--shard-size-gb", type=float, default=2.0, help="largest output shard (default 2 GB)")
+    conv.add_argument("--template", default="skingpt4", help="prompt template recorded in the folder")
+
+    chat = command("chat", "chat in the terminal about skin photos", cmd_chat)
+    _model_flags(chat)
+    _generation_flags(chat)
+    chat.add_argument("--image", action="append", default=[], help="photo to start with (repeatable)")
+
+    diag = command("diagnose", "diagnose images in bulk: one record per image, resumable", cmd_diagnose)
+    _model_flags(diag)
+    _generation_flags(diag)
+    diag.add_argument("inputs", nargs="+", help="image files, folders, or manifests (.jsonl/.csv with 'image')")
+    diag.add_argument("--out", required=True, help="results file: .jsonl or .csv (appended to; reruns skip done)")
+    diag.add_argument("--prompt", action="append", help="question to ask (repeatable: asked in order)")
+    diag.add_argument("--clinical", action="store_true", help="ask the paper's four clinical prompts in order")
+    diag.add_argument("--batch-size", type=int, default=8)
+    diag.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder from `skingpt4 convert`, or `tiny`")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on GPU, float32 on CPU)")
+    parser.add_argument("--device-map", help="`auto` to spread the model over several GPUs")
+    parser.add_argument("--load-in-8bit", action="store_true", help="LLM in 8-bit (CUDA + bitsandbytes)")
+    parser.add_argument("--load-in-4bit", action="store_true", help="LLM in 4-bit NF4 (CUDA + bitsandbytes)")
+    parser.add_argument("--template", help="prompt template: skingpt4 (default) or llama2")
+
+
+def _generation_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding (default: sample, as the original)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--max-new-tokens", type=int, default=300)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+
+
+def _settings(args):
+    from .chat import GenerationSettings
+
+    return GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=not args.greedy,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        num_beams=args.num_beams,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def _engine(args):
+    from .chat import ChatEngine
+    from .conversation import get_template
+    from .model import load_model
+
+    if args.template:
+        try:
+            get_template(args.template)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+    loaded = load_model(args.model, args.device, args.dtype, args.device_map, args.load_in_8bit, args.load_in_4bit)
+    return ChatEngine(loaded, args.template)
+
+
+def cmd_create_tiny(args) -> int:
+    from .model import create_tiny_model
+
+    out = create_tiny_model(args.out, seed=args.seed)
+    print(f"wrote an UNTRAINED tiny random model to {out} (for trying the software; its answers are noise)")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .convert import ConvertOptions, convert
+
+    options = ConvertOptions(
+        llm=args.llm,
+        projection=Path(args.projection),
+        vit=Path(args.vit) if args.vit else None,
+        qformer=Path(args.qformer) if args.qformer else None,
+        blip2=args.blip2,
+        vit_heads=args.vit_heads,
+        qformer_heads=args.qformer_heads,
+        dtype=args.dtype,
+        max_shard_bytes=int(args.shard_size_gb * 2**30),
+        template=args.template,
+    )
+    print(f"converted into {convert(options, args.out)}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .terminal import run_chat
+
+    settings = _settings(args)
+    return run_chat(_engine(args), settings, args.image)
+
+
+def cmd_diagnose(args) -> int:
+    from .conversation import CLINICAL_PROMPTS
+    from .diagnose import RecordFile, collect, diagnose
+
+    if args.batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    if args.clinical and args.prompt:
+        raise InputError("use either --clinical or --prompt, not both")
+    settings = _settings(args)
+    items = collect(args.inputs)
+    out = RecordFile(args.out)
+    engine = _engine(args)
+    if engine.loaded.warning:
+        print(f"WARNING: {engine.loaded.warning}", file=sys.stderr)
+    prompts = list(CLINICAL_PROMPTS) if args.clinical else args.prompt
+    summary = diagnose(engine, items, out, prompts, settings, args.batch_size, progress=not args.no_progress)
+    print(f"{summary.done} diagnosed, {summary.failed} failed, {summary.skipped} already done -> {args.out}")
+    return 1 if summary.failed else 0
+
+
+def _quiet_libraries() -> None:
+    """Keep library progress bars and advice out of the user's terminal; our own messages say what matters."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()

@@ -1,0 +1,144 @@
+"""Conversation templates, exactly as the released SkinGPT-4 code renders them.
+
+The default template `skingpt4` is the released code's `CONV_VISION` (Vicuna-v0 style, used for both the Vicuna
+and the Llama-2-13b-chat builds):
+
+    <system>###Human: <Img><ImageHere></Img> What's wrong with my skin?###Assistant:
+
+Each image adds a Human message `<Img><ImageHere></Img>`; the first question after an image is merged into that
+message with a space. Generation stops at the string `###`. User text never reaches the template raw: reserved
+strings are removed first (`neutralise`), so it can neither forge a turn nor add an image slot.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+IMAGE_PLACEHOLDER = "<ImageHere>"
+IMAGE_MESSAGE = f"<Img>{IMAGE_PLACEHOLDER}</Img>"
+SYSTEM = (
+    "Give the following image: <Img>ImageContent</Img>. "
+    "You will be able to see the image once I provide it to you. Please answer my questions."
+)
+CLINICAL_PROMPTS = (  # the paper's clinical evaluation, asked in this order in one chat (NC paper, Methods)
+    "Could you describe the skin disease in this image for me?",
+    "Please provide a paragraph listing additional features you observed in the image.",
+    "Based on the previous information, please provide a detailed explanation of the cause of this skin disease.",
+    "What treatment and medication should be recommended for this case?",
+)
+DEFAULT_QUESTION = "Could you describe the skin disease in this image for me?"
+
+
+@dataclass(frozen=True)
+class Template:
+    """How messages become one prompt string: `system + sep`, then `role + message + sep` per message."""
+
+    name: str
+    system: str
+    roles: tuple[str, str]  # (user, assistant), each with its own trailing separator text
+    open_role: str  # the assistant role as the prompt's last text, awaiting the answer
+    sep: str
+    stop: str | None  # generation stops at this string (besides EOS)
+    answer_marker: str  # the original post-processing keeps the text after the last such marker
+    reserved: tuple[str, ...] = field(default=())  # strings user text may never contain
+
+    def render(self, messages: list[tuple[int, str | None]]) -> str:
+        parts = [self.system + self.sep]
+        for role, text in messages:
+            parts.append(self.roles[role] + text + self.sep if text is not None else self.open_role)
+        return "".join(parts)
+
+
+TEMPLATES = {
+    "skingpt4": Template(
+        name="skingpt4",
+        system=SYSTEM,
+        roles=("Human: ", "Assistant: "),
+        open_role="Assistant:",
+        sep="###",
+        stop="###",
+        answer_marker="Assistant:",
+        reserved=("Human:", "Assistant:"),
+    ),
+    # MiniGPT-4's CONV_VISION_LLama2: an option for Llama-2-chat models trained with that format.
+    "llama2": Template(
+        name="llama2",
+        system=SYSTEM,
+        roles=("<s>[INST] ", " [/INST] "),
+        open_role=" [/INST] ",
+        sep="",
+        stop=None,
+        answer_marker="[/INST]",
+        reserved=("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"),
+    ),
+}
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}; choose one of: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+_MARKUP = (IMAGE_PLACEHOLDER, "<Img>", "</Img>")
+
+
+def neutralise(text: str, template: Template, special_tokens: tuple[str, ...] = ()) -> str:
+    """Remove what would let user text change the prompt's structure.
+
+    Image markup and special-token strings are deleted, runs of `#` shrink to one (`###` is the turn separator
+    and the stop string), and the template's role markers are deleted. Repeated until stable, so that removing
+    one marker cannot assemble another (`<Img<Img>>`).
+    """
+    banned = sorted({*_MARKUP, *template.reserved, *special_tokens} - {""}, key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(s) for s in banned), flags=re.IGNORECASE)
+    previous = None
+    while previous != text:
+        previous = text
+        text = pattern.sub("", text)
+        text = re.sub(r"#{2,}", "#", text)
+    return text.strip()
+
+
+def postprocess(text: str, template: Template) -> str:
+    """The released code's answer clean-up: cut at the stop string, keep what follows the last role marker."""
+    if template.stop:
+        text = text.split(template.stop)[0]
+    return text.split(template.answer_marker)[-1].strip()
+
+
+@dataclass
+class Conversation:
+    """Messages of one consultation, as the original `Chat` builds them (role 0 = user, 1 = assistant)."""
+
+    template: Template
+    messages: list[tuple[int, str | None]] = field(default_factory=list)
+    special_tokens: tuple[str, ...] = ()
+
+    @property
+    def num_images(self) -> int:
+        return sum(text.count(IMAGE_PLACEHOLDER) for role, text in self.messages if role == 0 and text)
+
+    def add_image(self) -> None:
+        self.messages.append((0, IMAGE_MESSAGE))
+
+    def add_question(self, text: str) -> str:
+        """Append user text (neutralised); merge it into a preceding image message, as the original does."""
+        clean = neutralise(text, self.template, self.special_tokens)
+        if self.messages and self.messages[-1][0] == 0 and self.messages[-1][1].endswith("</Img>"):
+            self.messages[-1] = (0, f"{self.messages[-1][1]} {clean}")
+        else:
+            self.messages.append((0, clean))
+        return clean
+
+    def prompt(self) -> str:
+        """The prompt for the next answer: all messages, then the open assistant role."""
+        return self.template.render([*self.messages, (1, None)])
+
+    def add_answer(self, text: str) -> None:
+        self.messages.append((1, text))
+
+    @property
+    def awaiting_answer(self) -> bool:
+        return bool(self.messages) and self.messages[-1][0] == 0

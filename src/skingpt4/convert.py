@@ -1,0 +1,360 @@
+"""Original SkinGPT-4 / MiniGPT-4 / LAVIS checkpoints -> one standard model folder (sharded safetensors).
+
+Inputs: the EVA ViT-g file and the BLIP-2 Q-Former file from LAVIS (or a Hugging Face BLIP-2 folder laid out like
+`Salesforce/blip2-flan-t5-xxl`), a Llama-family LLM folder, and a SkinGPT-4/MiniGPT-4 checkpoint holding the
+projection. Every source key is mapped or on an explicit drop list; anything else stops the conversion and names
+the key. Tensors stream into shards, so peak memory stays near one shard, not the model. Pickles are read with
+`weights_only=True`: a file that carries code is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoints import (
+    first_line,
+    hub_folder,
+    iter_tensors,
+    load_pth,
+    sha256_file,
+    state_dict,
+    tensor_keys,
+    weight_files,
+)
+from .errors import ConversionError
+from .model import DTYPES, NUM_QUERY_TOKENS, ModelMeta, add_image_token, generation_defaults, make_config
+from .model import qformer_config as make_qformer_config
+from .model import vision_config as make_vision_config
+
+# Keys that carry nothing SkinGPT-4 uses, and why. Anything not mapped and not matched here is an error.
+DROP = {
+    "vit": [(r"(norm|fc_norm|head)\.(weight|bias)", "EVA-CLIP's final norm/head; SkinGPT-4 reads the last block raw")],
+    "projection": [
+        (r"(Qformer\.bert\.embeddings\.)?position_ids$", "a buffer, not a weight"),
+        (r".*rotary_emb\.inv_freq$", "rotary buffer, recomputed by transformers"),
+        (r"(llm_model|llama_model)\..*", "LLM weights come from --llm"),
+    ],
+    "qformer": [
+        (r"Qformer\.bert\.embeddings\.position_ids$", "a buffer, not a weight"),
+        (r"t5_proj\..*", "the Flan-T5 projection; SkinGPT-4 has its own"),
+        (r"Qformer\.cls\..*", "text head, removed by SkinGPT-4"),
+        (r"Qformer\.bert\.embeddings\.(word|position)_embeddings\..*", "text embeddings, removed by SkinGPT-4"),
+        (r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\..*", "text-branch FFN, removed by SkinGPT-4"),
+    ],
+    "blip2": [
+        (r"language_model\..*", "the Flan-T5/OPT LLM; the LLM comes from --llm"),
+        (r"language_projection\..*", "the BLIP-2 LLM projection; the projection comes from --projection"),
+        (r".*position_ids$", "a buffer, not a weight"),
+    ],
+    "llm": [(r".*rotary_emb\.inv_freq$", "rotary buffer, recomputed by transformers")],
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Key maps (reference.md 2.3)
+
+
+def map_vit(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """eva_vit_g.pth (flat, N blocks) -> vision_model.* using blocks 0..N-2, as the original does."""
+    blocks = sorted({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if not blocks or "cls_token" not in sd:
+        raise ConversionError("the --vit file is not an EVA ViT state dict (no cls_token / blocks.N.* keys)")
+    depth = len(blocks) - 1  # the last block is not used: SkinGPT-4 reads the penultimate layer
+    out = {
+        "vision_model.embeddings.class_embedding": sd.pop("cls_token"),
+        "vision_model.embeddings.position_embedding": sd.pop("pos_embed"),
+        "vision_model.embeddings.patch_embedding.weight": sd.pop("patch_embed.proj.weight"),
+        "vision_model.embeddings.patch_embedding.bias": sd.pop("patch_embed.proj.bias"),
+    }
+    names = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.projection",
+             "attn.qkv": "self_attn.qkv", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}  # fmt: skip
+    for i in range(depth):
+        src, dst = f"blocks.{i}.", f"vision_model.encoder.layers.{i}."
+        q, v = sd.pop(src + "attn.q_bias"), sd.pop(src + "attn.v_bias")
+        out[dst + "self_attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])  # EVA has no k bias
+        for old, new in names.items():
+            for part in ("weight", "bias"):
+                if f"{src}{old}.{part}" in sd:
+                    out[f"{dst}{new}.{part}"] = sd.pop(f"{src}{old}.{part}")
+    for key in [k for k in sd if k.startswith(f"blocks.{depth}.")]:
+        sd.pop(key)  # the unused last block (block 39 of the real file)
+    _no_leftovers(sd, "vit")
+    return out, depth
+
+
+def map_qformer(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """blip2_pretrained_flant5xxl.pth['model'] -> query_tokens, qformer.*, vision_model.post_layernorm.*."""
+    if "query_tokens" not in sd:
+        raise ConversionError("the --qformer file has no query_tokens: is it blip2_pretrained_flant5xxl.pth?")
+    out = {"query_tokens": sd.pop("query_tokens")}
+    for part in ("weight", "bias"):
+        out[f"vision_model.post_layernorm.{part}"] = sd.pop(f"ln_vision.{part}")
+        out[f"qformer.layernorm.{part}"] = sd.pop(f"Qformer.bert.embeddings.LayerNorm.{part}")
+    for key in [k for k in sd if k.startswith("Qformer.bert.encoder.layer.")]:
+        if re.match(r"Qformer\.bert\.encoder\.layer\.\d+\.(attention|crossattention|\w+_query)\.", key):
+            new = key.replace("Qformer.bert.", "qformer.", 1)
+            out[new.replace("attention.self.", "attention.attention.")] = sd.pop(key)
+    _no_leftovers(sd, "qformer")
+    return out
+
+
+def map_projection(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """llama_proj.* (or the Falcon-era llm_proj.*) -> language_projection.*."""
+    out = {}
+    for prefix in ("llama_proj.", "llm_proj."):
+        for part in ("weight", "bias"):
+            if prefix + part in sd:
+                out[f"language_projection.{part}"] = sd.pop(prefix + part)
+    if set(out) != {"language_projection.weight", "language_projection.bias"}:
+        raise ConversionError("the --projection checkpoint has no llama_proj.weight/bias (nor llm_proj.*)")
+    _no_leftovers(sd, "projection")
+    return out
+
+
+def dropped(key: str, source: str) -> bool:
+    return any(re.fullmatch(pattern, key) for pattern, _ in DROP.get(source, []))
+
+
+def _no_leftovers(sd: dict, source: str) -> None:
+    for key in sd:
+        if not dropped(key, source):
+            raise ConversionError(f"unexpected key {key!r} in --{source}: not mapped and not on the drop list")
+    sd.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shapes -> config, with the classic mistakes caught
+
+
+def vision_sizes(vision: dict[str, torch.Tensor], heads: int) -> dict:
+    width = vision["vision_model.embeddings.class_embedding"].shape[-1]
+    patch = vision["vision_model.embeddings.patch_embedding.weight"].shape[-1]
+    grid = round((vision["vision_model.embeddings.position_embedding"].shape[1] - 1) ** 0.5)
+    depth = 1 + max(int(k.split(".")[3]) for k in vision if k.startswith("vision_model.encoder.layers."))
+    mlp = vision["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
+    if width % heads:
+        raise ConversionError(f"ViT width {width} is not divisible by --vit-heads {heads}")
+    return make_vision_config(width, depth, heads, mlp, image_size=grid * patch, patch_size=patch)
+
+
+def qformer_sizes(tensors: dict[str, torch.Tensor], heads: int, encoder_width: int) -> dict:
+    queries = tensors["query_tokens"]
+    if queries.shape[1] != NUM_QUERY_TOKENS:
+        raise ConversionError(f"query_tokens has {queries.shape[1]} queries; SkinGPT-4 uses {NUM_QUERY_TOKENS}")
+    width = queries.shape[-1]
+    layers = {int(k.split(".")[3]) for k in tensors if k.startswith("qformer.encoder.layer.")}
+    cross = {int(k.split(".")[3]) for k in tensors if ".crossattention." in k}
+    if cross != {i for i in layers if i % 2 == 0}:
+        raise ConversionError(f"Q-Former cross-attention sits in layers {sorted(cross)}, expected every 2nd layer")
+    ffn = tensors["qformer.encoder.layer.0.intermediate_query.dense.weight"].shape[0]
+    if width % heads:
+        raise ConversionError(f"Q-Former width {width} is not divisible by --qformer-heads {heads}")
+    return make_qformer_config(width, len(layers), heads, ffn, encoder_width)
+
+
+def check_projection(weight: torch.Tensor, qformer_width: int, llm_width: int) -> None:
+    """The most common loading error: a projection made for another LLM size or for the Q-Former-less variant."""
+    out_dim, in_dim = weight.shape
+    if in_dim == 5632:
+        raise ConversionError(
+            f"projection is [{out_dim}, 5632]: that is MiniGPT-4's Llama-2 variant without a Q-Former, which "
+            "SkinGPT-4 cannot use (it needs llama_proj [hidden, 768])"
+        )
+    if in_dim != qformer_width:
+        raise ConversionError(f"projection input width {in_dim} does not match the Q-Former width {qformer_width}")
+    if out_dim != llm_width:
+        sizes = {4096: "7B", 5120: "13B", 6656: "30B", 8192: "65B/70B"}
+        made, have = sizes.get(out_dim, f"hidden {out_dim}"), sizes.get(llm_width, f"hidden {llm_width}")
+        raise ConversionError(
+            f"projection is [{out_dim}, {in_dim}], made for a {made} LLM, but --llm is {have} "
+            f"(hidden size {llm_width}): use the LLM the checkpoint was trained with"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming writer
+
+
+class ShardWriter:
+    """Collects tensors into safetensors shards of at most `max_bytes`, checking names and shapes as it goes."""
+
+    def __init__(self, folder: Path, expected: dict[str, tuple[torch.Size, torch.dtype]], max_bytes: int, dtype):
+        self.folder, self.expected, self.max_bytes, self.dtype = folder, expected, max_bytes, dtype
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.written: set[str] = set()
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if key not in self.expected:
+            raise ConversionError(f"converted key {key!r} is not part of the SkinGPT-4 model")
+        if key in self.written or key in self.pending:
+            raise ConversionError(f"key {key!r} comes from two sources")
+        shape = self.expected[key][0]
+        if tuple(tensor.shape) != tuple(shape):
+            raise ConversionError(f"{key} has shape {list(tensor.shape)}, the model expects {list(shape)}")
+        if self.dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[key] = tensor.contiguous()
+        self.pending_bytes += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        save_file(self.pending, self.folder / f"shard-{len(self.shards)}.safetensors", metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.written.update(self.pending)
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        """Write the last shard, name shards the transformers way, and write the index."""
+        self.flush()
+        missing = sorted(set(self.expected) - self.written)
+        if missing:
+            raise ConversionError(f"{len(missing)} model weights have no source, e.g. {missing[0]}")
+        n = len(self.shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for i, (keys, name) in enumerate(zip(self.shards, names)):
+            (self.folder / f"shard-{i}.safetensors").rename(self.folder / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        if n > 1:
+            index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The conversion
+
+
+@dataclass
+class ConvertOptions:
+    llm: str
+    projection: Path
+    vit: Path | None = None
+    qformer: Path | None = None
+    blip2: str | None = None
+    vit_heads: int = 16  # EVA ViT-g: 1408 / 88
+    qformer_heads: int = 12  # BERT-base
+    dtype: str | None = None  # None keeps every tensor's source dtype
+    max_shard_bytes: int = 2 * 2**30
+    template: str = "skingpt4"
+
+
+def convert(options: ConvertOptions, out: str | Path) -> Path:
+    """Build a SkinGPT-4 model folder at `out` (written to a temporary folder, renamed when complete)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"output folder {out} exists and is not empty")
+    if (options.blip2 is None) == (options.vit is None or options.qformer is None):
+        raise ConversionError("give either --vit and --qformer (LAVIS files) or --blip2 (a HF BLIP-2 folder)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        _convert_into(options, tmp)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _convert_into(options: ConvertOptions, folder: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer, Blip2ForConditionalGeneration
+
+    sources: list[dict] = []
+    towers = _read_towers(options, sources)
+    projection = map_projection(state_dict(load_pth(Path(options.projection))))
+    sources.append(_provenance("projection", Path(options.projection)))
+
+    llm_dir = hub_folder(options.llm, ["*.json", "*.safetensors", "tokenizer.model"])
+    text_config = AutoConfig.from_pretrained(llm_dir)
+    if text_config.model_type != "llama":
+        raise ConversionError(f"--llm is a {text_config.model_type!r} model; SkinGPT-4 needs a Llama-family LLM")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    except Exception as exc:
+        raise ConversionError(f"cannot load the --llm tokenizer ({first_line(exc)}); install protobuf") from None
+    image_token_id = add_image_token(tokenizer)
+    original_vocab = text_config.vocab_size
+    text_config.vocab_size = max(original_vocab, image_token_id + 1)
+
+    vision = {k: v for k, v in towers.items() if k.startswith("vision_model.")}
+    vcfg = vision_sizes(vision, options.vit_heads)
+    qcfg = qformer_sizes(towers, options.qformer_heads, vcfg["hidden_size"])
+    check_projection(projection["language_projection.weight"], qcfg["hidden_size"], text_config.hidden_size)
+    config = make_config(vcfg, qcfg, text_config, image_token_id)
+    with torch.device("meta"):
+        skeleton = Blip2ForConditionalGeneration(config)
+    expected = {k: (v.shape, v.dtype) for k, v in skeleton.state_dict().items()}
+
+    dtype = DTYPES[options.dtype] if options.dtype else None
+    writer = ShardWriter(folder, expected, options.max_shard_bytes, dtype)
+    for key, tensor in {**towers, **projection}.items():
+        writer.add(key, tensor)
+    del towers, projection
+    for path in weight_files(llm_dir):
+        sources.append(_provenance("llm", path))
+        for key, tensor in iter_tensors(path):
+            if dropped(key, "llm"):
+                continue
+            if key in ("model.embed_tokens.weight", "lm_head.weight"):
+                tensor = _grow_rows(tensor, text_config.vocab_size)
+            writer.add(f"language_model.{key}", tensor)
+    writer.close()
+
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    generation_defaults(tokenizer, image_token_id).save_pretrained(folder)
+    ModelMeta(template=options.template, sources=sources, description="converted by skingpt4 convert").save(folder)
+
+
+def _read_towers(options: ConvertOptions, sources: list[dict]) -> dict[str, torch.Tensor]:
+    """Vision tower, ln_vision and Q-Former, from the two LAVIS files or a HF BLIP-2 folder."""
+    if options.blip2 is not None:
+        return _read_blip2(hub_folder(options.blip2, ["*.json", "*.safetensors"]), sources)
+    vit, _ = map_vit(state_dict(load_pth(Path(options.vit))))
+    qformer = map_qformer(state_dict(load_pth(Path(options.qformer))))
+    sources += [_provenance("vit", Path(options.vit)), _provenance("qformer", Path(options.qformer))]
+    return {**vit, **qformer}
+
+
+def _read_blip2(folder: Path, sources: list[dict]) -> dict[str, torch.Tensor]:
+    """A HF BLIP-2 folder: read only vision_model.*, qformer.*, query_tokens; the LLM side is never loaded."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        wanted = []
+        for key in tensor_keys(path):
+            if dropped(key, "blip2"):
+                continue
+            if not (key.startswith(("vision_model.", "qformer.")) or key == "query_tokens"):
+                raise ConversionError(f"unexpected key {key!r} in --blip2: not mapped and not on the drop list")
+            wanted.append(key)
+        if wanted:
+            sources.append(_provenance("blip2", path))
+            tensors.update(iter_tensors(path, wanted))
+    return tensors
+
+
+def _grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """Add zero rows for the image placeholder (never read: its positions are overwritten, its logit suppressed)."""
+    if weight.shape[0] >= rows:
+        return weight
+    return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
+
+
+def _provenance(role: str, path: Path) -> dict:
+    return {"role": role, "name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}

@@ -1,0 +1,241 @@
+"""Diagnose in bulk: files, folders or manifests in; one record per image out (JSON Lines or CSV).
+
+Resumable: a rerun skips images already in the output; each record is flushed and fsynced as it is written, so a
+killed run loses at most the record in flight (a half-written last line is cut off on the next run). A bad image
+is recorded with its reason and the run goes on. Images are answered in batches (left-padded).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .chat import ChatEngine, GenerationSettings, sha256_bytes
+from .conversation import DEFAULT_QUESTION
+from .errors import InputError
+from .images import ImageRejected, load_image
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+CSV_FIELDS = ["image", "image_sha256", "model", "untrained", "prompts", "answers", "answer", "seconds", "error",
+              "settings", "manifest"]  # fmt: skip
+
+
+@dataclass
+class Item:
+    """One image to diagnose: its key in the output, where to read it, and manifest fields kept as they were."""
+
+    key: str
+    path: Path
+    manifest: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def collect(inputs: list[str]) -> list[Item]:
+    """Expand files, folders (recursively, sorted, no symlinks out of the folder) and manifests into items."""
+    items: dict[str, Item] = {}
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = [Item(str(p), p) for p in walk_folder(path)]
+        elif path.suffix.lower() in (".jsonl", ".csv") and path.is_file():
+            found = list(read_manifest(path))
+        elif path.is_file():
+            found = [Item(str(path), path)]  # any file is tried; the image loader says why it is not an image
+        else:
+            raise InputError(f"no such file or folder: {raw}")
+        for item in found:
+            items.setdefault(item.key, item)
+    return list(items.values())
+
+
+def walk_folder(root: Path) -> Iterator[Path]:
+    """Image files under `root`, sorted; symlinks are followed only when they stay inside `root`."""
+    top = root.resolve()
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            continue
+        if path.is_symlink() and not path.resolve().is_relative_to(top):
+            continue  # a link to another patient's folder or a system file
+        yield path
+
+
+def read_manifest(path: Path) -> Iterator[Item]:
+    """A JSON Lines (or CSV) manifest: `image` is a path relative to the manifest; other fields are kept."""
+    rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
+    for number, row in rows:
+        image = row.get("image")
+        if not isinstance(image, str) or not image:
+            raise InputError(f"{path.name} line {number}: record has no 'image' path")
+        target = path.parent / image
+        yield Item(str(target), target, {k: v for k, v in row.items() if k != "image"})
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path.name} line {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path.name} line {number}: expected a JSON object")
+        yield number, row
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        for number, row in enumerate(csv.DictReader(f), 2):
+            yield number, row
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output
+
+
+class RecordFile:
+    """Append-only JSONL or CSV of records; knows which images are done; survives being killed mid-write."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.kind = self.path.suffix.lower().lstrip(".")
+        if self.kind not in ("jsonl", "csv"):
+            raise InputError(f"--out must end in .jsonl or .csv, got {self.path.name}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_partial_line()
+        self.done = {record["image"] for record in self.records()}
+
+    def _drop_partial_line(self) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        data = self.path.read_bytes()
+        if not data.endswith(b"\n"):
+            with open(self.path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)  # the record a kill interrupted; it will be redone
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        text = self.path.read_text(encoding="utf-8")
+        if self.kind == "jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return list(csv.DictReader(io.StringIO(text)))
+
+    def append(self, record: dict) -> None:
+        if self.kind == "jsonl":
+            line = json.dumps(record, ensure_ascii=False) + "\n"
+        else:
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+            if not self.path.exists() or self.path.stat().st_size == 0:
+                writer.writeheader()
+            flat = {k: json.dumps(v, ensure_ascii=False) if isinstance(v, list | dict) else v for k, v in record.items()}
+            writer.writerow(flat)
+            line = buffer.getvalue()
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.add(record["image"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Summary:
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+
+def diagnose(
+    engine: ChatEngine,
+    items: list[Item],
+    out: RecordFile,
+    prompts: list[str] | None = None,
+    settings: GenerationSettings | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Summary:
+    """Ask each image `prompts` in order (one conversation per image), `batch_size` images at a time."""
+    from tqdm import tqdm
+
+    prompts = prompts or [DEFAULT_QUESTION]
+    settings = settings or GenerationSettings()
+    todo = [item for item in items if item.key not in out.done]
+    summary = Summary(skipped=len(items) - len(todo))
+    with tqdm(total=len(todo), disable=not progress, unit="image") as bar:
+        for start in range(0, len(todo), batch_size):
+            for record in run_batch(engine, todo[start : start + batch_size], prompts, settings):
+                out.append(record)
+                summary.failed += record["error"] is not None
+                summary.done += record["error"] is None
+                bar.update(1)
+    return summary
+
+
+def run_batch(engine: ChatEngine, batch: list[Item], prompts: list[str], settings) -> list[dict]:
+    """Decode, encode and answer one batch; a bad image or a failed generation becomes an error record."""
+    started = time.perf_counter()
+    records, good, images = [], [], []
+    for item in batch:
+        record = _blank_record(engine, item, prompts, settings)
+        try:
+            data = item.path.read_bytes()
+            record["image_sha256"] = sha256_bytes(data)
+            images.append(load_image(data))
+            good.append(record)
+        except (ImageRejected, OSError) as exc:
+            record["error"] = str(exc) if isinstance(exc, ImageRejected) else f"cannot read file: {exc.strerror}"
+        records.append(record)
+    if good:
+        try:
+            _answer(engine, good, images, prompts, settings)
+        except (RuntimeError, ValueError) as exc:  # e.g. out of memory: record it, keep going
+            for record in good:
+                record["error"] = f"generation failed: {str(exc).splitlines()[0][:200]}"
+    seconds = round((time.perf_counter() - started) / len(batch), 4)
+    for record in records:
+        record["seconds"] = seconds
+    return records
+
+
+def _answer(engine: ChatEngine, records: list[dict], images: list, prompts: list[str], settings) -> None:
+    features = engine.encode_images(images)
+    sessions = [engine.session() for _ in records]
+    for session, record, feature in zip(sessions, records, features):
+        session.add_encoded(feature, record["image_sha256"])
+    for prompt in prompts:
+        for session in sessions:
+            session.ask(prompt)
+        for record, answer in zip(records, engine.generate(sessions, settings)):
+            record["answers"].append(answer)
+    for record in records:
+        record["answer"] = record["answers"][0]
+
+
+def _blank_record(engine: ChatEngine, item: Item, prompts: list[str], settings) -> dict:
+    return {
+        "image": item.key,
+        "image_sha256": None,
+        "model": engine.loaded.model_id,
+        "untrained": engine.loaded.meta.untrained,
+        "prompts": list(prompts),
+        "answers": [],
+        "answer": None,
+        "seconds": None,
+        "error": None,
+        "settings": asdict(settings),
+        "manifest": item.manifest,
+    }
