@@ -26,7 +26,9 @@ def load_pth(path: Path) -> dict:
             if "mmap" not in str(exc):
                 raise
             data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # not a refused object: the bytes are not a checkpoint at all
+            raise ConversionError(f"{path.name} is truncated or corrupt (not a PyTorch checkpoint)") from None
         raise ConversionError(
             f"{path.name} contains pickled Python objects other than tensors; refusing to load it (it could run code)"
         ) from None

@@ -319,7 +319,9 @@ def _convert_into(options: ConvertOptions, folder: Path) -> None:
     config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     generation_defaults(tokenizer, image_token_id).save_pretrained(folder)
-    ModelMeta(template=options.template, sources=sources, description="converted by skingpt4 convert").save(folder)
+    meta = ModelMeta(template=options.template, image_size=vcfg["image_size"], sources=sources)
+    meta.description = "converted by skingpt4 convert"
+    meta.save(folder)
 
 
 def _read_towers(options: ConvertOptions, sources: list[dict]) -> dict[str, torch.Tensor]:

@@ -173,10 +173,9 @@ TINY_CORPUS = (
 )
 
 
-def build_tiny_tokenizer(vocab_size: int = 512):
-    """A real SentencePiece BPE tokenizer (byte fallback, Llama ids unk=0 bos=1 eos=2) trained in-process."""
+def train_tiny_sentencepiece(vocab_size: int = 512) -> bytes:
+    """A real SentencePiece BPE model (byte fallback, Llama's ids unk=0 bos=1 eos=2) trained in-process."""
     import sentencepiece as spm
-    from transformers import LlamaTokenizer
 
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -195,10 +194,18 @@ def build_tiny_tokenizer(vocab_size: int = 512):
         remove_extra_whitespaces=False,
         minloglevel=2,
     )
+    return buffer.getvalue()
+
+
+def build_tiny_tokenizer(vocab_size: int = 512, with_image_token: bool = True):
+    """A Llama tokenizer over `train_tiny_sentencepiece`, loaded the way a real Llama folder's is."""
+    from transformers import LlamaTokenizer
+
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "tokenizer.model").write_bytes(buffer.getvalue())
+        (Path(tmp) / "tokenizer.model").write_bytes(train_tiny_sentencepiece(vocab_size))
         tokenizer = LlamaTokenizer.from_pretrained(tmp)
-    add_image_token(tokenizer)
+    if with_image_token:
+        add_image_token(tokenizer)
     return tokenizer
 
 

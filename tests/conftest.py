@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny random models, synthetic original checkpoints, generated images. No network, no GPU."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+os.environ["SKINGPT4_HOME"] = tempfile.mkdtemp(prefix="skingpt4-test-home-")  # never touch the user's cache
+sys.path.insert(0, str(Path(__file__).parent))
+
+from lavis_reference import TinyDims, write_lavis_files  # noqa: E402
+
+from skingpt4.chat import ChatEngine  # noqa: E402
+from skingpt4.model import build_tiny_tokenizer, create_tiny_model, load_model  # noqa: E402
+
+
+def image_bytes(color=(200, 120, 90), size=(64, 48), fmt="PNG", noise_seed: int | None = None) -> bytes:
+    """An encoded test image: a solid colour, or seeded noise when `noise_seed` is given."""
+    if noise_seed is None:
+        img = Image.new("RGB", size, color)
+    else:
+        g = torch.Generator().manual_seed(noise_seed)
+        pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8)
+        img = Image.fromarray(pixels.numpy(), "RGB")
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return create_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_dir):
+    return load_model(tiny_dir, device="cpu")
+
+
+@pytest.fixture
+def engine(loaded) -> ChatEngine:
+    return ChatEngine(loaded)
+
+
+@pytest.fixture(scope="session")
+def dims() -> TinyDims:
+    return TinyDims()
+
+
+@pytest.fixture(scope="session")
+def lavis_files(tmp_path_factory, dims) -> dict[str, Path]:
+    """eva_vit_g.pth, blip2_pretrained_flant5xxl.pth and a SkinGPT-4 projection .pth in the original layouts."""
+    return write_lavis_files(tmp_path_factory.mktemp("lavis"), dims, seed=0)
+
+
+@pytest.fixture(scope="session")
+def llm_dir(tmp_path_factory, dims) -> Path:
+    """A tiny Llama folder as a user would download it: safetensors, config, a tokenizer without <image>."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer(with_image_token=False)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=dims.llm_width, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-6,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("llm") / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def converted_dir(tmp_path_factory, lavis_files, llm_dir) -> Path:
+    from skingpt4.convert import ConvertOptions, convert
+
+    options = ConvertOptions(
+        llm=str(llm_dir), projection=lavis_files["proj"], vit=lavis_files["vit"], qformer=lavis_files["qformer"],
+        vit_heads=TinyDims().vit_heads, qformer_heads=TinyDims().qformer_heads,
+    )  # fmt: skip
+    return convert(options, tmp_path_factory.mktemp("converted") / "skingpt4-tiny")

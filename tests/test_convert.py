@@ -1,0 +1,190 @@
+"""The converter: key accounting, the classic mistakes, safety, sharding, and the HF BLIP-2 route."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from lavis_reference import make_projection_checkpoint, write_lavis_files
+from safetensors.torch import load_file, save_file
+from transformers import Blip2ForConditionalGeneration
+
+from skingpt4.convert import ConvertOptions, check_projection, convert
+from skingpt4.errors import ConversionError
+from skingpt4.model import META_FILE, ModelMeta
+
+
+def options(lavis_files, llm_dir, dims, **overrides) -> ConvertOptions:
+    base = dict(
+        llm=str(llm_dir), projection=lavis_files["proj"], vit=lavis_files["vit"], qformer=lavis_files["qformer"],
+        vit_heads=dims.vit_heads, qformer_heads=dims.qformer_heads,
+    )  # fmt: skip
+    return ConvertOptions(**{**base, **overrides})
+
+
+def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+def resave(path: Path, mutate) -> Path:
+    data = torch.load(path, weights_only=True)
+    mutate(data)
+    new = path.with_name("edited-" + path.name)
+    torch.save(data, new)
+    return new
+
+
+def test_folder_layout_and_provenance(converted_dir, lavis_files, llm_dir):
+    names = {p.name for p in converted_dir.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", META_FILE, "model.safetensors"} <= names
+    meta = ModelMeta.load(converted_dir)
+    roles = {s["role"]: s for s in meta.sources}
+    assert set(roles) == {"vit", "qformer", "projection", "llm"}
+    import hashlib
+
+    assert roles["vit"]["sha256"] == hashlib.sha256(lavis_files["vit"].read_bytes()).hexdigest()
+    assert meta.post_layernorm_eps == 1e-5 and meta.image_size == 28 and not meta.untrained
+    config = json.loads((converted_dir / "config.json").read_text())
+    assert config["vision_config"]["num_hidden_layers"] == 3  # 4 blocks in the file, the last one dropped
+    assert config["vision_config"]["layer_norm_eps"] == 1e-6
+    assert config["image_token_index"] == config["text_config"]["vocab_size"] - 1
+
+
+def test_key_map_values(converted_dir, lavis_files, dims):
+    """Spot-check the map of reference.md 2.3 on values, including the q/zero/v bias and dropped block."""
+    vit = torch.load(lavis_files["vit"], weights_only=True)
+    qf = torch.load(lavis_files["qformer"], weights_only=True)["model"]
+    out = all_tensors(converted_dir)
+    w = dims.vit_width
+    qkv = out["vision_model.encoder.layers.1.self_attn.qkv.bias"]
+    assert torch.equal(qkv, torch.cat([vit["blocks.1.attn.q_bias"], torch.zeros(w), vit["blocks.1.attn.v_bias"]]))
+    assert torch.equal(out["vision_model.post_layernorm.weight"], qf["ln_vision.weight"])
+    assert torch.equal(out["qformer.layernorm.bias"], qf["Qformer.bert.embeddings.LayerNorm.bias"])
+    key = "Qformer.bert.encoder.layer.2.crossattention.self.key.weight"
+    assert torch.equal(out["qformer.encoder.layer.2.crossattention.attention.key.weight"], qf[key])
+    assert not any(k.startswith("vision_model.encoder.layers.3.") for k in out)
+    embed = out["language_model.model.embed_tokens.weight"]
+    assert torch.count_nonzero(embed[-1]) == 0  # the placeholder row: never read, zero for determinism
+
+
+def test_plain_from_pretrained_loads_sharded_output(tmp_path, lavis_files, llm_dir, dims, converted_dir):
+    folder = convert(options(lavis_files, llm_dir, dims, max_shard_bytes=40_000), tmp_path / "sharded")
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    single, sharded = all_tensors(converted_dir), all_tensors(folder)
+    assert single.keys() == sharded.keys() and all(torch.equal(single[k], sharded[k]) for k in single)
+    model = Blip2ForConditionalGeneration.from_pretrained(folder)
+    assert model.config.num_query_tokens == 32
+
+
+def test_fp16_vit_file_and_llm_proj_alias_and_extra_buffers(tmp_path, llm_dir, dims, converted_dir):
+    files = write_lavis_files(tmp_path / "src", dims, seed=0, vit_dtype=torch.float16, proj_key_prefix="llm_proj")
+    proj = make_projection_checkpoint(dims, torch.Generator().manual_seed(9), extra_buffers=True)
+    torch.save(proj, tmp_path / "proj_buffers.pth")
+    folder = convert(options(files, llm_dir, dims), tmp_path / "a")
+    assert all_tensors(folder)["vision_model.embeddings.patch_embedding.weight"].dtype == torch.float16
+    convert(options(files, llm_dir, dims, projection=tmp_path / "proj_buffers.pth"), tmp_path / "b")
+
+
+def test_blip2_folder_route_equals_lavis_route(tmp_path, converted_dir, lavis_files, llm_dir, dims):
+    """A HF BLIP-2 folder (vision + Q-Former + a foreign LLM) gives the same towers as the LAVIS files."""
+    towers = {k: v for k, v in all_tensors(converted_dir).items() if k.startswith(("vision_model.", "qformer.", "q"))}
+    foreign = {"language_model.encoder.block.0.weight": torch.ones(3, 3), "language_projection.weight": torch.ones(2)}
+    blip2 = tmp_path / "blip2-flan-t5"
+    blip2.mkdir()
+    save_file({**towers, **foreign}, blip2 / "model.safetensors")
+    folder = convert(options(lavis_files, llm_dir, dims, vit=None, qformer=None, blip2=str(blip2)), tmp_path / "out")
+    a, b = all_tensors(converted_dir), all_tensors(folder)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    save_file({**towers, "surprise.weight": torch.ones(1)}, blip2 / "model.safetensors")
+    with pytest.raises(ConversionError, match="unexpected key 'surprise.weight' in --blip2"):
+        convert(options(lavis_files, llm_dir, dims, vit=None, qformer=None, blip2=str(blip2)), tmp_path / "out2")
+
+
+@pytest.mark.parametrize(
+    ("source", "key"),
+    [("vit", "blocks.0.attn.relative_position_bias_table"), ("qformer", "Qformer.bert.pooler.dense.weight"),
+     ("proj", "visual_encoder.cls_token")],
+)  # fmt: skip
+def test_unknown_key_stops_and_names_it(tmp_path, lavis_files, llm_dir, dims, source, key):
+    def add(data):
+        (data["model"] if "model" in data else data)[key] = torch.ones(2)
+
+    edited = {**lavis_files, source: resave(lavis_files[source], add)}
+    opts = options(edited, llm_dir, dims, projection=edited["proj"])
+    with pytest.raises(ConversionError, match=f"unexpected key '{key}'"):
+        convert(opts, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out-*"))  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [((5120, 768), "made for a 13B LLM, but --llm is 7B"), ((4096, 768), "made for a 7B LLM, but --llm is 13B"),
+     ((4096, 5632), "MiniGPT-4's Llama-2 variant without a Q-Former")],
+)  # fmt: skip
+def test_classic_projection_mistakes(shape, message):
+    llm_width = 4096 if shape[0] == 5120 else 5120 if shape == (4096, 768) else 4096
+    with pytest.raises(ConversionError, match=message):
+        check_projection(torch.empty(shape), 768, llm_width)
+
+
+def test_projection_size_mismatch_end_to_end(tmp_path, lavis_files, llm_dir, dims):
+    def widen(data):
+        data["model"]["llama_proj.weight"] = torch.ones(80, dims.qformer_width)
+        data["model"]["llama_proj.bias"] = torch.ones(80)
+
+    with pytest.raises(ConversionError, match=r"projection is \[80, 48\].*hidden size 64"):
+        convert(options(lavis_files, llm_dir, dims, projection=resave(lavis_files["proj"], widen)), tmp_path / "o")
+
+
+def test_truncated_and_corrupt_files(tmp_path, lavis_files, llm_dir, dims):
+    cut = tmp_path / "skingpt4_proj.pth"
+    data = lavis_files["proj"].read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConversionError, match="skingpt4_proj.pth is truncated or corrupt"):
+        convert(options(lavis_files, llm_dir, dims, projection=cut), tmp_path / "o")
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(os.urandom(4096))
+    with pytest.raises(ConversionError, match="noise.pth is truncated or corrupt"):
+        convert(options(lavis_files, llm_dir, dims, projection=noise), tmp_path / "o")
+
+
+class Payload:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickle_with_code_is_refused_never_run(tmp_path, lavis_files, llm_dir, dims):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"llama_proj.weight": torch.ones(64, 48)}, "config": Payload(marker)}, evil)
+    assert not marker.exists()
+    with pytest.raises(ConversionError, match="evil.pth contains pickled Python objects .* refusing"):
+        convert(options(lavis_files, llm_dir, dims, projection=evil), tmp_path / "o")
+    assert not marker.exists()
+
+
+def test_argument_errors(tmp_path, lavis_files, llm_dir, dims, converted_dir):
+    with pytest.raises(ConversionError, match="either --vit and --qformer"):
+        convert(options(lavis_files, llm_dir, dims, qformer=None), tmp_path / "o")
+    with pytest.raises(ConversionError, match="exists and is not empty"):
+        convert(options(lavis_files, llm_dir, dims), converted_dir)
+    with pytest.raises(ConversionError, match="file not found"):
+        convert(options(lavis_files, llm_dir, dims, vit=tmp_path / "missing.pth"), tmp_path / "o")
+    with pytest.raises(ConversionError, match="is neither a folder nor a Hugging Face hub id"):
+        convert(options(lavis_files, llm_dir, dims, llm=str(tmp_path / "no" / "such" / "llm")), tmp_path / "o")
+    with pytest.raises(ConversionError, match="not divisible by --vit-heads 5"):
+        convert(options(lavis_files, llm_dir, dims, vit_heads=5), tmp_path / "o")
