@@ -9,6 +9,8 @@ its output is the same as recomputing from scratch. Several sessions can be answ
 from __future__ import annotations
 
 import hashlib
+import queue
+import re
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -225,9 +227,7 @@ class Session:
 
     def stream(self, settings: GenerationSettings | None = None) -> Iterator[str]:
         """Yield the answer as text pieces while it is generated (the final, cleaned answer is stored)."""
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = TextPieces(self.engine.tokenizer)
         failure: list[BaseException] = []
 
         def work():
@@ -249,6 +249,50 @@ class Session:
         conv = self.conversation
         turns = [{"role": ("user", "assistant")[r], "text": t} for r, t in conv.messages if t is not None]
         return {"template": conv.template.name, "images_sha256": self.image_hashes, "turns": turns}
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+class TextPieces:
+    """A `generate` streamer that yields the answer's text as it grows.
+
+    Each step decodes all new ids (cheap at these lengths) and sends what was added. A trailing run of
+    SentencePiece byte tokens (`<0xNN>`) is held back until it ends: the decoder turns the whole run into
+    replacement characters if any byte is invalid, so only complete runs are final. The pieces therefore always
+    join to the decoded text.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.sent, self.prompt_seen = tokenizer, [], 0, False
+        self.queue: queue.Queue[str | None] = queue.Queue()
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first sends the prompt ids
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.flatten().tolist())
+        tokens = self.tokenizer.convert_ids_to_tokens(self.ids)
+        done = len(tokens)
+        while done and _BYTE_TOKEN.fullmatch(tokens[done - 1] or ""):
+            done -= 1
+        self._send(self.text(done))
+
+    def end(self) -> None:
+        self._send(self.text())
+        self.queue.put(None)
+
+    def text(self, upto: int | None = None) -> str:
+        return self.tokenizer.decode(self.ids[:upto], skip_special_tokens=True)
+
+    def _send(self, text: str) -> None:
+        if len(text) > self.sent:
+            self.queue.put(text[self.sent :])
+            self.sent = len(text)
+
+    def __iter__(self) -> Iterator[str]:
+        while (piece := self.queue.get()) is not None:
+            yield piece
 
 
 def until_stop(pieces: Iterable[str], stop: str | None) -> Iterator[str]:

@@ -405,8 +405,9 @@ def load_model(
         kwargs["device_map"] = device_map
     try:
         net = Blip2ForConditionalGeneration.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"cannot load the model in {path}: {str(exc).splitlines()[0][:300]}") from None
+    except Exception as exc:  # safetensors, OSError, shape mismatches...: the user needs one line, not a traceback
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load the model in {path}: {first}") from None
     if quant is None and device_map is None:
         net.to(device)
     meta = ModelMeta.load(path)

@@ -18,10 +18,11 @@ def run_chat(
     engine: ChatEngine,
     settings: GenerationSettings,
     images: list[str] = (),
-    stdin: TextIO = sys.stdin,
-    stdout: TextIO = sys.stdout,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
 ) -> int:
     """Read lines until EOF or /quit; every bad command or image gets one line and the chat goes on."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     session = engine.session()
     say = lambda text="", end="\n": (stdout.write(text + end), stdout.flush())  # noqa: E731
     if engine.loaded.warning:

@@ -1,0 +1,72 @@
+"""The command line: every command runs, errors are one line with a non-zero exit, --help has examples."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from conftest import image_bytes
+
+from skingpt4.chat import ChatEngine, GenerationSettings
+from skingpt4.cli import main
+from skingpt4.terminal import run_chat
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["diagnose", "--help"])
+    assert "example:" in capsys.readouterr().out
+    assert main([]) == 2
+
+
+def test_create_tiny_model_and_diagnose(tmp_path, capsys):
+    assert main(["create-tiny-model", str(tmp_path / "tiny")]) == 0
+    assert "UNTRAINED" in capsys.readouterr().out
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(image_bytes())
+    (tmp_path / "in" / "b.png").write_bytes(b"nope")
+    out = tmp_path / "r.jsonl"
+    args = ["diagnose", "--model", str(tmp_path / "tiny"), str(tmp_path / "in"), "--out", str(out)]
+    code = main([*args, "--greedy", "--max-new-tokens", "4", "--no-progress", "--clinical"])
+    captured = capsys.readouterr()
+    assert code == 1 and "1 diagnosed, 1 failed, 0 already done" in captured.out and "UNTRAINED" in captured.err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2 and len(records[0]["answers"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["chat", "--model", "/no/such/model"], "error: model folder not found: /no/such/model"),
+        (["diagnose", "--model", "tiny", "x.png", "--out", "o.txt"], "error: no such file or folder: x.png"),
+        (["chat", "--model", "tiny", "--temperature", "0"], "error: temperature must be in (0, 5]"),
+        (["chat", "--model", "tiny", "--load-in-4bit"], "error: 8-bit and 4-bit loading need a CUDA GPU"),
+        (["chat", "--model", "tiny", "--template", "vicuna"], "error: unknown template 'vicuna'"),
+        (["convert", "--out", "o", "--llm", "l", "--projection", "p.pth"], "error: give either --vit and --qformer"),
+    ],
+)
+def test_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_terminal_chat_commands(engine, tmp_path):
+    photo = tmp_path / "lesion.png"
+    photo.write_bytes(image_bytes())
+    script = f"/image {photo}\nWhat's wrong with my skin?\n/image {tmp_path}/missing.png\n/save {tmp_path}/t.json\n"
+    script += "/reset\n/help\n/quit\n"
+    out = io.StringIO()
+    code = run_chat(engine, GenerationSettings.greedy(max_new_tokens=5), stdin=io.StringIO(script), stdout=out)
+    text = out.getvalue()
+    assert code == 0 and "WARNING: UNTRAINED" in text and "(image added: sha256" in text
+    assert "error: no such file: missing.png" in text and "(new consultation" in text and "/image PATH" in text
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["turns"][0]["text"].endswith("What's wrong with my skin?") and len(saved["images_sha256"]) == 1
+    assert [t["role"] for t in saved["turns"]] == ["user", "assistant"]
+
+
+def test_terminal_chat_ends_at_eof(loaded):
+    out = io.StringIO()
+    assert run_chat(ChatEngine(loaded), GenerationSettings(), stdin=io.StringIO(""), stdout=out) == 0

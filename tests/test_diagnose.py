@@ -1,0 +1,99 @@
+"""Bulk diagnosis: inputs, records, resume after a kill, bad images, batching, CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from conftest import image_bytes
+
+from skingpt4.chat import GenerationSettings
+from skingpt4.conversation import CLINICAL_PROMPTS, DEFAULT_QUESTION
+from skingpt4.diagnose import RecordFile, collect, diagnose
+from skingpt4.errors import InputError
+
+GREEDY = GenerationSettings.greedy(max_new_tokens=6)
+
+
+@pytest.fixture
+def photos(tmp_path):
+    root = tmp_path / "photos"
+    (root / "b").mkdir(parents=True)
+    for i in range(3):
+        (root / f"a{i}.jpg").write_bytes(image_bytes(noise_seed=i, fmt="JPEG"))
+    (root / "b" / "c.png").write_bytes(image_bytes(noise_seed=5))
+    (root / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (root / "notes.txt").write_text("not an image")
+    outside = tmp_path / "elsewhere.jpg"
+    outside.write_bytes(image_bytes(fmt="JPEG"))
+    (root / "link.jpg").symlink_to(outside)
+    return root
+
+
+def test_collect_folders_files_and_manifests(photos, tmp_path):
+    items = collect([str(photos)])
+    names = [item.path.name for item in items]
+    assert names == ["a0.jpg", "a1.jpg", "a2.jpg", "broken.png", "c.png"]  # sorted; no .txt; no escaping link
+    manifest = photos / "set.jsonl"
+    manifest.write_text(json.dumps({"image": "a1.jpg", "label": "eczema", "fitzpatrick": 4}) + "\n\n")
+    more = collect([str(manifest), str(photos / "a1.jpg"), str(photos / "a2.jpg")])
+    assert [i.path.name for i in more] == ["a1.jpg", "a2.jpg"]
+    assert more[0].manifest == {"label": "eczema", "fitzpatrick": 4}
+    with pytest.raises(InputError, match="no such file or folder: nowhere"):
+        collect(["nowhere"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.jpg"}\n{oops\n')
+    with pytest.raises(InputError, match="bad.jsonl line 2: not valid JSON"):
+        collect([str(bad)])
+    bad.write_text('{"label": "x"}\n')
+    with pytest.raises(InputError, match="bad.jsonl line 1: record has no 'image' path"):
+        collect([str(bad)])
+
+
+def test_records_errors_and_resume(engine, photos, tmp_path):
+    out_path = tmp_path / "out" / "results.jsonl"
+    items = collect([str(photos)])
+    summary = diagnose(engine, items, RecordFile(out_path), settings=GREEDY, batch_size=2, progress=False)
+    assert (summary.done, summary.failed, summary.skipped) == (4, 1, 0)
+    records = [json.loads(line) for line in out_path.read_text().splitlines()]
+    by_name = {r["image"].rsplit("/", 1)[-1]: r for r in records}
+    assert by_name["broken.png"]["error"].startswith("image is truncated or corrupt")
+    good = by_name["a0.jpg"]
+    assert good["error"] is None and good["prompts"] == [DEFAULT_QUESTION] and good["answer"] == good["answers"][0]
+    assert good["model"] == engine.loaded.model_id and good["untrained"] is True
+    assert len(good["image_sha256"]) == 64 and good["seconds"] > 0 and good["settings"]["do_sample"] is False
+
+    again = diagnose(engine, items, RecordFile(out_path), settings=GREEDY, progress=False)
+    assert (again.done, again.failed, again.skipped) == (0, 0, 5)
+
+    # A kill mid-write leaves half a line: the next run cuts it and redoes only that image.
+    lines = out_path.read_text().splitlines(keepends=True)
+    out_path.write_text("".join(lines[:2]) + lines[2][:25])
+    resumed = diagnose(engine, items, RecordFile(out_path), settings=GREEDY, progress=False)
+    assert resumed.skipped == 2 and resumed.done + resumed.failed == 3
+    final = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert sorted(r["image"] for r in final) == sorted(r["image"] for r in records)
+    assert {r["image"]: r["answers"] for r in final} == {r["image"]: r["answers"] for r in records}
+
+
+def test_batched_equals_single_and_clinical_conversation(engine, photos, tmp_path):
+    items = [i for i in collect([str(photos)]) if i.path.suffix == ".jpg"]
+    runs = {}
+    for batch in (1, 3):
+        out = tmp_path / f"b{batch}.jsonl"
+        diagnose(engine, items, RecordFile(out), list(CLINICAL_PROMPTS), GREEDY, batch_size=batch, progress=False)
+        runs[batch] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["answers"] for r in runs[1]] == [r["answers"] for r in runs[3]]
+    assert all(len(r["answers"]) == 4 and r["prompts"] == list(CLINICAL_PROMPTS) for r in runs[3])
+
+
+def test_csv_output_and_resume(engine, photos, tmp_path):
+    out = tmp_path / "results.csv"
+    items = collect([str(photos)])
+    diagnose(engine, items, RecordFile(out), settings=GREEDY, progress=False)
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 5 and json.loads(rows[0]["prompts"]) == [DEFAULT_QUESTION]
+    assert diagnose(engine, items, RecordFile(out), settings=GREEDY, progress=False).skipped == 5
+    with pytest.raises(InputError, match="--out must end in .jsonl or .csv"):
+        RecordFile(tmp_path / "results.txt")

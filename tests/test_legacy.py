@@ -1,0 +1,60 @@
+"""`python demo.py --cfg-path eval_configs/skingpt4_eval.yaml --gpu-id 0` keeps working."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from skingpt4.legacy import main, model_folder, read_model_section
+from skingpt4.model import home_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_yaml_parses_and_names_the_original_assets():
+    section = read_model_section(ROOT / "eval_configs" / "skingpt4_eval.yaml")
+    assert section["ckpt"].endswith(".pth") and section["prompt_template"] == "###Human: {} ###Assistant: "
+    assert not any(str(v).startswith("/") for v in section.values())  # no machine paths
+
+
+def test_original_assets_are_converted_once_then_reused(tmp_path, lavis_files, llm_dir, dims, monkeypatch):
+    section = {
+        "ckpt": str(lavis_files["proj"]), "llm_model": str(llm_dir), "vit_model": str(lavis_files["vit"]),
+        "q_former_model": str(lavis_files["qformer"]), "vit_heads": dims.vit_heads,
+        "qformer_heads": dims.qformer_heads,
+    }  # fmt: skip
+    first = model_folder(section)
+    assert first.parent == home_dir() / "converted" and (first / "config.json").is_file()
+    stamp = (first / "config.json").stat().st_mtime_ns
+    assert model_folder(section) == first and (first / "config.json").stat().st_mtime_ns == stamp
+
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(yaml.safe_dump({"model": section}))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/quit\n"))
+    assert main(["--cfg-path", str(cfg), "--gpu-id", "0"]) == 0
+
+
+def test_clear_errors(tmp_path, capsys):
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("model:\n  ckpt: weights/x.pth\n")
+    assert main(["--cfg-path", str(cfg)]) == 2
+    assert "missing: llm, vit, qformer" in capsys.readouterr().err
+    cfg.write_text("model:\n  ckpt: a.pth\n  llm_model: l\n  vit_model: v\n  q_former_model: https://x/y.pth\n")
+    assert main(["--cfg-path", str(cfg)]) == 2
+    assert "qformer is a URL" in capsys.readouterr().err
+    assert main(["--cfg-path", str(tmp_path / "none.yaml")]) == 2
+
+
+def test_demo_py_at_the_repo_root_runs(tiny_dir, tmp_path):
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"converted": str(tiny_dir)}}))
+    result = subprocess.run(
+        [sys.executable, "demo.py", "--cfg-path", str(cfg), "--gpu-id", "0"],
+        cwd=ROOT, input="/quit\n", capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "UNTRAINED" in result.stdout and "terminal chat" in result.stderr
