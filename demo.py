@@ -1,6 +1,6 @@
 """The original SkinGPT-4 launch line, kept working:
 
-    python demo.py --cfg-path eval_configs/skingpt4_eval.yaml --gpu-id 0
+python demo.py --cfg-path eval_configs/skingpt4_eval.yaml --gpu-id 0
 """
 
 import sys

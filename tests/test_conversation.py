@@ -50,7 +50,8 @@ def test_two_images_before_a_question_stay_two_messages():
     conv.add_image()
     conv.add_image()
     conv.add_question("compare")
-    assert conv.prompt().endswith("###Human: <Img><ImageHere></Img>###Human: <Img><ImageHere></Img> compare###Assistant:")
+    two = "###Human: <Img><ImageHere></Img>###Human: <Img><ImageHere></Img> compare###Assistant:"
+    assert conv.prompt().endswith(two)
 
 
 def test_llama2_template_is_minigpt4s():

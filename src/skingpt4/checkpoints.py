@@ -32,7 +32,7 @@ def load_pth(path: Path) -> dict:
         raise ConversionError(
             f"{path.name} contains pickled Python objects other than tensors; refusing to load it (it could run code)"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+    except Exception as exc:  # zip, pickle and storage errors of every kind: one line naming the file
         raise ConversionError(f"{path.name} is truncated or corrupt ({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise ConversionError(f"{path.name} holds a {type(data).__name__}, not a state dict")

@@ -13,7 +13,8 @@ EXAMPLES = {
     "create-tiny-model": "skingpt4 create-tiny-model ./tiny",
     "convert": (
         "skingpt4 convert --vit eva_vit_g.pth --qformer blip2_pretrained_flant5xxl.pth \\\n"
-        "    --llm ./Llama-2-13b-chat-hf --projection skingpt4_llama2_13bchat_base_pretrain_stage2.pth --out ./skingpt4"
+        "    --llm ./Llama-2-13b-chat-hf --projection skingpt4_llama2_13bchat_base_pretrain_stage2.pth \\\n"
+        "    --out ./skingpt4"
     ),
     "chat": "skingpt4 chat --model ./skingpt4 --image lesion.jpg      (or --model tiny to try it offline)",
     "diagnose": "skingpt4 diagnose --model ./skingpt4 photos/ manifest.jsonl --out results.jsonl --greedy",
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--projection", required=True, help="SkinGPT-4 / MiniGPT-4 .pth with llama_proj.*")
     conv.add_argument("--vit", help="LAVIS eva_vit_g.pth")
     conv.add_argument("--qformer", help="LAVIS blip2_pretrained_flant5xxl.pth")
-    conv.add_argument("--blip2", help="instead of --vit/--qformer: a HF folder or id like Salesforce/blip2-flan-t5-xxl")
+    conv.add_argument("--blip2", help="instead of --vit/--qformer: HF folder or id like Salesforce/blip2-flan-t5-xxl")
     conv.add_argument("--vit-heads", type=int, default=16)
     conv.add_argument("--qformer-heads", type=int, default=12)
     conv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast weights (default: keep)")

@@ -94,8 +94,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
     with open(path, newline="", encoding="utf-8") as f:
-        for number, row in enumerate(csv.DictReader(f), 2):
-            yield number, row
+        yield from enumerate(csv.DictReader(f), 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,8 +137,7 @@ class RecordFile:
             writer = csv.DictWriter(buffer, CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
             if not self.path.exists() or self.path.stat().st_size == 0:
                 writer.writeheader()
-            flat = {k: json.dumps(v, ensure_ascii=False) if isinstance(v, list | dict) else v for k, v in record.items()}
-            writer.writerow(flat)
+            writer.writerow({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in record.items()})
             line = buffer.getvalue()
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)

@@ -231,7 +231,9 @@ def tiny_configs(vocab_size: int) -> tuple[dict, dict, dict]:
     return vision, qformer, text
 
 
-def create_random_model(out: str | Path, vision: dict, qformer: dict, text: dict, seed: int = 0, tokenizer=None) -> Path:
+def create_random_model(
+    out: str | Path, vision: dict, qformer: dict, text: dict, seed: int = 0, tokenizer=None
+) -> Path:
     """Write a complete random SkinGPT-4 folder of the given sizes (tokenizer included). UNTRAINED, and says so.
 
     `text["vocab_size"]` may exceed the tokenizer (benchmarks use 32000 like Llama); ids the tokenizer lacks are
