@@ -3,12 +3,13 @@
 The bench model is "a small model with the real structure": 224 px / patch 14 ViT (12 x 384), a Q-Former with
 cross-attention every 2nd layer (4 x 256), 32 queries, and an 8 x 512 Llama with the real 32000-token vocabulary
 (so the LM head and the logits processors cost what they cost for Llama). Its tokenizer is the tiny one (513 tokens
-with `<image>`); the ids it lacks must never be generated (see `suppress_missing_ids`).
+with `<image>`); the ids it lacks must never be generated (see `load_bench_engine`).
 """
 
 from __future__ import annotations
 
 import io
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -35,36 +36,45 @@ def build_bench_model(folder: str | Path, seed: int = 0) -> Path:
     return create_random_model(folder, *bench_sizes(), seed=seed)
 
 
-def suppress_missing_ids(engine: ChatEngine) -> int:
-    """Make generation never pick ids the tokenizer lacks; returns how many ids had to be added by this workaround.
-
-    `create_random_model` records these ids in the folder's generation_config.json, but `ChatEngine` builds its own
-    GenerationConfig with `suppress_tokens=[image_token_id]` only, so the random LLM emits ids >= len(tokenizer)
-    that decode to "" (empty answers). Until src/ suppresses them itself, wrap the engine's config (this instance
-    only). When src/ is fixed this finds nothing to add and is a no-op.
-    """
-    vocab = engine.model.config.text_config.vocab_size
-    missing = set(range(len(engine.tokenizer), vocab))
-    original = engine.generation_config
+def suppress_ids(engine: ChatEngine, ids) -> int:
+    """Wrap this engine's generation config so that `ids` are never generated; returns how many were new."""
     from skingpt4.chat import GenerationSettings
 
-    missing -= set(original(GenerationSettings()).suppress_tokens or [])
-    if not missing:
+    original = engine.generation_config
+    extra = set(ids) - set(original(GenerationSettings()).suppress_tokens or [])
+    if not extra:
         return 0
 
     def generation_config(settings):
         config = original(settings)
-        config.suppress_tokens = sorted({*(config.suppress_tokens or []), *missing})
+        config.suppress_tokens = sorted({*(config.suppress_tokens or []), *extra})
         return config
 
-    engine.generation_config = generation_config
-    return len(missing)
+    engine.generation_config = generation_config  # this instance only
+    return len(extra)
 
 
-def load_bench_engine(folder: str | Path) -> tuple[ChatEngine, int]:
-    """The engine on CPU float32, with the missing-id workaround; also returns how many ids it had to add."""
+def load_bench_engine(folder: str | Path) -> tuple[ChatEngine, list[str]]:
+    """The engine on CPU float32, made to emit only text a trained model could emit; returns notes on what was done.
+
+    1. Workaround for a src/ bug: `create_random_model` records the ids the tokenizer lacks (513..31999) in the
+       folder's generation_config.json, but `ChatEngine.generation_config` builds its own GenerationConfig with
+       `suppress_tokens=[image_token_id]` only, so the random LLM mostly emits ids >= len(tokenizer), which decode
+       to "" (empty answers). When src/ is fixed this adds nothing.
+    2. Bench choice: the byte-fallback pieces <0x00>..<0xFF> are suppressed too, so that answers are well-formed
+       text (a random model otherwise emits lone bytes that decode to U+FFFD and re-tokenize into 3 ids each, which
+       inflates the history). The LM head still computes all 32000 logits.
+    """
     engine = ChatEngine(load_model(folder, device="cpu", dtype="float32"))
-    return engine, suppress_missing_ids(engine)
+    tokenizer, vocab = engine.tokenizer, engine.model.config.text_config.vocab_size
+    notes = []
+    missing = suppress_ids(engine, range(len(tokenizer), vocab))
+    if missing:
+        notes.append(f"WORKAROUND: suppressed {missing} ids the tokenizer lacks (src/ does not; see common.py)")
+    byte_ids = [i for i in range(len(tokenizer)) if re.fullmatch(r"<0x[0-9A-F]{2}>", tokenizer.convert_ids_to_tokens(i))]
+    suppress_ids(engine, byte_ids)
+    notes.append(f"bench choice: suppressed the {len(byte_ids)} byte-fallback ids so answers are well-formed text")
+    return engine, notes
 
 
 def sample_images(n: int, size: int = 320) -> list[Image.Image]:
