@@ -102,3 +102,26 @@ def test_clinical_prompts_and_unknown_template():
     assert len(CLINICAL_PROMPTS) == 4 and CLINICAL_PROMPTS[0].startswith("Could you describe")
     with pytest.raises(ValueError, match="unknown template 'vicuna'; choose one of: skingpt4, llama2"):
         get_template("vicuna")
+
+
+def test_property_user_text_never_changes_the_structure():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    pieces = st.sampled_from(["<ImageHere>", "<Img>", "</Img>", "###", "#", "Human:", "Assistant:", "<s>", "</s>",
+                              "<image>", "<", ">", "Img", "Here", " ", "a", "\n", "[INST]"])  # fmt: skip
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(pieces, max_size=30).map("".join))
+    def check(text):
+        conv = Conversation(SK, special_tokens=SPECIALS)
+        conv.add_image()
+        conv.add_question(text)
+        conv.add_answer("ok")
+        conv.add_question(text)
+        prompt = conv.prompt()
+        assert prompt.count(IMAGE_PLACEHOLDER) == 1
+        assert prompt.count("###") == 4  # system, two Human turns' ends, one Assistant turn's end
+        assert not any(s in prompt for s in ("<s>", "</s>", "<image>"))
+
+    check()

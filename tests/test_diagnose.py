@@ -97,3 +97,33 @@ def test_csv_output_and_resume(engine, photos, tmp_path):
     assert diagnose(engine, items, RecordFile(out), settings=GREEDY, progress=False).skipped == 5
     with pytest.raises(InputError, match="--out must end in .jsonl or .csv"):
         RecordFile(tmp_path / "results.txt")
+
+
+def test_sigkill_then_rerun_processes_each_image_exactly_once(tiny_dir, tmp_path):
+    """A real kill: the rerun finishes the job and no image appears twice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(20):
+        (folder / f"img{i:02d}.png").write_bytes(image_bytes(noise_seed=i, size=(32, 32)))
+    out = tmp_path / "r.jsonl"
+    cmd = [sys.executable, "-m", "skingpt4", "diagnose", "--model", str(tiny_dir), str(folder), "--out", str(out),
+           "--greedy", "--max-new-tokens", "16", "--batch-size", "1", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while (
+        proc.poll() is None and time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 3)
+    ):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = out.read_text().count("\n")
+    assert 3 <= done_before < 20, "the kill should land mid-run"
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    images = [json.loads(line)["image"] for line in out.read_text().splitlines()]
+    assert len(images) == 20 and len(set(images)) == 20

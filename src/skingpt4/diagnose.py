@@ -63,8 +63,8 @@ def walk_folder(root: Path) -> Iterator[Path]:
     for path in sorted(root.rglob("*")):
         if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
             continue
-        if path.is_symlink() and not path.resolve().is_relative_to(top):
-            continue  # a link to another patient's folder or a system file
+        if not path.resolve().is_relative_to(top):
+            continue  # through a link to another patient's folder or a system file
         yield path
 
 
