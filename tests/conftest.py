@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -12,13 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
-os.environ["SKINGPT4_HOME"] = tempfile.mkdtemp(prefix="skingpt4-test-home-")  # never touch the user's cache
+HOME = tempfile.mkdtemp(prefix="skingpt4-test-home-")
+os.environ["SKINGPT4_HOME"] = HOME  # never touch the user's cache
 sys.path.insert(0, str(Path(__file__).parent))
 
 from lavis_reference import TinyDims, write_lavis_files  # noqa: E402
 
 from skingpt4.chat import ChatEngine  # noqa: E402
 from skingpt4.model import build_tiny_tokenizer, create_tiny_model, load_model  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(HOME, ignore_errors=True)
 
 
 def image_bytes(color=(200, 120, 90), size=(64, 48), fmt="PNG", noise_seed: int | None = None) -> bytes:

@@ -70,3 +70,14 @@ def test_terminal_chat_commands(engine, tmp_path):
 def test_terminal_chat_ends_at_eof(loaded):
     out = io.StringIO()
     assert run_chat(ChatEngine(loaded), GenerationSettings(), stdin=io.StringIO(""), stdout=out) == 0
+
+
+def test_convert_command(tmp_path, lavis_files, llm_dir, dims, capsys):
+    common = ["--vit", str(lavis_files["vit"]), "--qformer", str(lavis_files["qformer"]), "--llm", str(llm_dir),
+              "--projection", str(lavis_files["proj"]), "--vit-heads", str(dims.vit_heads),
+              "--qformer-heads", str(dims.qformer_heads)]  # fmt: skip
+    assert main(["convert", *common, "--out", str(tmp_path / "m"), "--shard-size-gb", "0.00005"]) == 0
+    assert "converted into" in capsys.readouterr().out
+    assert len(list((tmp_path / "m").glob("model-*.safetensors"))) > 1
+    assert main(["convert", *common, "--out", str(tmp_path / "n"), "--template", "alpaca"]) == 2
+    assert "unknown template 'alpaca'" in capsys.readouterr().err

@@ -65,6 +65,9 @@ class ChatEngine:
         self.tokenizer = loaded.tokenizer
         self.template = get_template(template or loaded.meta.template)
         self.lock = threading.RLock()
+        # Never emit the image placeholder, nor ids the folder suppresses (e.g. vocabulary rows without a token).
+        folder = getattr(self.model.generation_config, "suppress_tokens", None) or []
+        self.suppress_tokens = sorted({loaded.image_token_id, *folder})
 
     def session(self) -> Session:
         return Session(self)
@@ -115,7 +118,7 @@ class ChatEngine:
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
-            suppress_tokens=[self.loaded.image_token_id],
+            suppress_tokens=self.suppress_tokens,
         )
         if settings.do_sample:
             options.update(temperature=settings.temperature, top_p=settings.top_p)

@@ -62,11 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--vit", help="LAVIS eva_vit_g.pth")
     conv.add_argument("--qformer", help="LAVIS blip2_pretrained_flant5xxl.pth")
     conv.add_argument("--blip2", help="instead of --vit/--qformer: HF folder or id like Salesforce/blip2-flan-t5-xxl")
-    conv.add_argument("--vit-heads", type=int, default=16)
-    conv.add_argument("--qformer-heads", type=int, default=12)
+    conv.add_argument("--vit-heads", type=int, help="attention heads of the ViT (EVA ViT-g: 16)")
+    conv.add_argument("--qformer-heads", type=int, help="attention heads of the Q-Former (BERT-base: 12)")
     conv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast weights (default: keep)")
-    conv.add_argument("--shard-size-gb", type=float, default=2.0, help="largest output shard (default 2 GB)")
-    conv.add_argument("--template", default="skingpt4", help="prompt template recorded in the folder")
+    conv.add_argument("--shard-size-gb", type=float, help="largest output shard (default 2 GB)")
+    conv.add_argument("--template", help="prompt template recorded in the folder (default skingpt4)")
 
     chat = command("chat", "chat in the terminal about skin photos", cmd_chat)
     _model_flags(chat)
@@ -96,27 +96,24 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _generation_flags(parser: argparse.ArgumentParser) -> None:
+    """Defaults live in `GenerationSettings` (the released demo's); a flag left out keeps them."""
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (default: sample, as the original)")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--max-new-tokens", type=int, default=300)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--num-beams", type=int, default=1)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, help="new tokens per answer")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--num-beams", type=int)
+    parser.add_argument("--repetition-penalty", type=float)
+
+
+GENERATION_FLAGS = ("max_new_tokens", "temperature", "top_p", "num_beams", "repetition_penalty", "seed")
 
 
 def _settings(args):
     from .chat import GenerationSettings
 
-    return GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=not args.greedy,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        num_beams=args.num_beams,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
+    given = {name: getattr(args, name) for name in GENERATION_FLAGS if getattr(args, name) is not None}
+    return GenerationSettings(do_sample=not args.greedy, **given)
 
 
 def _engine(args):
@@ -144,17 +141,16 @@ def cmd_create_tiny(args) -> int:
 def cmd_convert(args) -> int:
     from .convert import ConvertOptions, convert
 
+    optional = {name: getattr(args, name) for name in ("vit_heads", "qformer_heads", "dtype", "template")}
+    if args.shard_size_gb is not None:
+        optional["max_shard_bytes"] = int(args.shard_size_gb * 2**30)
     options = ConvertOptions(
         llm=args.llm,
         projection=Path(args.projection),
         vit=Path(args.vit) if args.vit else None,
         qformer=Path(args.qformer) if args.qformer else None,
         blip2=args.blip2,
-        vit_heads=args.vit_heads,
-        qformer_heads=args.qformer_heads,
-        dtype=args.dtype,
-        max_shard_bytes=int(args.shard_size_gb * 2**30),
-        template=args.template,
+        **{name: value for name, value in optional.items() if value is not None},
     )
     print(f"converted into {convert(options, args.out)}")
     return 0

@@ -28,6 +28,7 @@ from .checkpoints import (
     tensor_keys,
     weight_files,
 )
+from .conversation import get_template
 from .errors import ConversionError
 from .model import DTYPES, NUM_QUERY_TOKENS, ModelMeta, add_image_token, generation_defaults, make_config
 from .model import qformer_config as make_qformer_config
@@ -256,6 +257,10 @@ class ConvertOptions:
 def convert(options: ConvertOptions, out: str | Path) -> Path:
     """Build a SkinGPT-4 model folder at `out` (written to a temporary folder, renamed when complete)."""
     out = Path(out)
+    try:
+        get_template(options.template)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"output folder {out} exists and is not empty")
     if (options.blip2 is None) == (options.vit is None or options.qformer is None):
