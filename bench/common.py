@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from skingpt4.chat import ChatEngine
@@ -36,45 +37,28 @@ def build_bench_model(folder: str | Path, seed: int = 0) -> Path:
     return create_random_model(folder, *bench_sizes(), seed=seed)
 
 
-def suppress_ids(engine: ChatEngine, ids) -> int:
-    """Wrap this engine's generation config so that `ids` are never generated; returns how many were new."""
-    from skingpt4.chat import GenerationSettings
+def suppress_ids(engine: ChatEngine, ids: list[int]) -> None:
+    """Never generate `ids`: a forward hook on this model's LM head sets their logits to -inf.
 
-    original = engine.generation_config
-    extra = set(ids) - set(original(GenerationSettings()).suppress_tokens or [])
-    if not extra:
-        return 0
-
-    def generation_config(settings):
-        config = original(settings)
-        config.suppress_tokens = sorted({*(config.suppress_tokens or []), *extra})
-        return config
-
-    engine.generation_config = generation_config  # this instance only
-    return len(extra)
+    (Cheaper than a long `suppress_tokens` list, which `generate()` copies on every call and checks every step.)
+    """
+    index = torch.tensor(sorted(ids))
+    head = engine.model.language_model.get_output_embeddings()
+    head.register_forward_hook(lambda module, args, logits: logits.index_fill(-1, index, float("-inf")))
 
 
 def load_bench_engine(folder: str | Path) -> tuple[ChatEngine, list[str]]:
-    """The engine on CPU float32, made to emit only text a trained model could emit; returns notes on what was done.
+    """The engine on CPU float32; returns notes on what was done for the benchmark.
 
-    1. Workaround for a src/ bug: `create_random_model` records the ids the tokenizer lacks (513..31999) in the
-       folder's generation_config.json, but `ChatEngine.generation_config` builds its own GenerationConfig with
-       `suppress_tokens=[image_token_id]` only, so the random LLM mostly emits ids >= len(tokenizer), which decode
-       to "" (empty answers). When src/ is fixed this adds nothing.
-    2. Bench choice: the byte-fallback pieces <0x00>..<0xFF> are suppressed too, so that answers are well-formed
-       text (a random model otherwise emits lone bytes that decode to U+FFFD and re-tokenize into 3 ids each, which
-       inflates the history). The LM head still computes all 32000 logits.
+    Bench choice: the byte-fallback pieces <0x00>..<0xFF> are suppressed so that answers are well-formed text (a
+    random model otherwise emits lone bytes that decode to U+FFFD and re-tokenize into 3 ids each, which inflates
+    the history). The LM head still computes all 32000 logits.
     """
     engine = ChatEngine(load_model(folder, device="cpu", dtype="float32"))
-    tokenizer, vocab = engine.tokenizer, engine.model.config.text_config.vocab_size
-    notes = []
-    missing = suppress_ids(engine, range(len(tokenizer), vocab))
-    if missing:
-        notes.append(f"WORKAROUND: suppressed {missing} ids the tokenizer lacks (src/ does not; see common.py)")
-    byte_ids = [i for i in range(len(tokenizer)) if re.fullmatch(r"<0x[0-9A-F]{2}>", tokenizer.convert_ids_to_tokens(i))]
-    suppress_ids(engine, byte_ids)
-    notes.append(f"bench choice: suppressed the {len(byte_ids)} byte-fallback ids so answers are well-formed text")
-    return engine, notes
+    pieces = engine.tokenizer.convert_ids_to_tokens(list(range(len(engine.tokenizer))))
+    ids = [i for i, piece in enumerate(pieces) if re.fullmatch(r"<0x[0-9A-F]{2}>", piece)]
+    suppress_ids(engine, ids)
+    return engine, [f"bench choice: suppressed the {len(ids)} byte-fallback ids so answers are well-formed text"]
 
 
 def sample_images(n: int, size: int = 320) -> list[Image.Image]:
@@ -118,14 +102,17 @@ def spread(values: list[float]) -> str:
     return f"{min(values):.3f}..{max(values):.3f}"
 
 
+NUMBER = re.compile(r"[\d.]+(x|\.\.[\d.]+)?$")  # right-aligned cells: 1.23, 4.5x, 0.1..0.3
+
+
 def print_table(title: str, headers: list[str], rows: list[list]) -> None:
     cells = [[str(c) for c in row] for row in [headers, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    line = "+".join("-" * (w + 2) for w in widths)
+    line = "-+-".join("-" * w for w in widths)
     print(f"\n{title}")
     print(line)
     for n, row in enumerate(cells):
-        print(" | ".join(c.rjust(w) if n and i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        print(" | ".join(c.rjust(w) if n and NUMBER.match(c) else c.ljust(w) for c, w in zip(row, widths)))
         if n == 0:
             print(line)
     print(line)

@@ -178,3 +178,23 @@ def test_user_text_cannot_forge_image_slots(engine):
     ids = prompt_ids(engine.tokenizer, session.conversation.prompt(), engine.loaded.image_token_id)
     assert ids.count(engine.loaded.image_token_id) == 32
     assert isinstance(session.answer(GREEDY), str)
+
+
+def test_vocabulary_rows_without_a_token_are_never_generated(tmp_path):
+    """A random model whose vocabulary is larger than its tokenizer (like the benchmark model) stays decodable."""
+    from skingpt4.chat import ChatEngine
+    from skingpt4.model import build_tiny_tokenizer, create_random_model, tiny_configs
+
+    tokenizer = build_tiny_tokenizer()
+    vision, qformer, text = tiny_configs(vocab_size=700)
+    loaded = load_model(create_random_model(tmp_path / "m", vision, qformer, text, tokenizer=tokenizer))
+    with torch.no_grad():
+        loaded.model.language_model.lm_head.weight[len(tokenizer) :] = 50.0  # rows 513..699 would win every argmax
+    engine = ChatEngine(loaded)
+    session = engine.session()
+    session.add_image(image_bytes())
+    session.ask("hi")
+    ids, features, _ = engine.prepare(session, GREEDY)
+    row = torch.tensor([ids])
+    new = engine._run(row, torch.ones_like(row), features, GREEDY, None)[0, len(ids) :].tolist()
+    assert new and max(new) < len(tokenizer)

@@ -65,9 +65,10 @@ class ChatEngine:
         self.tokenizer = loaded.tokenizer
         self.template = get_template(template or loaded.meta.template)
         self.lock = threading.RLock()
-        # Never emit the image placeholder, nor ids the folder suppresses (e.g. vocabulary rows without a token).
+        # Never emit the image placeholder, nor vocabulary rows that have no token (a random model may have them).
+        self.tokens = len(self.tokenizer)
         folder = getattr(self.model.generation_config, "suppress_tokens", None) or []
-        self.suppress_tokens = sorted({loaded.image_token_id, *folder})
+        self.suppress_tokens = sorted({loaded.image_token_id, *(i for i in folder if i < self.tokens)})
 
     def session(self) -> Session:
         return Session(self)
@@ -149,7 +150,10 @@ class ChatEngine:
         return answers
 
     def _run(self, ids: torch.Tensor, mask: torch.Tensor, features, settings, streamer, cache=None):
+        from transformers import LogitsProcessorList
+
         embeds = self.embed(ids, features)
+        untokenized = self.model.config.text_config.vocab_size > self.tokens
         return self.model.language_model.generate(
             input_ids=ids,
             inputs_embeds=embeds,
@@ -157,6 +161,7 @@ class ChatEngine:
             generation_config=self.generation_config(settings),
             tokenizer=self.tokenizer,
             streamer=streamer,
+            logits_processor=LogitsProcessorList([_NoIdsFrom(self.tokens)] if untokenized else []),
             **({"cache": cache} if cache is not None else {}),
         )
 
@@ -172,8 +177,8 @@ class ChatEngine:
             cache = DynamicCache(config=self.model.language_model.config)
         elif cache.get_seq_length() > reuse:
             cache.crop(reuse - cache.get_seq_length())  # a negative count removes that many positions
-        device = self.loaded.device
-        row = torch.tensor([ids], device=device)
+        session.cache, session.cache_keys = None, []  # if generation fails, no half-updated cache survives
+        row = torch.tensor([ids], device=self.loaded.device)
         out = self._run(row, torch.ones_like(row), features, settings, streamer, cache)
         new = out[0, len(ids) :]
         session.cache, session.cache_keys = cache, (keys + new.tolist())[: cache.get_seq_length()]
@@ -193,6 +198,17 @@ class ChatEngine:
             ids, torch.tensor(mask, device=device), torch.cat(features) if features else None, settings, streamer
         )
         return list(out[:, width:])
+
+
+class _NoIdsFrom:
+    """Logits processor: ids >= `first` have no token in the tokenizer; never generate them (one slice, any size)."""
+
+    def __init__(self, first: int):
+        self.first = first
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, self.first :] = float("-inf")
+        return scores
 
 
 class Session:

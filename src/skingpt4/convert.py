@@ -297,8 +297,7 @@ def _convert_into(options: ConvertOptions, folder: Path) -> None:
     original_vocab = text_config.vocab_size
     text_config.vocab_size = max(original_vocab, image_token_id + 1)
 
-    vision = {k: v for k, v in towers.items() if k.startswith("vision_model.")}
-    vcfg = vision_sizes(vision, options.vit_heads)
+    vcfg = vision_sizes(towers, options.vit_heads)  # (no second dict of tower tensors: it would outlive them)
     qcfg = qformer_sizes(towers, options.qformer_heads, vcfg["hidden_size"])
     check_projection(projection["language_projection.weight"], qcfg["hidden_size"], text_config.hidden_size)
     config = make_config(vcfg, qcfg, text_config, image_token_id)

@@ -236,8 +236,8 @@ def create_random_model(
 ) -> Path:
     """Write a complete random SkinGPT-4 folder of the given sizes (tokenizer included). UNTRAINED, and says so.
 
-    `text["vocab_size"]` may exceed the tokenizer (benchmarks use 32000 like Llama); ids the tokenizer lacks are
-    suppressed at generation time.
+    `text["vocab_size"]` may exceed the tokenizer (benchmarks use 32000 like Llama); the chat engine never
+    generates ids the tokenizer lacks.
     """
     from transformers import Blip2ForConditionalGeneration, LlamaConfig
 
@@ -248,9 +248,7 @@ def create_random_model(
     config = make_config(vision, qformer, LlamaConfig(**text), image_token_id)
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config).eval()
-    generation = generation_defaults(tokenizer, image_token_id)
-    generation.suppress_tokens = [image_token_id, *range(len(tokenizer), config.text_config.vocab_size)]
-    model.generation_config = generation
+    model.generation_config = generation_defaults(tokenizer, image_token_id)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
