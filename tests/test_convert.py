@@ -10,7 +10,7 @@ import pytest
 import torch
 from lavis_reference import make_projection_checkpoint, write_lavis_files
 from safetensors.torch import load_file, save_file
-from transformers import Blip2ForConditionalGeneration
+from transformers import Blip2ForConditionalGeneration, GPT2Config
 
 from skingpt4.convert import ConvertOptions, check_projection, convert
 from skingpt4.errors import ConversionError
@@ -187,5 +187,9 @@ def test_argument_errors(tmp_path, lavis_files, llm_dir, dims, converted_dir):
         convert(options(lavis_files, llm_dir, dims, vit=tmp_path / "missing.pth"), tmp_path / "o")
     with pytest.raises(ConversionError, match="is neither a folder nor a Hugging Face hub id"):
         convert(options(lavis_files, llm_dir, dims, llm=str(tmp_path / "no" / "such" / "llm")), tmp_path / "o")
+    gpt2 = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(gpt2)
+    with pytest.raises(ConversionError, match="--llm is a 'gpt2' model; SkinGPT-4 needs a Llama-family LLM"):
+        convert(options(lavis_files, llm_dir, dims, llm=str(gpt2)), tmp_path / "o")
     with pytest.raises(ConversionError, match="not divisible by --vit-heads 5"):
         convert(options(lavis_files, llm_dir, dims, vit_heads=5), tmp_path / "o")

@@ -265,6 +265,9 @@ def convert(options: ConvertOptions, out: str | Path) -> Path:
         raise ConversionError(f"output folder {out} exists and is not empty")
     if (options.blip2 is None) == (options.vit is None or options.qformer is None):
         raise ConversionError("give either --vit and --qformer (LAVIS files) or --blip2 (a HF BLIP-2 folder)")
+    for path in (options.projection, options.vit, options.qformer):
+        if path is not None and not Path(path).is_file():
+            raise ConversionError(f"file not found: {path}")  # before any download or long read
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
