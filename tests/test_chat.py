@@ -16,6 +16,16 @@ GREEDY = GenerationSettings.greedy(max_new_tokens=12)
 QUESTIONS = ["What's wrong with my skin?", "What causes it?", "Is it contagious?", "What treatment do you suggest?"]
 
 
+def generated_ids(engine) -> list[int]:
+    """The raw new ids of one greedy answer about a photo (below the text clean-up, to see every id)."""
+    session = engine.session()
+    session.add_image(image_bytes())
+    session.ask("hi")
+    ids, features, _ = engine.prepare(session, GREEDY)
+    row = torch.tensor([ids])
+    return engine._run(row, torch.ones_like(row), features, GREEDY, None)[0, len(ids) :].tolist()
+
+
 def run_turns(engine, settings, recompute: bool, second_image_at: int = 2) -> tuple[list[str], list[int]]:
     session = engine.session()
     session.add_image(image_bytes(noise_seed=1))
@@ -134,14 +144,8 @@ def test_image_placeholder_is_never_generated(tiny_dir):
         loaded.model.language_model.lm_head.weight[image_id] = 50.0  # would win every argmax
     from skingpt4.chat import ChatEngine
 
-    engine = ChatEngine(loaded)
-    session = engine.session()
-    session.add_image(image_bytes())
-    session.ask("hi")
-    ids, features, _ = engine.prepare(session, GREEDY)
-    row = torch.tensor([ids])
-    out = engine._run(row, torch.ones_like(row), features, GREEDY, None)
-    assert out.shape[1] > len(ids) and image_id not in out[0, len(ids) :].tolist()
+    new = generated_ids(ChatEngine(loaded))
+    assert new and image_id not in new
 
 
 @pytest.mark.parametrize(
@@ -190,11 +194,5 @@ def test_vocabulary_rows_without_a_token_are_never_generated(tmp_path):
     loaded = load_model(create_random_model(tmp_path / "m", vision, qformer, text, tokenizer=tokenizer))
     with torch.no_grad():
         loaded.model.language_model.lm_head.weight[len(tokenizer) :] = 50.0  # rows 513..699 would win every argmax
-    engine = ChatEngine(loaded)
-    session = engine.session()
-    session.add_image(image_bytes())
-    session.ask("hi")
-    ids, features, _ = engine.prepare(session, GREEDY)
-    row = torch.tensor([ids])
-    new = engine._run(row, torch.ones_like(row), features, GREEDY, None)[0, len(ids) :].tolist()
+    new = generated_ids(ChatEngine(loaded))
     assert new and max(new) < len(tokenizer)

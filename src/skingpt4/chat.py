@@ -13,47 +13,17 @@ import queue
 import re
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .conversation import Conversation, get_template, postprocess
 from .errors import InputError
+from .generation import GenerationSettings
 from .images import load_image
 from .model import LoadedModel
 from .pixels import eval_transform
 from .processing import common_prefix, image_keys, prompt_ids, truncate_left
-
-
-@dataclass
-class GenerationSettings:
-    """Decoding options; the defaults are the released demo's (sampling, top_p 0.9, 300 new tokens)."""
-
-    max_new_tokens: int = 300
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_p: float = 0.9
-    num_beams: int = 1
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    max_context: int = 2000  # the original `max_length`: prompt and answer together
-
-    def __post_init__(self):
-        checks = [
-            (1 <= self.max_new_tokens < self.max_context, f"max_new_tokens must be 1..{self.max_context - 1}"),
-            (0.0 < self.temperature <= 5.0, "temperature must be in (0, 5]"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            (1 <= self.num_beams <= 10, "num_beams must be 1..10"),
-            (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InputError(message)
-
-    @classmethod
-    def greedy(cls, **overrides) -> GenerationSettings:
-        return cls(do_sample=False, **overrides)
 
 
 class ChatEngine:
@@ -107,26 +77,6 @@ class ChatEngine:
         kept = session.features[dropped:]
         return ids, (torch.stack(kept) if kept else None), dropped
 
-    def generation_config(self, settings: GenerationSettings):
-        from transformers import GenerationConfig
-
-        tok = self.tokenizer
-        options = dict(
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=settings.do_sample,
-            num_beams=settings.num_beams,
-            repetition_penalty=settings.repetition_penalty,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            suppress_tokens=self.suppress_tokens,
-        )
-        if settings.do_sample:
-            options.update(temperature=settings.temperature, top_p=settings.top_p)
-        if self.template.stop:
-            options["stop_strings"] = [self.template.stop]
-        return GenerationConfig(**options)
-
     @torch.no_grad()
     def generate(self, sessions: list[Session], settings: GenerationSettings | None = None, streamer=None):
         """Answer each session's pending question; returns the answers and appends them to the sessions."""
@@ -154,11 +104,12 @@ class ChatEngine:
 
         embeds = self.embed(ids, features)
         untokenized = self.model.config.text_config.vocab_size > self.tokens
+        stop = [self.template.stop] if self.template.stop else None
         return self.model.language_model.generate(
             input_ids=ids,
             inputs_embeds=embeds,
             attention_mask=mask,
-            generation_config=self.generation_config(settings),
+            generation_config=settings.to_config(self.tokenizer, self.suppress_tokens, stop),
             tokenizer=self.tokenizer,
             streamer=streamer,
             logits_processor=LogitsProcessorList([_NoIdsFrom(self.tokens)] if untokenized else []),

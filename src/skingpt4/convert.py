@@ -30,7 +30,8 @@ from .checkpoints import (
 )
 from .conversation import get_template
 from .errors import ConversionError
-from .model import DTYPES, NUM_QUERY_TOKENS, ModelMeta, add_image_token, generation_defaults, make_config
+from .generation import folder_generation_config
+from .model import DTYPES, NUM_QUERY_TOKENS, ModelMeta, add_image_token, make_config
 from .model import qformer_config as make_qformer_config
 from .model import vision_config as make_vision_config
 
@@ -325,7 +326,7 @@ def _convert_into(options: ConvertOptions, folder: Path) -> None:
 
     config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    generation_defaults(tokenizer, image_token_id).save_pretrained(folder)
+    folder_generation_config(tokenizer, image_token_id).save_pretrained(folder)
     meta = ModelMeta(template=options.template, image_size=vcfg["image_size"], sources=sources)
     meta.description = "converted by skingpt4 convert"
     meta.save(folder)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
+from .generation import folder_generation_config
 
 IMAGE_TOKEN = "<image>"  # one added special token; 32 copies stand for each image
 NUM_QUERY_TOKENS = 32
@@ -130,24 +131,6 @@ def qformer_config(width=768, depth=12, heads=12, ffn=3072, encoder_width=1408) 
     )
 
 
-def generation_defaults(tokenizer, image_token_id: int):
-    """The released demo's defaults, saved as generation_config.json so plain transformers users get them too."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(
-        do_sample=True,
-        temperature=1.0,
-        top_p=0.9,
-        num_beams=1,
-        repetition_penalty=1.0,
-        max_new_tokens=300,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        suppress_tokens=[image_token_id],  # the placeholder row is never trained: never emit it
-    )
-
-
 def add_image_token(tokenizer) -> int:
     """Add the image placeholder as a special token (pad = eos, as the original) and return its id."""
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -248,7 +231,7 @@ def create_random_model(
     config = make_config(vision, qformer, LlamaConfig(**text), image_token_id)
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config).eval()
-    model.generation_config = generation_defaults(tokenizer, image_token_id)
+    model.generation_config = folder_generation_config(tokenizer, image_token_id)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
