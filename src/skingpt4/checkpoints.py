@@ -101,7 +101,11 @@ def sha256_file(path: Path) -> str:
 
 
 def hub_folder(name: str, patterns: list[str]) -> Path:
-    """A local folder, or a hub id downloaded (only `patterns`) into the Hugging Face cache."""
+    """A local folder, or a hub id downloaded (only `patterns`) into the Hugging Face cache.
+
+    Weights come as safetensors when the repository has them; only repositories without any (Vicuna v0
+    conversions, say) fetch `pytorch_model*.bin`, so a repo that has both is never downloaded twice.
+    """
     path = Path(name).expanduser()
     if path.is_dir():
         return path
@@ -110,6 +114,9 @@ def hub_folder(name: str, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, allow_patterns=patterns))
+        folder = Path(snapshot_download(name, allow_patterns=patterns))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(name, allow_patterns=[*patterns, "pytorch_model*.bin"]))
+        return folder
     except Exception as exc:  # network, auth, missing repo: one line for the user
         raise ConversionError(f"cannot download {name} from the Hugging Face hub ({first_line(exc)})") from None
