@@ -20,7 +20,7 @@ import torch
 from .conversation import Conversation, get_template, postprocess
 from .errors import InputError
 from .generation import GenerationSettings
-from .images import load_image
+from .images import DEFAULT_LIMITS, load_image, read_source
 from .model import LoadedModel
 from .pixels import eval_transform
 from .processing import common_prefix, image_keys, prompt_ids, truncate_left
@@ -84,29 +84,37 @@ class ChatEngine:
         for s in sessions:
             if not s.conversation.awaiting_answer:
                 raise InputError("ask a question first")
+        try:
+            new_tokens = self._generate(sessions, settings, streamer)
+        except BaseException:
+            for s in sessions:  # the question goes back: a retry must not pile up unanswered turns
+                s.conversation.drop_question()
+            raise
+        answers = []
+        for session, tokens in zip(sessions, new_tokens):
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            answers.append(session.conversation.add_answer(postprocess(text, self.template)))
+        return answers
+
+    def _generate(self, sessions: list[Session], settings: GenerationSettings, streamer) -> list[torch.Tensor]:
         prepared = [self.prepare(s, settings) for s in sessions]
         with self.lock:
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
             if len(sessions) == 1 and settings.num_beams == 1:
-                new_tokens = [self._generate_cached(sessions[0], *prepared[0], settings, streamer)]
-            else:
-                new_tokens = self._generate_batch([p[:2] for p in prepared], settings, streamer)
-        answers = []
-        for session, tokens in zip(sessions, new_tokens):
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            answers.append(postprocess(text, self.template))
-            session.conversation.add_answer(answers[-1])
-        return answers
+                return [self._generate_cached(sessions[0], *prepared[0], settings, streamer)]
+            return self._generate_batch([p[:2] for p in prepared], settings, streamer)
 
-    def _run(self, ids: torch.Tensor, mask: torch.Tensor, features, settings, streamer, cache=None):
+    def _run(self, ids: torch.Tensor, mask: torch.Tensor, features, settings, streamer, cache=None) -> torch.Tensor:
+        """Generate after `ids` (B, T); returns only the new tokens (B, N)."""
         from transformers import LogitsProcessorList
 
         embeds = self.embed(ids, features)
         untokenized = self.model.config.text_config.vocab_size > self.tokens
         stop = [self.template.stop] if self.template.stop else None
+        # Only embeddings, as the original: the output is the new tokens alone, and a repetition penalty sees only
+        # them (given the prompt ids, transformers would penalise the whole conversation).
         return self.model.language_model.generate(
-            input_ids=ids,
             inputs_embeds=embeds,
             attention_mask=mask,
             generation_config=settings.to_config(self.tokenizer, self.suppress_tokens, stop),
@@ -130,8 +138,7 @@ class ChatEngine:
             cache.crop(reuse - cache.get_seq_length())  # a negative count removes that many positions
         session.cache, session.cache_keys = None, []  # if generation fails, no half-updated cache survives
         row = torch.tensor([ids], device=self.loaded.device)
-        out = self._run(row, torch.ones_like(row), features, settings, streamer, cache)
-        new = out[0, len(ids) :]
+        new = self._run(row, torch.ones_like(row), features, settings, streamer, cache)[0]
         session.cache, session.cache_keys = cache, (keys + new.tolist())[: cache.get_seq_length()]
         session.reused_tokens = reuse
         return new
@@ -145,10 +152,8 @@ class ChatEngine:
         features = [f for _, f in prepared if f is not None]
         device = self.loaded.device
         ids = torch.tensor(rows, device=device)
-        out = self._run(
-            ids, torch.tensor(mask, device=device), torch.cat(features) if features else None, settings, streamer
-        )
-        return list(out[:, width:])
+        features = torch.cat(features) if features else None
+        return list(self._run(ids, torch.tensor(mask, device=device), features, settings, streamer))
 
 
 class _NoIdsFrom:
@@ -178,8 +183,8 @@ class Session:
 
     def add_image(self, source: str | Path | bytes) -> str:
         """Decode (through the one image loader), encode once, and add an image; returns its SHA-256."""
-        image = load_image(source)  # rejects missing, unreadable and unsafe files with a one-line reason
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        data = read_source(source, DEFAULT_LIMITS.max_bytes)  # read once: the hash is of the pixels we decode
+        image = load_image(data)  # rejects unsafe or broken images with a one-line reason
         self.add_encoded(self.engine.encode_images([image])[0], sha256_bytes(data))
         return self.image_hashes[-1]
 
@@ -197,6 +202,10 @@ class Session:
 
     def stream(self, settings: GenerationSettings | None = None) -> Iterator[str]:
         """Yield the answer as text pieces while it is generated (the final, cleaned answer is stored)."""
+        settings = settings or GenerationSettings()
+        if settings.num_beams > 1:  # beam search cannot stream: the answer arrives in one piece
+            yield self.answer(settings)
+            return
         streamer = TextPieces(self.engine.tokenizer)
         failure: list[BaseException] = []
 

@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     except (SkinGPT4Error, ImageRejected) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path that cannot be created, read or written
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -180,7 +184,7 @@ def cmd_diagnose(args) -> int:
     prompts = list(CLINICAL_PROMPTS) if args.clinical else args.prompt
     summary = diagnose(engine, items, out, prompts, settings, args.batch_size, progress=not args.no_progress)
     print(f"{summary.done} diagnosed, {summary.failed} failed, {summary.skipped} already done -> {args.out}")
-    return 1 if summary.failed else 0
+    return 1 if out.failures({item.key for item in items}) else 0  # earlier runs' failures count too
 
 
 def _quiet_libraries() -> None:

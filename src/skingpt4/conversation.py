@@ -84,6 +84,16 @@ def get_template(name: str) -> Template:
 _MARKUP = (IMAGE_PLACEHOLDER, "<Img>", "</Img>")
 
 
+def strip_markup(text: str, special_tokens: tuple[str, ...] = ()) -> str:
+    """Remove image markup and special-token strings, which would add image slots or control ids to a prompt."""
+    banned = sorted({*_MARKUP, *special_tokens} - {""}, key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(s) for s in banned), flags=re.IGNORECASE)
+    previous = None
+    while previous != text:
+        previous, text = text, pattern.sub("", text)
+    return text
+
+
 def neutralise(text: str, template: Template, special_tokens: tuple[str, ...] = ()) -> str:
     """Remove what would let user text change the prompt's structure.
 
@@ -91,13 +101,12 @@ def neutralise(text: str, template: Template, special_tokens: tuple[str, ...] = 
     and the stop string), and the template's role markers are deleted. Repeated until stable, so that removing
     one marker cannot assemble another (`<Img<Img>>`).
     """
-    banned = sorted({*_MARKUP, *template.reserved, *special_tokens} - {""}, key=len, reverse=True)
-    pattern = re.compile("|".join(re.escape(s) for s in banned), flags=re.IGNORECASE)
+    roles = re.compile("|".join(re.escape(s) for s in template.reserved), flags=re.IGNORECASE)
     previous = None
     while previous != text:
         previous = text
-        text = pattern.sub("", text)
-        text = re.sub(r"#{2,}", "#", text)
+        text = strip_markup(text, special_tokens)
+        text = re.sub(r"#{2,}", "#", roles.sub("", text) if template.reserved else text)
     return text.strip()
 
 
@@ -115,6 +124,7 @@ class Conversation:
     template: Template
     messages: list[tuple[int, str | None]] = field(default_factory=list)
     special_tokens: tuple[str, ...] = ()
+    _before_question: list | None = field(default=None, repr=False)
 
     @property
     def num_images(self) -> int:
@@ -126,6 +136,7 @@ class Conversation:
     def add_question(self, text: str) -> str:
         """Append user text (neutralised); merge it into a preceding image message, as the original does."""
         clean = neutralise(text, self.template, self.special_tokens)
+        self._before_question = list(self.messages)
         if self.messages and self.messages[-1][0] == 0 and self.messages[-1][1].endswith("</Img>"):
             self.messages[-1] = (0, f"{self.messages[-1][1]} {clean}")
         else:
@@ -136,8 +147,17 @@ class Conversation:
         """The prompt for the next answer: all messages, then the open assistant role."""
         return self.template.render([*self.messages, (1, None)])
 
-    def add_answer(self, text: str) -> None:
-        self.messages.append((1, text))
+    def add_answer(self, text: str) -> str:
+        """Store an answer; markup a model wrote (`<ImageHere>`, `<image>`) is removed, or the next turn breaks."""
+        clean = strip_markup(text, self.special_tokens)
+        self.messages.append((1, clean))
+        return clean
+
+    def drop_question(self) -> None:
+        """Undo the last `add_question` (used when its answer failed)."""
+        if self._before_question is not None:
+            self.messages = self._before_question
+            self._before_question = None
 
     @property
     def awaiting_answer(self) -> bool:

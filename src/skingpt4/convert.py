@@ -68,6 +68,10 @@ def map_vit(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
     blocks = sorted({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
     if not blocks or "cls_token" not in sd:
         raise ConversionError("the --vit file is not an EVA ViT state dict (no cls_token / blocks.N.* keys)")
+    _require(sd, ["pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"], "--vit")
+    width = sd["cls_token"].shape[-1]
+    if width == 1408 and len(blocks) != 40:  # EVA ViT-g: the real file has 40 blocks, SkinGPT-4 uses 39
+        raise ConversionError(f"the --vit file has {len(blocks)} blocks; eva_vit_g.pth has 40 (of which 39 are used)")
     depth = len(blocks) - 1  # the last block is not used: SkinGPT-4 reads the penultimate layer
     out = {
         "vision_model.embeddings.class_embedding": sd.pop("cls_token"),
@@ -79,6 +83,7 @@ def map_vit(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
              "attn.qkv": "self_attn.qkv", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}  # fmt: skip
     for i in range(depth):
         src, dst = f"blocks.{i}.", f"vision_model.encoder.layers.{i}."
+        _require(sd, [src + "attn.q_bias", src + "attn.v_bias"], "--vit")
         q, v = sd.pop(src + "attn.q_bias"), sd.pop(src + "attn.v_bias")
         out[dst + "self_attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])  # EVA has no k bias
         for old, new in names.items():
@@ -95,6 +100,8 @@ def map_qformer(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """blip2_pretrained_flant5xxl.pth['model'] -> query_tokens, qformer.*, vision_model.post_layernorm.*."""
     if "query_tokens" not in sd:
         raise ConversionError("the --qformer file has no query_tokens: is it blip2_pretrained_flant5xxl.pth?")
+    _require(sd, [f"{n}.{p}" for n in ("ln_vision", "Qformer.bert.embeddings.LayerNorm") for p in ("weight", "bias")],
+             "--qformer")  # fmt: skip
     out = {"query_tokens": sd.pop("query_tokens")}
     for part in ("weight", "bias"):
         out[f"vision_model.post_layernorm.{part}"] = sd.pop(f"ln_vision.{part}")
@@ -118,6 +125,12 @@ def map_projection(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise ConversionError("the --projection checkpoint has no llama_proj.weight/bias (nor llm_proj.*)")
     _no_leftovers(sd, "projection")
     return out
+
+
+def _require(sd: dict, keys: list[str], source: str) -> None:
+    missing = [k for k in keys if k not in sd]
+    if missing:
+        raise ConversionError(f"{source} file lacks {missing[0]!r}: not the expected checkpoint")
 
 
 def dropped(key: str, source: str) -> bool:
@@ -172,7 +185,7 @@ def check_projection(weight: torch.Tensor, qformer_width: int, llm_width: int) -
     if in_dim != qformer_width:
         raise ConversionError(f"projection input width {in_dim} does not match the Q-Former width {qformer_width}")
     if out_dim != llm_width:
-        sizes = {4096: "7B", 5120: "13B", 6656: "30B", 8192: "65B/70B"}
+        sizes = {4096: "7B", 5120: "13B", 6656: "30B", 8192: "65B/70B or Falcon-40B"}
         made, have = sizes.get(out_dim, f"hidden {out_dim}"), sizes.get(llm_width, f"hidden {llm_width}")
         raise ConversionError(
             f"projection is [{out_dim}, {in_dim}], made for a {made} LLM, but --llm is {have} "
@@ -262,6 +275,8 @@ def convert(options: ConvertOptions, out: str | Path) -> Path:
         get_template(options.template)
     except ValueError as exc:
         raise ConversionError(str(exc)) from None
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"output {out} exists and is a file")
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"output folder {out} exists and is not empty")
     if (options.blip2 is None) == (options.vit is None or options.qformer is None):

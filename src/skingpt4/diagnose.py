@@ -19,9 +19,10 @@ from pathlib import Path
 from .chat import ChatEngine, GenerationSettings, sha256_bytes
 from .conversation import DEFAULT_QUESTION
 from .errors import InputError
-from .images import ImageRejected, load_image
+from .images import DEFAULT_LIMITS, ImageRejected, load_image, read_source
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+RETRY = "generation failed"  # errors worth another try on a rerun
 CSV_FIELDS = ["image", "image_sha256", "model", "untrained", "prompts", "answers", "answer", "seconds", "error",
               "settings", "manifest"]  # fmt: skip
 
@@ -111,7 +112,8 @@ class RecordFile:
             raise InputError(f"--out must end in .jsonl or .csv, got {self.path.name}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._drop_partial_line()
-        self.done = {record["image"] for record in self.records()}
+        # Rejected images stay done (retrying cannot help); a failed generation (e.g. out of memory) is retried.
+        self.done = {r["image"] for r in self.records() if not str(r.get("error") or "").startswith(RETRY)}
 
     def _drop_partial_line(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -125,9 +127,22 @@ class RecordFile:
         if not self.path.exists():
             return []
         text = self.path.read_text(encoding="utf-8")
-        if self.kind == "jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        return list(csv.DictReader(io.StringIO(text)))
+        if self.kind == "csv":
+            return list(csv.DictReader(io.StringIO(text)))
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise InputError(f"{self.path.name} line {number} is not a JSON record (a results file?)") from None
+        return records
+
+    def failures(self, keys: set[str]) -> int:
+        """How many of these images have an error as their latest record."""
+        latest = {r["image"]: r.get("error") for r in self.records()}
+        return sum(1 for key in keys if latest.get(key))
 
     def append(self, record: dict) -> None:
         if self.kind == "jsonl":
@@ -137,13 +152,20 @@ class RecordFile:
             writer = csv.DictWriter(buffer, CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
             if not self.path.exists() or self.path.stat().st_size == 0:
                 writer.writeheader()
-            writer.writerow({k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in record.items()})
+            writer.writerow({k: _csv_cell(v) for k, v in record.items()})
             line = buffer.getvalue()
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
         self.done.add(record["image"])
+
+
+def _csv_cell(value):
+    """Lists and dicts as JSON; line breaks as the two characters \\n, so that each record is one line and a record
+    cut short by a kill is recognisable (and redone) on the next run."""
+    text = json.dumps(value, ensure_ascii=False) if isinstance(value, list | dict) else value
+    return text.replace("\r", "\\r").replace("\n", "\\n") if isinstance(text, str) else text
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,19 +212,19 @@ def run_batch(engine: ChatEngine, batch: list[Item], prompts: list[str], setting
     for item in batch:
         record = _blank_record(engine, item, prompts, settings)
         try:
-            data = item.path.read_bytes()
+            data = read_source(item.path, DEFAULT_LIMITS.max_bytes)  # the byte cap applies before reading
             record["image_sha256"] = sha256_bytes(data)
             images.append(load_image(data))
             good.append(record)
-        except (ImageRejected, OSError) as exc:
-            record["error"] = str(exc) if isinstance(exc, ImageRejected) else f"cannot read file: {exc.strerror}"
+        except ImageRejected as exc:
+            record["error"] = str(exc)
         records.append(record)
     if good:
         try:
             _answer(engine, good, images, prompts, settings)
         except (RuntimeError, ValueError) as exc:  # e.g. out of memory: record it, keep going
             for record in good:
-                record["error"] = f"generation failed: {str(exc).splitlines()[0][:200]}"
+                record["error"] = f"{RETRY}: {str(exc).splitlines()[0][:200]}"
     seconds = round((time.perf_counter() - started) / len(batch), 4)
     for record in records:
         record["seconds"] = seconds

@@ -30,7 +30,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ALLOWED_FORMATS", "DEFAULT_LIMITS", "ImageLimits", "ImageRejected", "load_image"]
+__all__ = ["ALLOWED_FORMATS", "DEFAULT_LIMITS", "ImageLimits", "ImageRejected", "load_image", "read_source"]
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
 
@@ -83,7 +83,7 @@ def load_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS) -> Ima
     Raises :class:`ImageRejected` with a one-line reason for anything that is not an acceptable image.
     The returned image shares nothing with the input: ``img.info == {}`` and ``img.getexif()`` is empty.
     """
-    data = _read_source(source, limits.max_bytes)
+    data = read_source(source, limits.max_bytes)
     with warnings.catch_warnings():
         # Turn Pillow's bomb *warning* (the image would still be decoded) into an error, locally.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -95,7 +95,7 @@ def load_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS) -> Ima
             return Image.frombytes("RGB", rgb.size, rgb.tobytes())
 
 
-def _read_source(source: ImageSource, max_bytes: int) -> bytes:
+def read_source(source: ImageSource, max_bytes: int) -> bytes:
     """Read the whole input, at most ``max_bytes`` of it, so Pillow never touches the caller's file or path."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         size = memoryview(source).nbytes

@@ -382,8 +382,8 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device)
     quant = quantization_config(load_in_8bit, load_in_4bit, torch_dtype)
     kwargs: dict = {"dtype": torch_dtype}
-    if quant is not None:
-        kwargs.update(quantization_config=quant, device_map=device_map or {"": 0})
+    if quant is not None:  # bitsandbytes models cannot be moved after loading: place them on the chosen GPU
+        kwargs.update(quantization_config=quant, device_map=device_map or {"": torch.device(device).index or 0})
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:

@@ -49,8 +49,8 @@ def run_chat(
         try:
             for piece in session.stream(settings):
                 say(piece, end="")
-        except SkinGPT4Error as exc:
-            say(f"\nerror: {exc}")
+        except (SkinGPT4Error, RuntimeError, ValueError) as exc:  # e.g. out of memory: say so, keep the chat
+            say(f"\nerror: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
             continue
         say()
 
