@@ -23,7 +23,7 @@ def generated_ids(engine) -> list[int]:
     session.ask("hi")
     ids, features, _ = engine.prepare(session, GREEDY)
     row = torch.tensor([ids])
-    return engine._run(row, torch.ones_like(row), features, GREEDY, None)[0, len(ids) :].tolist()
+    return engine._run(row, torch.ones_like(row), features, GREEDY, None)[0].tolist()
 
 
 def run_turns(engine, settings, recompute: bool, second_image_at: int = 2) -> tuple[list[str], list[int]]:
@@ -193,6 +193,64 @@ def test_vocabulary_rows_without_a_token_are_never_generated(tmp_path):
     vision, qformer, text = tiny_configs(vocab_size=700)
     loaded = load_model(create_random_model(tmp_path / "m", vision, qformer, text, tokenizer=tokenizer))
     with torch.no_grad():
-        loaded.model.language_model.lm_head.weight[len(tokenizer) :] = 50.0  # rows 513..699 would win every argmax
+        loaded.model.language_model.lm_head.weight[len(tokenizer) :] = 50.0  # rows 513..699 become likely
     new = generated_ids(ChatEngine(loaded))
     assert new and max(new) < len(tokenizer)
+
+
+def test_generation_stops_at_the_stop_string(tiny_dir):
+    """Bias the model towards '#': it writes '###' within a few tokens, and generation stops right there."""
+    from skingpt4.chat import ChatEngine
+
+    loaded = load_model(tiny_dir)
+    hashes = loaded.tokenizer.convert_tokens_to_ids(["#", "▁#", "##", "###"])
+    with torch.no_grad():
+        for i in hashes:
+            if i != loaded.tokenizer.unk_token_id:
+                loaded.model.language_model.lm_head.weight[i] = 5.0
+    engine = ChatEngine(loaded)
+    new = generated_ids(engine)
+    text = engine.tokenizer.decode(new)
+    assert len(new) <= 4 < GREEDY.max_new_tokens and text.endswith("###")
+    session = engine.session()
+    session.add_image(image_bytes())
+    session.ask("hi")
+    assert session.answer(GREEDY) == text.split("###")[0].strip()  # everything from the stop string on is cut
+
+
+def test_beam_search_streams_as_one_piece(engine):
+    beams = GenerationSettings(do_sample=False, num_beams=2, max_new_tokens=6)
+    session = engine.session()
+    session.add_image(image_bytes())
+    session.ask("What's wrong with my skin?")
+    pieces = list(session.stream(beams))
+    assert len(pieces) == 1 and pieces[0] == session.conversation.messages[-1][1]
+
+
+def test_markup_written_by_the_model_cannot_break_the_next_turn(engine):
+    session = engine.session()
+    session.add_image(image_bytes())
+    session.ask("What's wrong with my skin?")
+    stored = session.conversation.add_answer("Look at <ImageHere> and <image> and <Img>this</Img>.")
+    assert stored == "Look at  and  and this."
+    session.ask("And then?")
+    assert isinstance(session.answer(GREEDY), str)
+
+
+def test_a_failed_turn_is_rolled_back(engine, monkeypatch):
+    session = engine.session()
+    session.add_image(image_bytes())
+    before = list(session.conversation.messages)
+    session.ask("What's wrong with my skin?")
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(engine, "_run", out_of_memory)
+    with pytest.raises(RuntimeError, match="simulated"):
+        session.answer(GREEDY)
+    assert session.conversation.messages == before and session.cache is None
+    monkeypatch.undo()
+    session.ask("What's wrong with my skin?")
+    assert isinstance(session.answer(GREEDY), str)
+    assert session.conversation.prompt().count("###Human:") == 1

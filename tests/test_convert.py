@@ -101,12 +101,16 @@ def test_blip2_folder_route_equals_lavis_route(tmp_path, converted_dir, lavis_fi
     blip2 = tmp_path / "blip2-flan-t5"
     blip2.mkdir()
     save_file({**towers, **foreign}, blip2 / "model.safetensors")
+    (blip2 / "config.json").write_text(json.dumps({"text_config": {"model_type": "t5", "d_model": 4096}}))
     folder = convert(options(lavis_files, llm_dir, dims, vit=None, qformer=None, blip2=str(blip2)), tmp_path / "out")
     a, b = all_tensors(converted_dir), all_tensors(folder)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     save_file({**towers, "surprise.weight": torch.ones(1)}, blip2 / "model.safetensors")
     with pytest.raises(ConversionError, match="unexpected key 'surprise.weight' in --blip2"):
         convert(options(lavis_files, llm_dir, dims, vit=None, qformer=None, blip2=str(blip2)), tmp_path / "out2")
+    (blip2 / "config.json").write_text(json.dumps({"text_config": {"model_type": "opt", "hidden_size": 2560}}))
+    with pytest.raises(ConversionError, match=r"has a opt text model \(width 2560\); SkinGPT-4 uses the Q-Former of"):
+        convert(options(lavis_files, llm_dir, dims, vit=None, qformer=None, blip2=str(blip2)), tmp_path / "out3")
 
 
 @pytest.mark.parametrize(
@@ -193,3 +197,18 @@ def test_argument_errors(tmp_path, lavis_files, llm_dir, dims, converted_dir):
         convert(options(lavis_files, llm_dir, dims, llm=str(gpt2)), tmp_path / "o")
     with pytest.raises(ConversionError, match="not divisible by --vit-heads 5"):
         convert(options(lavis_files, llm_dir, dims, vit_heads=5), tmp_path / "o")
+
+
+def test_vit_g_needs_its_40_blocks_and_missing_keys_are_named(tmp_path, lavis_files, llm_dir, dims):
+    from skingpt4.convert import map_vit
+
+    blocks = {f"blocks.{i}.norm1.weight": torch.ones(1) for i in range(39)}
+    with pytest.raises(ConversionError, match="has 39 blocks; eva_vit_g.pth has 40"):
+        map_vit({"cls_token": torch.ones(1, 1, 1408), "pos_embed": torch.ones(1), "patch_embed.proj.weight": 0,
+                 "patch_embed.proj.bias": 0, **blocks})  # fmt: skip
+    no_pos = resave(lavis_files["vit"], lambda sd: sd.pop("pos_embed"))
+    with pytest.raises(ConversionError, match="--vit file lacks 'pos_embed'"):
+        convert(options({**lavis_files, "vit": no_pos}, llm_dir, dims), tmp_path / "o")
+    no_ln = resave(lavis_files["qformer"], lambda data: data["model"].pop("ln_vision.weight"))
+    with pytest.raises(ConversionError, match="--qformer file lacks 'ln_vision.weight'"):
+        convert(options({**lavis_files, "qformer": no_ln}, llm_dir, dims), tmp_path / "o")

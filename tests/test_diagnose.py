@@ -127,3 +127,35 @@ def test_sigkill_then_rerun_processes_each_image_exactly_once(tiny_dir, tmp_path
     assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
     images = [json.loads(line)["image"] for line in out.read_text().splitlines()]
     assert len(images) == 20 and len(set(images)) == 20
+
+
+def test_failed_generations_are_retried_and_csv_records_stay_one_line(engine, photos, tmp_path, monkeypatch):
+    items = [i for i in collect([str(photos)]) if i.path.suffix == ".jpg"]
+    out = tmp_path / "r.csv"
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)\nsecond line")
+
+    monkeypatch.setattr(engine, "_run", out_of_memory)
+    first = diagnose(engine, items, RecordFile(out), settings=GREEDY, progress=False)
+    assert first.failed == 3 and RecordFile(out).failures({i.key for i in items}) == 3
+    monkeypatch.undo()
+    second = diagnose(engine, items, RecordFile(out), settings=GREEDY, progress=False)
+    assert (second.done, second.skipped) == (3, 0) and RecordFile(out).failures({i.key for i in items}) == 0
+
+    record_file = RecordFile(out)
+    record_file.append({"image": "x.jpg", "answer": "line one\nline two", "error": None})
+    text = out.read_text()
+    assert text.count("\n") == 1 + 3 + 3 + 1  # header, 3 failures, 3 answers, and the new record: one line each
+    assert list(csv.DictReader(out.open()))[-1]["answer"] == "line one\\nline two"
+    out.write_text(text[:-10])  # a kill cuts the last record short
+    assert "x.jpg" not in RecordFile(out).done
+
+
+def test_unwritable_output_is_one_line(tiny_dir, photos, tmp_path, capsys):
+    from skingpt4.cli import main
+
+    (tmp_path / "file.txt").write_text("")
+    code = main(["diagnose", "--model", str(tiny_dir), str(photos), "--out", str(tmp_path / "file.txt" / "r.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1

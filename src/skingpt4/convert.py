@@ -35,6 +35,8 @@ from .model import DTYPES, NUM_QUERY_TOKENS, ModelMeta, add_image_token, make_co
 from .model import qformer_config as make_qformer_config
 from .model import vision_config as make_vision_config
 
+LLM_FILES = ["*.json", "tokenizer.model"]  # what --llm needs besides its weights
+
 # Keys that carry nothing SkinGPT-4 uses, and why. Anything not mapped and not matched here is an error.
 DROP = {
     "vit": [(r"(norm|fc_norm|head)\.(weight|bias)", "EVA-CLIP's final norm/head; SkinGPT-4 reads the last block raw")],
@@ -304,7 +306,7 @@ def _convert_into(options: ConvertOptions, folder: Path) -> None:
     projection = map_projection(state_dict(load_pth(Path(options.projection))))
     sources.append(_provenance("projection", Path(options.projection)))
 
-    llm_dir = hub_folder(options.llm, ["*.json", "*.safetensors", "tokenizer.model"])
+    llm_dir = hub_folder(options.llm, LLM_FILES)  # config and tokenizer first: check sizes before the weights
     text_config = AutoConfig.from_pretrained(llm_dir)
     if text_config.model_type != "llama":
         raise ConversionError(f"--llm is a {text_config.model_type!r} model; SkinGPT-4 needs a Llama-family LLM")
@@ -329,7 +331,7 @@ def _convert_into(options: ConvertOptions, folder: Path) -> None:
     for key, tensor in {**towers, **projection}.items():
         writer.add(key, tensor)
     del towers, projection
-    for path in weight_files(llm_dir):
+    for path in weight_files(hub_folder(options.llm, [*LLM_FILES, "*.safetensors"])):
         sources.append(_provenance("llm", path))
         for key, tensor in iter_tensors(path):
             if dropped(key, "llm"):
@@ -350,11 +352,40 @@ def _convert_into(options: ConvertOptions, folder: Path) -> None:
 def _read_towers(options: ConvertOptions, sources: list[dict]) -> dict[str, torch.Tensor]:
     """Vision tower, ln_vision and Q-Former, from the two LAVIS files or a HF BLIP-2 folder."""
     if options.blip2 is not None:
-        return _read_blip2(hub_folder(options.blip2, ["*.json", "*.safetensors"]), sources)
+        return _read_blip2(_blip2_folder(options.blip2), sources)
     vit, _ = map_vit(state_dict(load_pth(Path(options.vit))))
     qformer = map_qformer(state_dict(load_pth(Path(options.qformer))))
     sources += [_provenance("vit", Path(options.vit)), _provenance("qformer", Path(options.qformer))]
     return {**vit, **qformer}
+
+
+def _blip2_folder(name: str) -> Path:
+    """A BLIP-2 folder with (at least) the shards that hold the vision tower and Q-Former.
+
+    From the hub only those shards are fetched: the Flan-T5-XXL rest of blip2-flan-t5-xxl is some 45 GB.
+    """
+    folder = hub_folder(name, ["*.json"])
+    _check_blip2_variant(folder, name)
+    index = folder / "model.safetensors.index.json"
+    if any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")) or not index.is_file():
+        return hub_folder(name, ["*.json", "*.safetensors"])
+    weight_map = json.loads(index.read_text())["weight_map"]
+    shards = {f for k, f in weight_map.items() if k.startswith(("vision_model.", "qformer.")) or k == "query_tokens"}
+    return hub_folder(name, ["*.json", *sorted(shards)])
+
+
+def _check_blip2_variant(folder: Path, name: str) -> None:
+    """SkinGPT-4's Q-Former and ln_vision are blip2-flan-t5-xxl's; the OPT and Flan-T5-XL variants differ."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return  # a bare folder of tensors: nothing to check against
+    text = json.loads(config_path.read_text()).get("text_config") or {}
+    kind, width = text.get("model_type"), text.get("d_model") or text.get("hidden_size")
+    if (kind, width) != ("t5", 4096):
+        raise ConversionError(
+            f"--blip2 {name} has a {kind} text model (width {width}); SkinGPT-4 uses the Q-Former of "
+            "blip2-flan-t5-xxl (t5, 4096), and the other variants' Q-Formers differ"
+        )
 
 
 def _read_blip2(folder: Path, sources: list[dict]) -> dict[str, torch.Tensor]:
