@@ -94,23 +94,44 @@ def test_fp16_vit_file_and_llm_proj_alias_and_extra_buffers(tmp_path, llm_dir, d
     convert(options(files, llm_dir, dims, projection=tmp_path / "proj_buffers.pth"), tmp_path / "b")
 
 
-def test_blip2_folder_route_equals_lavis_route(tmp_path, converted_dir, lavis_files, llm_dir, dims):
-    """A HF BLIP-2 folder (vision + Q-Former + a foreign LLM) gives the same towers as the LAVIS files."""
-    towers = {k: v for k, v in all_tensors(converted_dir).items() if k.startswith(("vision_model.", "qformer.", "q"))}
-    foreign = {"language_model.encoder.block.0.weight": torch.ones(3, 3), "language_projection.weight": torch.ones(2)}
+def hf_blip2_flan_t5_folder(folder: Path, dims) -> dict[str, torch.Tensor]:
+    """A BLIP-2 folder as transformers itself saves one (T5 text model of width 4096, like blip2-flan-t5-xxl)."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, T5Config
+
+    from skingpt4.model import qformer_config, vision_config
+
+    vision = vision_config(dims.vit_width, dims.vit_depth, dims.vit_heads, dims.vit_mlp, dims.image_size)
+    qformer = qformer_config(dims.qformer_width, dims.qformer_depth, dims.qformer_heads, dims.qformer_ffn,
+                             dims.vit_width)  # fmt: skip
+    t5 = T5Config(vocab_size=32, d_model=4096, d_kv=8, d_ff=8, num_layers=1, num_decoder_layers=1, num_heads=1)
+    torch.manual_seed(3)
+    model = Blip2ForConditionalGeneration(Blip2Config(vision_config=vision, qformer_config=qformer,
+                                                      text_config=t5.to_dict(), num_query_tokens=32))  # fmt: skip
+    model.save_pretrained(folder)
+    return model.state_dict()
+
+
+def test_blip2_folder_route(tmp_path, lavis_files, llm_dir, dims):
+    """Vision tower and Q-Former taken by name from a folder transformers wrote; its Flan-T5 side is never read."""
     blip2 = tmp_path / "blip2-flan-t5"
-    blip2.mkdir()
-    save_file({**towers, **foreign}, blip2 / "model.safetensors")
-    (blip2 / "config.json").write_text(json.dumps({"text_config": {"model_type": "t5", "d_model": 4096}}))
-    folder = convert(options(lavis_files, llm_dir, dims, vit=None, qformer=None, blip2=str(blip2)), tmp_path / "out")
-    a, b = all_tensors(converted_dir), all_tensors(folder)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    save_file({**towers, "surprise.weight": torch.ones(1)}, blip2 / "model.safetensors")
+    stock = hf_blip2_flan_t5_folder(blip2, dims)
+    opts = options(lavis_files, llm_dir, dims, vit=None, qformer=None, blip2=str(blip2))
+    out = all_tensors(convert(opts, tmp_path / "out"))
+    towers = [k for k in stock if k.startswith(("vision_model.", "qformer.")) or k == "query_tokens"]
+    assert towers and all(torch.equal(out[k], stock[k]) for k in towers)
+    assert torch.equal(
+        out["language_projection.weight"], torch.load(lavis_files["proj"])["model"]["llama_proj.weight"]
+    )
+
+    index_free = dict(load_file(blip2 / "model.safetensors"))
+    save_file({**index_free, "surprise.weight": torch.ones(1)}, blip2 / "model.safetensors")
     with pytest.raises(ConversionError, match="unexpected key 'surprise.weight' in --blip2"):
-        convert(options(lavis_files, llm_dir, dims, vit=None, qformer=None, blip2=str(blip2)), tmp_path / "out2")
-    (blip2 / "config.json").write_text(json.dumps({"text_config": {"model_type": "opt", "hidden_size": 2560}}))
+        convert(opts, tmp_path / "out2")
+    config = json.loads((blip2 / "config.json").read_text())
+    config["text_config"] = {"model_type": "opt", "hidden_size": 2560}
+    (blip2 / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConversionError, match=r"has a opt text model \(width 2560\); SkinGPT-4 uses the Q-Former of"):
-        convert(options(lavis_files, llm_dir, dims, vit=None, qformer=None, blip2=str(blip2)), tmp_path / "out3")
+        convert(opts, tmp_path / "out3")
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,9 @@ def test_records_errors_and_resume(engine, photos, tmp_path):
     assert len(good["image_sha256"]) == 64 and good["seconds"] > 0 and good["settings"]["do_sample"] is False
 
     again = diagnose(engine, items, RecordFile(out_path), settings=GREEDY, progress=False)
-    assert (again.done, again.failed, again.skipped) == (0, 0, 5)
+    assert (again.done, again.failed, again.skipped, again.stale) == (0, 0, 5, 0)
+    other = diagnose(engine, items, RecordFile(out_path), ["Other question?"], GREEDY, progress=False)
+    assert (other.done, other.skipped, other.stale) == (0, 5, 5)
 
     # A kill mid-write leaves half a line: the next run cuts it and redoes only that image.
     lines = out_path.read_text().splitlines(keepends=True)

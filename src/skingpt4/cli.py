@@ -184,6 +184,9 @@ def cmd_diagnose(args) -> int:
     prompts = list(CLINICAL_PROMPTS) if args.clinical else args.prompt
     summary = diagnose(engine, items, out, prompts, settings, args.batch_size, progress=not args.no_progress)
     print(f"{summary.done} diagnosed, {summary.failed} failed, {summary.skipped} already done -> {args.out}")
+    if summary.stale:
+        print(f"note: {summary.stale} of the images already done were answered by another model or other prompts; "
+              "they were kept as they are (write to a new --out to redo them)", file=sys.stderr)  # fmt: skip
     return 1 if out.failures({item.key for item in items}) else 0  # earlier runs' failures count too
 
 

@@ -177,6 +177,7 @@ class Summary:
     done: int = 0
     failed: int = 0
     skipped: int = 0
+    stale: int = 0  # skipped images whose record came from another model or other prompts
 
 
 def diagnose(
@@ -194,7 +195,7 @@ def diagnose(
     prompts = prompts or [DEFAULT_QUESTION]
     settings = settings or GenerationSettings()
     todo = [item for item in items if item.key not in out.done]
-    summary = Summary(skipped=len(items) - len(todo))
+    summary = Summary(skipped=len(items) - len(todo), stale=_stale(out, items, engine.loaded.model_id, prompts))
     with tqdm(total=len(todo), disable=not progress, unit="image") as bar:
         for start in range(0, len(todo), batch_size):
             for record in run_batch(engine, todo[start : start + batch_size], prompts, settings):
@@ -203,6 +204,19 @@ def diagnose(
                 summary.done += record["error"] is None
                 bar.update(1)
     return summary
+
+
+def _stale(out: RecordFile, items: list[Item], model_id: str, prompts: list[str]) -> int:
+    """Done images whose record was made by another model or with other prompts (a rerun would skip them)."""
+    keys = {item.key for item in items} & out.done
+    stale = 0
+    for record in out.records():
+        asked = record.get("prompts")
+        asked = json.loads(asked) if isinstance(asked, str) else asked  # CSV cells hold JSON
+        if record["image"] in keys and (record.get("model") != model_id or asked != prompts):
+            stale += 1
+            keys.discard(record["image"])
+    return stale
 
 
 def run_batch(engine: ChatEngine, batch: list[Item], prompts: list[str], settings) -> list[dict]:
