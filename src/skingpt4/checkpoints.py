@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConversionError
+from .errors import ConversionError, first_line
 
 
 def load_pth(path: Path) -> dict:
@@ -45,11 +45,6 @@ def state_dict(data: dict) -> dict[str, torch.Tensor]:
     if not isinstance(inner, dict):
         raise ConversionError("checkpoint's 'model' entry is not a state dict")
     return {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from .checkpoints import (
-    first_line,
     hub_folder,
     iter_tensors,
     load_pth,
@@ -29,7 +28,7 @@ from .checkpoints import (
     weight_files,
 )
 from .conversation import get_template
-from .errors import ConversionError
+from .errors import ConversionError, first_line
 from .generation import folder_generation_config
 from .model import DTYPES, NUM_QUERY_TOKENS, ModelMeta, add_image_token, make_config
 from .model import qformer_config as make_qformer_config

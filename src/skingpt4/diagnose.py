@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .chat import ChatEngine, GenerationSettings, sha256_bytes
 from .conversation import DEFAULT_QUESTION
-from .errors import InputError
+from .errors import InputError, first_line
 from .images import DEFAULT_LIMITS, ImageRejected, load_image, read_source
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -238,7 +238,7 @@ def run_batch(engine: ChatEngine, batch: list[Item], prompts: list[str], setting
             _answer(engine, good, images, prompts, settings)
         except (RuntimeError, ValueError) as exc:  # e.g. out of memory: record it, keep going
             for record in good:
-                record["error"] = f"{RETRY}: {str(exc).splitlines()[0][:200]}"
+                record["error"] = f"{RETRY}: {first_line(exc)}"
     seconds = round((time.perf_counter() - started) / len(batch), 4)
     for record in records:
         record["seconds"] = seconds

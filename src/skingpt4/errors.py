@@ -1,6 +1,12 @@
 """Errors a user can act on. Each carries one human-readable line; the CLI prints it and exits non-zero."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type's name), for one-line reports."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 class SkinGPT4Error(Exception):
     """Base class: a message meant for the person at the keyboard, not a traceback."""
 

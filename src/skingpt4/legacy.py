@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import InputError, SkinGPT4Error
+from .errors import InputError, SkinGPT4Error, first_line
 from .images import ImageRejected
 
 
@@ -54,7 +54,7 @@ def read_model_section(cfg_path: Path) -> dict:
     try:
         data = yaml.safe_load(cfg_path.read_text())
     except yaml.YAMLError as exc:
-        raise InputError(f"{cfg_path.name} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise InputError(f"{cfg_path.name} is not valid YAML ({first_line(exc)})") from None
     section = (data or {}).get("model") if isinstance(data, dict) else None
     if not isinstance(section, dict):
         raise InputError(f"{cfg_path.name} has no 'model:' section")

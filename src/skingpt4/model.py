@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 from .generation import folder_generation_config
 
 IMAGE_TOKEN = "<image>"  # one added special token; 32 copies stand for each image
@@ -347,9 +347,8 @@ def load_tokenizer(path: Path, image_token_id: int):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # transformers raises many kinds here; the user needs one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
-            f"cannot load the tokenizer in {path} ({first[:200]}); a SentencePiece-only folder needs "
+            f"cannot load the tokenizer in {path} ({first_line(exc)}); a SentencePiece-only folder needs "
             "`pip install protobuf sentencepiece`"
         ) from None
     if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != image_token_id:
@@ -389,8 +388,7 @@ def load_model(
     try:
         net = Blip2ForConditionalGeneration.from_pretrained(path, **kwargs)
     except Exception as exc:  # safetensors, OSError, shape mismatches...: the user needs one line, not a traceback
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load the model in {path}: {first}") from None
+        raise ModelLoadError(f"cannot load the model in {path}: {first_line(exc, 300)}") from None
     if quant is None and device_map is None:
         net.to(device)
     meta = ModelMeta.load(path)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .chat import ChatEngine, GenerationSettings
-from .errors import SkinGPT4Error
+from .errors import SkinGPT4Error, first_line
 from .images import ImageRejected
 
 HELP = "commands: /image PATH  add a photo | /reset  new consultation | /save FILE  save transcript | /quit"
@@ -50,7 +50,7 @@ def run_chat(
             for piece in session.stream(settings):
                 say(piece, end="")
         except (SkinGPT4Error, RuntimeError, ValueError) as exc:  # e.g. out of memory: say so, keep the chat
-            say(f"\nerror: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+            say(f"\nerror: {first_line(exc)}")
             continue
         say()
 
