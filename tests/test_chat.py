@@ -254,3 +254,52 @@ def test_a_failed_turn_is_rolled_back(engine, monkeypatch):
     session.ask("What's wrong with my skin?")
     assert isinstance(session.answer(GREEDY), str)
     assert session.conversation.prompt().count("###Human:") == 1
+
+
+class _CancelAfter:
+    """A streamer that counts generated token steps and sets `cancel` after `n` of them."""
+
+    def __init__(self, cancel, n: int):
+        self.cancel, self.n, self.steps, self.prompt_seen = cancel, n, 0, False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.steps += 1
+        if self.steps == self.n:
+            self.cancel.set()
+
+    def end(self):
+        pass
+
+
+def test_cancel_stops_within_one_step_and_withdraws_the_question(engine):
+    import threading
+
+    from skingpt4.errors import Cancelled
+
+    session = engine.session()
+    session.add_image(image_bytes())
+    before = list(session.conversation.messages)
+    session.ask("hi")
+    cancel = threading.Event()
+    counter = _CancelAfter(cancel, n=3)
+    long = GenerationSettings(max_new_tokens=200, temperature=0.1, seed=0)
+    with pytest.raises(Cancelled):
+        engine.generate([session], long, counter, cancel)
+    assert counter.steps == 4  # transformers checks stopping before streaming a step: one more step ran
+    assert session.conversation.messages == before  # the question was withdrawn
+    session.ask("again")
+    assert session.answer(GREEDY)  # the session still works
+
+
+def test_closing_the_stream_cancels_generation(engine):
+    session = engine.session()
+    session.add_image(image_bytes())
+    before = list(session.conversation.messages)
+    session.ask("hi")
+    stream = session.stream(GenerationSettings(max_new_tokens=1000, seed=0))
+    next(stream)
+    stream.close()
+    assert session.conversation.messages == before  # the question was withdrawn, no answer stored

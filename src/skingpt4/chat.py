@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .conversation import Conversation, get_template, postprocess
-from .errors import InputError
+from .errors import Cancelled, InputError
 from .generation import GenerationSettings
 from .images import DEFAULT_LIMITS, load_image, read_source
 from .model import LoadedModel
@@ -78,14 +78,20 @@ class ChatEngine:
         return ids, (torch.stack(kept) if kept else None), dropped
 
     @torch.no_grad()
-    def generate(self, sessions: list[Session], settings: GenerationSettings | None = None, streamer=None):
-        """Answer each session's pending question; returns the answers and appends them to the sessions."""
+    def generate(self, sessions: list[Session], settings: GenerationSettings | None = None, streamer=None, cancel=None):
+        """Answer each session's pending question; returns the answers and appends them to the sessions.
+
+        `cancel` (a `threading.Event`) stops generation after the token step in progress; the turn is then
+        withdrawn and `Cancelled` raised.
+        """
         settings = settings or GenerationSettings()
         for s in sessions:
             if not s.conversation.awaiting_answer:
                 raise InputError("ask a question first")
         try:
-            new_tokens = self._generate(sessions, settings, streamer)
+            new_tokens = self._generate(sessions, settings, streamer, cancel)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("generation cancelled")
         except BaseException:
             for s in sessions:  # the question goes back: a retry must not pile up unanswered turns
                 s.conversation.drop_question()
@@ -96,18 +102,20 @@ class ChatEngine:
             answers.append(session.conversation.add_answer(postprocess(text, self.template)))
         return answers
 
-    def _generate(self, sessions: list[Session], settings: GenerationSettings, streamer) -> list[torch.Tensor]:
+    def _generate(self, sessions: list[Session], settings: GenerationSettings, streamer, cancel) -> list[torch.Tensor]:
         prepared = [self.prepare(s, settings) for s in sessions]
         with self.lock:
+            if cancel is not None and cancel.is_set():  # gave up while waiting for the lock
+                return [torch.zeros(0, dtype=torch.long)] * len(sessions)
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
             if len(sessions) == 1 and settings.num_beams == 1:
-                return [self._generate_cached(sessions[0], *prepared[0], settings, streamer)]
-            return self._generate_batch([p[:2] for p in prepared], settings, streamer)
+                return [self._generate_cached(sessions[0], *prepared[0], settings, streamer, cancel)]
+            return self._generate_batch([p[:2] for p in prepared], settings, streamer, cancel)
 
-    def _run(self, ids: torch.Tensor, mask: torch.Tensor, features, settings, streamer, cache=None) -> torch.Tensor:
+    def _run(self, ids, mask, features, settings, streamer, cancel=None, cache=None) -> torch.Tensor:
         """Generate after `ids` (B, T); returns only the new tokens (B, N)."""
-        from transformers import LogitsProcessorList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         embeds = self.embed(ids, features)
         untokenized = self.model.config.text_config.vocab_size > self.tokens
@@ -121,10 +129,11 @@ class ChatEngine:
             tokenizer=self.tokenizer,
             streamer=streamer,
             logits_processor=LogitsProcessorList([_NoIdsFrom(self.tokens)] if untokenized else []),
+            stopping_criteria=StoppingCriteriaList([_Until(cancel)] if cancel is not None else []),
             **({"cache": cache} if cache is not None else {}),
         )
 
-    def _generate_cached(self, session, ids, features, first_image, settings, streamer) -> torch.Tensor:
+    def _generate_cached(self, session, ids, features, first_image, settings, streamer, cancel) -> torch.Tensor:
         """One session: reuse its cache for the prefix shared with the last turn, run only the rest."""
         from transformers import DynamicCache
 
@@ -138,12 +147,12 @@ class ChatEngine:
             cache.crop(reuse - cache.get_seq_length())  # a negative count removes that many positions
         session.cache, session.cache_keys = None, []  # if generation fails, no half-updated cache survives
         row = torch.tensor([ids], device=self.loaded.device)
-        new = self._run(row, torch.ones_like(row), features, settings, streamer, cache)[0]
+        new = self._run(row, torch.ones_like(row), features, settings, streamer, cancel, cache)[0]
         session.cache, session.cache_keys = cache, (keys + new.tolist())[: cache.get_seq_length()]
         session.reused_tokens = reuse
         return new
 
-    def _generate_batch(self, prepared, settings, streamer) -> list[torch.Tensor]:
+    def _generate_batch(self, prepared, settings, streamer, cancel) -> list[torch.Tensor]:
         """Several prompts in one left-padded batch (no cache reuse); identical to one at a time under greedy."""
         width = max(len(ids) for ids, _ in prepared)
         pad = self.tokenizer.pad_token_id
@@ -153,7 +162,7 @@ class ChatEngine:
         device = self.loaded.device
         ids = torch.tensor(rows, device=device)
         features = torch.cat(features) if features else None
-        return list(self._run(ids, torch.tensor(mask, device=device), features, settings, streamer))
+        return list(self._run(ids, torch.tensor(mask, device=device), features, settings, streamer, cancel))
 
 
 class _NoIdsFrom:
@@ -165,6 +174,16 @@ class _NoIdsFrom:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores[:, self.first :] = float("-inf")
         return scores
+
+
+class _Until:
+    """Stopping criterion: stop every row once the event is set (checked after each token step)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class Session:
@@ -197,28 +216,37 @@ class Session:
     def ask(self, text: str) -> None:
         self.conversation.add_question(text)
 
-    def answer(self, settings: GenerationSettings | None = None) -> str:
-        return self.engine.generate([self], settings)[0]
+    def answer(self, settings: GenerationSettings | None = None, cancel: threading.Event | None = None) -> str:
+        return self.engine.generate([self], settings, cancel=cancel)[0]
 
-    def stream(self, settings: GenerationSettings | None = None) -> Iterator[str]:
-        """Yield the answer as text pieces while it is generated (the final, cleaned answer is stored)."""
+    def stream(self, settings: GenerationSettings | None = None, cancel: threading.Event | None = None):
+        """Yield the answer as text pieces while it is generated (the final, cleaned answer is stored).
+
+        Closing the iterator early (a client that went away) cancels generation and withdraws the question.
+        """
         settings = settings or GenerationSettings()
+        cancel = cancel or threading.Event()
         if settings.num_beams > 1:  # beam search cannot stream: the answer arrives in one piece
-            yield self.answer(settings)
+            yield self.answer(settings, cancel)
             return
         streamer = TextPieces(self.engine.tokenizer)
         failure: list[BaseException] = []
 
         def work():
             try:
-                self.engine.generate([self], settings, streamer)
+                self.engine.generate([self], settings, streamer, cancel)
             except BaseException as exc:  # surfaced in the consumer's thread below
                 failure.append(exc)
                 streamer.end()
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        yield from until_stop(streamer, self.engine.template.stop)
+        try:
+            yield from until_stop(streamer, self.engine.template.stop)
+        except GeneratorExit:  # the consumer stopped reading: stop after the current token step
+            cancel.set()
+            thread.join()
+            raise
         thread.join()
         if failure:
             raise failure[0]

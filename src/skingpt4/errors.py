@@ -21,3 +21,7 @@ class ConversionError(SkinGPT4Error):
 
 class InputError(SkinGPT4Error):
     """Bad user input: a missing file, a malformed manifest, an option out of range."""
+
+
+class Cancelled(SkinGPT4Error):
+    """Generation stopped on request (the client went away); the question was withdrawn."""
