@@ -303,3 +303,19 @@ def test_closing_the_stream_cancels_generation(engine):
     next(stream)
     stream.close()
     assert session.conversation.messages == before  # the question was withdrawn, no answer stored
+
+
+def test_extra_stop_strings_cut_answer_and_stream_alike(engine):
+    def ask(settings, stream=False):
+        session = engine.session()
+        session.add_image(image_bytes(noise_seed=4))
+        session.ask("hi")
+        pieces = list(session.stream(settings)) if stream else [session.answer(settings)]
+        return "".join(pieces).strip(), session.conversation.messages[-1][1]
+
+    full, _ = ask(GenerationSettings.greedy(max_new_tokens=24))
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    expected = full[: full.index(stop)].strip()
+    for stream in (False, True):
+        shown, stored = ask(GenerationSettings.greedy(max_new_tokens=24, stop=(stop,)), stream)
+        assert shown == stored == expected

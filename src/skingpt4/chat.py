@@ -78,7 +78,7 @@ class ChatEngine:
         return ids, (torch.stack(kept) if kept else None), dropped
 
     @torch.no_grad()
-    def generate(self, sessions: list[Session], settings: GenerationSettings | None = None, streamer=None, cancel=None):
+    def generate(self, sessions: list[Session], settings=None, streamer=None, cancel=None):
         """Answer each session's pending question; returns the answers and appends them to the sessions.
 
         `cancel` (a `threading.Event`) stops generation after the token step in progress; the turn is then
@@ -98,12 +98,18 @@ class ChatEngine:
             raise
         answers = []
         for session, tokens in zip(sessions, new_tokens):
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            text = cut_at(self.tokenizer.decode(tokens, skip_special_tokens=True), settings.stop)
+            session.completion_tokens = len(tokens)
             answers.append(session.conversation.add_answer(postprocess(text, self.template)))
         return answers
 
+    def stops(self, settings: GenerationSettings) -> list[str]:
+        return [s for s in (self.template.stop, *settings.stop) if s]
+
     def _generate(self, sessions: list[Session], settings: GenerationSettings, streamer, cancel) -> list[torch.Tensor]:
         prepared = [self.prepare(s, settings) for s in sessions]
+        for session, (ids, _, _) in zip(sessions, prepared):
+            session.prompt_tokens = len(ids)
         with self.lock:
             if cancel is not None and cancel.is_set():  # gave up while waiting for the lock
                 return [torch.zeros(0, dtype=torch.long)] * len(sessions)
@@ -119,7 +125,7 @@ class ChatEngine:
 
         embeds = self.embed(ids, features)
         untokenized = self.model.config.text_config.vocab_size > self.tokens
-        stop = [self.template.stop] if self.template.stop else None
+        stop = self.stops(settings) or None
         # Only embeddings, as the original: the output is the new tokens alone, and a repetition penalty sees only
         # them (given the prompt ids, transformers would penalise the whole conversation).
         return self.model.language_model.generate(
@@ -199,6 +205,7 @@ class Session:
         self.features: list[torch.Tensor] = []
         self.image_hashes: list[str] = []
         self.cache, self.cache_keys, self.reused_tokens = None, [], 0
+        self.prompt_tokens = self.completion_tokens = 0  # of the last turn (usage reports)
 
     def add_image(self, source: str | Path | bytes) -> str:
         """Decode (through the one image loader), encode once, and add an image; returns its SHA-256."""
@@ -213,8 +220,9 @@ class Session:
         self.features.append(features)
         self.image_hashes.append(sha256)
 
-    def ask(self, text: str) -> None:
-        self.conversation.add_question(text)
+    def ask(self, text: str) -> str:
+        """Add a question; returns it as the model will read it (reserved strings neutralised)."""
+        return self.conversation.add_question(text)
 
     def answer(self, settings: GenerationSettings | None = None, cancel: threading.Event | None = None) -> str:
         return self.engine.generate([self], settings, cancel=cancel)[0]
@@ -242,7 +250,7 @@ class Session:
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
         try:
-            yield from until_stop(streamer, self.engine.template.stop)
+            yield from until_stop(streamer, self.engine.stops(settings))
         except GeneratorExit:  # the consumer stopped reading: stop after the current token step
             cancel.set()
             thread.join()
@@ -302,16 +310,17 @@ class TextPieces:
             yield piece
 
 
-def until_stop(pieces: Iterable[str], stop: str | None) -> Iterator[str]:
-    """Pass text pieces through up to the stop string, holding back any tail that may be its beginning."""
+def until_stop(pieces: Iterable[str], stops: str | list[str] | None) -> Iterator[str]:
+    """Pass text pieces through up to the first stop string, holding back any tail that may begin one."""
+    stops = [stops] if isinstance(stops, str) else [s for s in stops or () if s]
     pieces = iter(pieces)
     text, sent = "", 0
     for piece in pieces:
         text += piece
         if not sent:
             text = text.lstrip()  # the stored answer is stripped; so is the stream
-        cut = text.find(stop) if stop else -1
-        end = cut if cut >= 0 else len(text) - _partial_stop(text, stop)
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        end = cut if cut >= 0 else len(text) - max((_partial_stop(text, s) for s in stops), default=0)
         if end > sent:
             yield text[sent:end]
             sent = end
@@ -331,6 +340,13 @@ def _partial_stop(text: str, stop: str | None) -> int:
         if text.endswith(stop[:n]):
             return n
     return 0
+
+
+def cut_at(text: str, stops) -> str:
+    """Text before the first of the given stop strings."""
+    for stop in stops:
+        text = text.split(stop)[0]
+    return text
 
 
 def sha256_bytes(data: bytes) -> str:

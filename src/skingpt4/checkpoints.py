@@ -95,6 +95,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def weights_sha256(folder: Path) -> str:
+    """One SHA-256 for a model folder's weights: over each weight file's name and SHA-256, in name order.
+
+    Records name the exact weights they came from. Reading every byte takes a while for a 13B model (about a
+    minute per 10 GB), so callers compute it once per process, and only when records are kept.
+    """
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
 def hub_folder(name: str, patterns: list[str]) -> Path:
     """A local folder, or a hub id downloaded (only `patterns`) into the Hugging Face cache.
 

@@ -23,6 +23,7 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     seed: int | None = None
     max_context: int = 2000  # the original `max_length`: prompt and answer together
+    stop: tuple[str, ...] = ()  # extra stop strings (the template's own stop string always applies)
 
     def __post_init__(self):
         checks = [
@@ -31,6 +32,7 @@ class GenerationSettings:
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (1 <= self.num_beams <= 10, "num_beams must be 1..10"),
             (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),
+            (len(self.stop) <= 4 and all(0 < len(s) <= 64 for s in self.stop), "at most 4 stop strings of 1-64 chars"),
         ]
         for ok, message in checks:
             if not ok:

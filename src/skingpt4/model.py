@@ -67,6 +67,7 @@ class LoadedModel:
     tokenizer: object
     meta: ModelMeta
     model_id: str
+    path: Path | None = None
 
     @property
     def image_token_id(self) -> int:
@@ -395,4 +396,4 @@ def load_model(
     net.vision_model.post_layernorm.eps = meta.post_layernorm_eps
     net.eval().requires_grad_(False)
     tokenizer = load_tokenizer(path, net.config.image_token_index)
-    return LoadedModel(net, tokenizer, meta, model_id(path, meta))
+    return LoadedModel(net, tokenizer, meta, model_id(path, meta), path)
