@@ -10,6 +10,7 @@ from conftest import image_bytes
 
 from skingpt4.chat import ChatEngine, GenerationSettings
 from skingpt4.cli import main
+from skingpt4.safety import DISCLAIMER, INTENDED_USE
 from skingpt4.terminal import run_chat
 
 
@@ -63,8 +64,9 @@ def test_terminal_chat_commands(engine, tmp_path):
     assert code == 0 and "WARNING: UNTRAINED" in text and "(image added: sha256" in text
     assert "error: no such file: missing.png" in text and "(new consultation" in text and "/image PATH" in text
     saved = json.loads((tmp_path / "t.json").read_text())
-    assert saved["turns"][0]["text"].endswith("What's wrong with my skin?") and len(saved["images_sha256"]) == 1
+    assert saved["turns"][0]["text"] == "What's wrong with my skin?" and len(saved["images"]) == 1
     assert [t["role"] for t in saved["turns"]] == ["user", "assistant"]
+    assert saved["turns"][1]["text"].endswith(DISCLAIMER) and text.startswith(INTENDED_USE)
 
 
 def test_terminal_chat_ends_at_eof(loaded):

@@ -161,3 +161,24 @@ def test_unwritable_output_is_one_line(tiny_dir, photos, tmp_path, capsys):
     code = main(["diagnose", "--model", str(tiny_dir), str(photos), "--out", str(tmp_path / "file.txt" / "r.jsonl")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_answers_pass_the_safety_rails_and_records_keep_no_file_names(engine, photos, tmp_path, monkeypatch):
+    from skingpt4.records import RecordStore
+    from skingpt4.safety import DISCLAIMER, REFERRAL_PROMPT
+
+    said = "This looks like a melanoma. It is definitely benign, nothing to worry about."
+    monkeypatch.setattr(engine, "generate", lambda sessions, settings: [said] * len(sessions))
+    items = [i for i in collect([str(photos)]) if i.path.suffix == ".jpg"]
+    store = RecordStore(tmp_path / "records.sqlite", keep_images=False)
+    diagnose(engine, items, RecordFile(tmp_path / "out.jsonl"), None, GREEDY, progress=False, store=store)
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    for record in records:
+        assert record["referral"] == "prompt" and {"malignancy", "reassurance"} <= set(record["triggers"])
+        assert "benign" not in record["answer"] and "nothing to worry" not in record["answer"]
+        assert record["answer"].endswith(REFERRAL_PROMPT) and record["disclaimer"] == DISCLAIMER
+    kept = [store.get(row["id"]) for row in store.list()]
+    assert len(kept) == 3 and all(k["surface"] == "diagnose" for k in kept)
+    assert {k["images"][0]["sha256"] for k in kept} == {r["image_sha256"] for r in records}
+    raw = (tmp_path / "records.sqlite").read_bytes() + (tmp_path / "records.sqlite-wal").read_bytes()
+    assert all(item.path.name.encode() not in raw for item in items)  # no file names in the store

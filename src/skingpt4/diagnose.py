@@ -3,6 +3,10 @@
 Resumable: a rerun skips images already in the output; each record is flushed and fsynced as it is written, so a
 killed run loses at most the record in flight (a half-written last line is cut off on the next run). A bad image
 is recorded with its reason and the run goes on. Images are answered in batches (left-padded).
+
+Answers pass the safety rails like every surface: reassurance is replaced, referral advice appended, and every
+record carries the disclaimer and the referral level. With a records store, each image also becomes a
+consultation record (hashes, turns, settings; never the file name).
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from .chat import ChatEngine, GenerationSettings, sha256_bytes
 from .conversation import DEFAULT_QUESTION
 from .errors import InputError, first_line
 from .images import DEFAULT_LIMITS, ImageRejected, load_image, read_source
+from .safety import DISCLAIMER, LEVELS, review
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 RETRY = "generation failed"  # errors worth another try on a rerun
-CSV_FIELDS = ["image", "image_sha256", "model", "untrained", "prompts", "answers", "answer", "seconds", "error",
-              "settings", "manifest"]  # fmt: skip
+CSV_FIELDS = ["image", "image_sha256", "model", "untrained", "prompts", "answers", "answer", "referral", "triggers",
+              "seconds", "error", "settings", "disclaimer", "manifest"]  # fmt: skip
 
 
 @dataclass
@@ -188,6 +193,7 @@ def diagnose(
     settings: GenerationSettings | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    store=None,
 ) -> Summary:
     """Ask each image `prompts` in order (one conversation per image), `batch_size` images at a time."""
     from tqdm import tqdm
@@ -198,7 +204,7 @@ def diagnose(
     summary = Summary(skipped=len(items) - len(todo), stale=_stale(out, items, engine.loaded.model_id, prompts))
     with tqdm(total=len(todo), disable=not progress, unit="image") as bar:
         for start in range(0, len(todo), batch_size):
-            for record in run_batch(engine, todo[start : start + batch_size], prompts, settings):
+            for record in run_batch(engine, todo[start : start + batch_size], prompts, settings, store):
                 out.append(record)
                 summary.failed += record["error"] is not None
                 summary.done += record["error"] is None
@@ -219,7 +225,7 @@ def _stale(out: RecordFile, items: list[Item], model_id: str, prompts: list[str]
     return stale
 
 
-def run_batch(engine: ChatEngine, batch: list[Item], prompts: list[str], settings) -> list[dict]:
+def run_batch(engine: ChatEngine, batch: list[Item], prompts: list[str], settings, store=None) -> list[dict]:
     """Decode, encode and answer one batch; a bad image or a failed generation becomes an error record."""
     started = time.perf_counter()
     records, good, images = [], [], []
@@ -242,21 +248,44 @@ def run_batch(engine: ChatEngine, batch: list[Item], prompts: list[str], setting
     seconds = round((time.perf_counter() - started) / len(batch), 4)
     for record in records:
         record["seconds"] = seconds
+    if store is not None:
+        _keep(engine, store, [(r, i) for r, i in zip(good, images) if r["error"] is None], settings)
     return records
 
 
 def _answer(engine: ChatEngine, records: list[dict], images: list, prompts: list[str], settings) -> None:
+    """One conversation per image; each answer passes the safety rails before it is recorded."""
     features = engine.encode_images(images)
     sessions = [engine.session() for _ in records]
     for session, record, feature in zip(sessions, records, features):
         session.add_encoded(feature, record["image_sha256"])
-    for prompt in prompts:
+    for n, prompt in enumerate(prompts):
         for session in sessions:
             session.ask(prompt)
         for record, answer in zip(records, engine.generate(sessions, settings)):
-            record["answers"].append(answer)
+            verdict = review(answer, "\n".join(prompts[: n + 1]))
+            record["answers"].append(verdict.text.removesuffix(DISCLAIMER).rstrip())  # the disclaimer: own field
+            record["referral"] = max(record["referral"], verdict.level, key=LEVELS.index)
+            record["triggers"] = sorted({*record["triggers"], *verdict.triggers})
     for record in records:
         record["answer"] = record["answers"][0]
+
+
+def _keep(engine: ChatEngine, store, done: list[tuple[dict, object]], settings) -> None:
+    """Each diagnosed image as a consultation record: hashes, turns and settings, never the file name."""
+    from .consult import model_sha256, png_bytes
+
+    path = engine.loaded.path
+    for record, image in done:
+        turns = []
+        for prompt, answer in zip(record["prompts"], record["answers"]):
+            turns += [{"role": "user", "text": prompt}, {"role": "assistant", "text": f"{answer}\n\n{DISCLAIMER}"}]
+        store.save({
+            "surface": "diagnose", "model_id": engine.loaded.model_id,
+            "model_sha256": model_sha256(str(path)) if path else "",
+            "images": [{"sha256": record["image_sha256"], "png": png_bytes(image) if store.keep_images else None}],
+            "turns": turns, "settings": asdict(settings),
+        })  # fmt: skip
 
 
 def _blank_record(engine: ChatEngine, item: Item, prompts: list[str], settings) -> dict:
@@ -268,8 +297,11 @@ def _blank_record(engine: ChatEngine, item: Item, prompts: list[str], settings) 
         "prompts": list(prompts),
         "answers": [],
         "answer": None,
+        "referral": "none",
+        "triggers": [],
         "seconds": None,
         "error": None,
         "settings": asdict(settings),
+        "disclaimer": DISCLAIMER,
         "manifest": item.manifest,
     }

@@ -1,4 +1,8 @@
-"""Terminal chat: type questions, watch answers stream; `/image PATH`, `/reset`, `/save FILE`, `/quit`."""
+"""Terminal chat: type questions, watch answers stream; `/image PATH`, `/reset`, `/save FILE`, `/quit`.
+
+Answers pass the same safety rails as every surface (referral advice and disclaimer end each answer); photos
+are the user's own files, so they are decoded in this process (the web app and API use the sandboxed decoder).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ from pathlib import Path
 from typing import TextIO
 
 from .chat import ChatEngine, GenerationSettings
+from .consult import Consultation
 from .errors import SkinGPT4Error, first_line
-from .images import ImageRejected
+from .images import ImageRejected, load_image
+from .safety import INTENDED_USE
 
 HELP = "commands: /image PATH  add a photo | /reset  new consultation | /save FILE  save transcript | /quit"
 
@@ -20,11 +26,13 @@ def run_chat(
     images: list[str] = (),
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
+    store=None,
 ) -> int:
     """Read lines until EOF or /quit; every bad command or image gets one line and the chat goes on."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    session = engine.session()
+    session = Consultation(engine, "chat", store=store, decode=load_image)
     say = lambda text="", end="\n": (stdout.write(text + end), stdout.flush())  # noqa: E731
+    say(INTENDED_USE)
     if engine.loaded.warning:
         say(f"WARNING: {engine.loaded.warning}")
     for path in images:
@@ -44,10 +52,9 @@ def run_chat(
             if _command(session, line, say) == "quit":
                 return 0
             continue
-        session.ask(line)
         stdout.write("skingpt4> ")
         try:
-            for piece in session.stream(settings):
+            for piece in session.reply(line, settings):
                 say(piece, end="")
         except (SkinGPT4Error, RuntimeError, ValueError) as exc:  # e.g. out of memory: say so, keep the chat
             say(f"\nerror: {first_line(exc)}")
@@ -80,5 +87,5 @@ def _add_image(session, path: str, say) -> None:
     try:
         digest = session.add_image(Path(path))
         say(f"(image added: sha256 {digest[:12]}; now ask about it)")
-    except ImageRejected as exc:
+    except (ImageRejected, SkinGPT4Error) as exc:
         say(f"error: {exc}")

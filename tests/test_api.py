@@ -1,0 +1,319 @@
+"""The OpenAI-compatible API: the official client, limits, backpressure, cancellation, isolation, fuzzing.
+
+A real uvicorn server on 127.0.0.1 (random port) serves the tiny model; the official `openai` client talks to it.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from conftest import image_bytes
+
+from skingpt4.api import ServeConfig, create_app
+from skingpt4.images import load_image
+from skingpt4.records import RecordStore
+from skingpt4.safety import DISCLAIMER
+
+KEY = "test-key-123"
+JSON = {"content-type": "application/json"}
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def user(text: str, *images: bytes) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": data_url(i)}} for i in images]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+class Server:
+    """uvicorn in a thread; `url` once it listens and the warm-up inference has succeeded."""
+
+    def __init__(self, app):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    with RecordStore(tmp_path_factory.mktemp("records") / "records.sqlite") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def server(loaded, store):
+    from skingpt4.chat import ChatEngine
+
+    engine = ChatEngine(loaded)
+    server = Server(create_app(engine, ServeConfig(api_key=KEY, max_tokens=16, queue_size=32), store))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+def test_plain_reply_with_an_image(client):
+    reply = client.chat.completions.create(
+        model="skingpt4", messages=[user("What is this?", image_bytes())], max_tokens=8, temperature=0
+    )
+    text = reply.choices[0].message.content
+    assert text.rstrip().endswith(DISCLAIMER.strip())  # the rails end every answer
+    assert reply.usage.prompt_tokens > 32 and 1 <= reply.usage.completion_tokens <= 8
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    again = client.chat.completions.create(
+        model="skingpt4", messages=[user("What is this?", image_bytes())], max_tokens=8, temperature=0
+    )
+    assert again.choices[0].message.content == text  # temperature 0 is greedy: the same answer
+
+
+def test_streaming_reply_joins_to_the_plain_one(client):
+    messages = [user("Describe it.", image_bytes(noise_seed=3))]
+    plain = client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0)
+    stream = client.chat.completions.create(
+        model="m", messages=messages, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+
+def test_a_second_turn_replays_the_first(client):
+    first = [user("What is this?", image_bytes())]
+    answer = client.chat.completions.create(model="m", messages=first, max_tokens=6, temperature=0)
+    history = [*first, {"role": "assistant", "content": answer.choices[0].message.content}, user("Is it serious?")]
+    second = client.chat.completions.create(model="m", messages=history, max_tokens=6, temperature=0)
+    assert second.usage.prompt_tokens > answer.usage.prompt_tokens + answer.usage.completion_tokens - 1
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data][0].startswith("model@")
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok"
+
+
+def test_wrong_or_missing_key_is_refused(server):
+    bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="m", messages=[user("hi")], max_tokens=2)
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+
+
+def image_part(url: str) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+
+
+BAD_REQUESTS = {
+    "n": ({"n": 2}, "n"),
+    "max-tokens": ({"max_tokens": 17}, "limit of 16"),
+    "temperature": ({"temperature": 3}, "temperature"),
+    "no-messages": ({"messages": []}, "messages"),
+    "last-not-user": ({"messages": [{"role": "assistant", "content": "hi"}]}, "last message"),
+    "long-text": ({"messages": [{"role": "user", "content": "x" * 16_001}]}, "characters"),
+    "five-images": ({"messages": [user("hi", *[image_bytes()] * 5)]}, "at most 4"),
+    "remote-url": (image_part("https://example.org/a.png"), "remote image URLs are refused"),
+    "local-path": (image_part("/etc/passwd"), "local image paths are refused"),
+    "bad-base64": (image_part("data:image/png;base64,@@"), "not valid base64"),
+    "not-base64": (image_part("data:,abc"), "must be base64"),
+    "gif": (image_part(data_url(b"GIF89a" + b"\0" * 20)), "GIF"),
+    "five-stops": ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+}
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_bad_requests_get_400_with_one_line(server, change, message):
+    body = {"model": "m", "messages": [user("hi")], "max_tokens": 2, **change}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]["message"]
+    assert message in error and "\n" not in error
+
+
+def test_body_cap_counts_declared_and_chunked_bodies(loaded):
+    from fastapi.testclient import TestClient
+
+    from skingpt4.chat import ChatEngine
+
+    app = create_app(ChatEngine(loaded), ServeConfig(max_body_mb=1 / 1024, warmup=False))  # 1 KiB
+    with TestClient(app) as http:
+        big = b'{"messages": [' + b" " * 2000 + b"]}"
+        assert http.post("/v1/chat/completions", content=big).status_code == 413
+        chunked = http.post("/v1/chat/completions", content=iter([big[:600], big[600:]]))  # no Content-Length
+        assert chunked.status_code == 413
+        bad = http.post("/v1/chat/completions", content=b"{}", headers={"content-length": "-5"})
+        assert bad.status_code == 400
+        at_cap = b'{"messages": [{"role": "user", "content": "' + b"x" * 900 + b'"}], "max_tokens": 1}'
+        assert len(at_cap) < 1024
+        assert http.post("/v1/chat/completions", content=at_cap, headers=JSON).status_code == 200
+
+
+def test_queue_full_means_503_with_retry_after(loaded):
+    """One generating plus two waiting; everyone else is told to come back, at once (reliability T-7)."""
+    from skingpt4.chat import ChatEngine
+
+    release = threading.Event()
+
+    def slow_decode(data):
+        release.wait(10)
+        return load_image(data)
+
+    config = ServeConfig(queue_size=2, warmup=False, max_tokens=2)
+    server = Server(create_app(ChatEngine(loaded), config, decode=slow_decode))
+    body = {"model": "m", "messages": [user("hi", image_bytes())], "max_tokens": 1}
+    try:
+        with ThreadPoolExecutor(20) as pool:
+            futures = [pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=body, timeout=5)
+                       for _ in range(20)]  # fmt: skip
+            rejected = [f.result() for f in futures[:0]]
+            deadline = time.monotonic() + 5
+            while sum(f.done() for f in futures) < 17 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            rejected = [f.result() for f in futures if f.done()]
+            release.set()
+            results = [f.result() for f in futures]
+    finally:
+        release.set()
+        server.stop()
+    assert len(rejected) == 17 and all(r.status_code == 503 for r in rejected)
+    assert all(r.headers["retry-after"] == "5" for r in rejected)
+    assert sorted(r.status_code for r in results).count(200) == 3
+
+
+def test_client_disconnect_cancels_generation(loaded):
+    """A client that goes away mid-stream stops the model within a token step (the steps are counted)."""
+    from skingpt4.chat import ChatEngine
+
+    engine = ChatEngine(loaded)
+    vocab = engine.tokenizer.convert_ids_to_tokens(list(range(len(engine.tokenizer))))
+    ends = [i for i, t in enumerate(vocab) if "#" in t] + [engine.tokenizer.eos_token_id]
+    engine.suppress_tokens = sorted({*engine.suppress_tokens, *ends})  # nothing can end the answer early
+    steps = []
+    hook = engine.model.language_model.register_forward_hook(lambda *a: steps.append(1))
+    server = Server(create_app(engine, ServeConfig(warmup=False, max_tokens=1500)))
+    body = {"model": "m", "messages": [user("hi", image_bytes())], "max_tokens": 1500, "stream": True, "seed": 0}
+    try:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=10) as response:
+            lines = response.iter_lines()
+            for _ in range(4):
+                next(lines)
+        at_close = len(steps)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not _settled(steps):
+            pass
+    finally:
+        hook.remove()
+        server.stop()
+    after = len(steps) - at_close
+    print(f"\ndisconnect: {at_close} steps before the client closed, {after} after (of 1500 asked)")
+    assert after <= 10  # the server noticed at once and the engine stopped within a step or so
+
+
+def _settled(steps, wait=0.5) -> bool:
+    before = len(steps)
+    time.sleep(wait)
+    return len(steps) == before
+
+
+def test_sixteen_sessions_five_turns_no_cross_talk(server, store):
+    """Each client has its own canary word and photo; every record holds only its own (reliability T-5)."""
+
+    def consult(n: int) -> list[str]:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        photo = image_bytes(noise_seed=100 + n)
+        messages, ids = [], []
+        for turn in range(5):
+            messages.append(user(f"canary{n}x{turn} what is it?", *([photo] if turn == 0 else [])))
+            reply = client.chat.completions.create(model="m", messages=messages, max_tokens=3, temperature=0)
+            messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+            ids.append(reply.id)
+        return ids
+
+    before = {r["id"] for r in store.list()}
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(consult, range(16)))
+    records = [store.get(r["id"]) for r in store.list() if r["id"] not in before]
+    assert len(records) == 16 * 5
+    cross_talk = 0
+    for record in records:
+        questions = [t["text"] for t in record["turns"] if t["role"] == "user"]
+        owners = {q.split("x")[0] for q in questions}
+        cross_talk += len(owners) != 1
+        n = int(owners.pop().removeprefix("canary")) if len(owners) == 1 else -1
+        photo = image_bytes(noise_seed=100 + n)
+        from skingpt4.chat import sha256_bytes
+
+        cross_talk += [i["sha256"] for i in record["images"]] != [sha256_bytes(photo)]
+    assert cross_talk == 0
+
+
+def test_schema_fuzzing_finds_no_server_error(loaded):
+    """Schemathesis over /openapi.json: no 5xx and schema-conformant responses (reliability T-12)."""
+    import schemathesis
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.generation.modes import GenerationMode
+
+    from skingpt4.chat import ChatEngine
+
+    app = create_app(ChatEngine(loaded), ServeConfig(max_tokens=2, warmup=False))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    statuses: Counter = Counter()
+    failures = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            try:
+                fuzz(operation, mode, statuses, failures)
+            except Unsatisfiable:  # a GET without parameters has no invalid form
+                assert mode == GenerationMode.NEGATIVE and operation.method.upper() == "GET"
+    print("\nschema fuzzing:", dict(statuses))
+    assert failures == []
+    assert sum(n for (label, mode, _), n in statuses.items() if "completions" in label and mode == "negative") >= 25
+    assert statuses[("POST /v1/chat/completions", "positive", 2)] > 0  # valid requests really were answered
+
+
+def fuzz(operation, mode, statuses: Counter, failures: list) -> None:
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def check(case):
+        response = case.call()
+        statuses[(operation.label, mode.value, response.status_code // 100)] += 1
+        if response.status_code >= 500:
+            failures.append((operation.label, response.status_code, response.text[:200]))
+
+    check()
