@@ -83,3 +83,68 @@ def test_convert_command(tmp_path, lavis_files, llm_dir, dims, capsys):
     assert len(list((tmp_path / "m").glob("model-*.safetensors"))) > 1
     assert main(["convert", *common, "--out", str(tmp_path / "n"), "--template", "alpaca"]) == 2
     assert "unknown template 'alpaca'" in capsys.readouterr().err
+
+
+def test_records_commands(tmp_path, capsys):
+    from skingpt4.records import RecordStore
+
+    db = tmp_path / "records.sqlite"
+    with RecordStore(db) as store:
+        ids = [store.save({"surface": "chat", "model_id": "m", "turns": [{"role": "user", "text": f"q{i}"}]})
+               for i in range(3)]  # fmt: skip
+    assert main(["records", "list", "--records", str(db)]) == 0
+    listed = capsys.readouterr().out
+    assert all(i in listed for i in ids) and "1 turns" in listed
+    assert main(["records", "export", "--records", str(db), "--out", str(tmp_path / "all.jsonl")]) == 0
+    assert len((tmp_path / "all.jsonl").read_text().splitlines()) == 3
+    assert main(["records", "delete", "--records", str(db), "--id", ids[0]]) == 0
+    assert main(["records", "delete", "--records", str(db)]) == 2  # says which selection is missing
+    assert "exactly one of --id, --all" in capsys.readouterr().err
+    assert main(["records", "delete", "--records", str(db), "--all"]) == 0
+    assert "deleted 2 records" in capsys.readouterr().out
+    assert main(["chat", "--model", "tiny", "--keep-images"]) == 2
+    assert "take effect with --record" in capsys.readouterr().err
+
+
+def test_serve_finishes_in_flight_work_on_sigterm_and_logs_no_patient_text(tiny_dir, tmp_path):
+    """A real `skingpt4 serve`: warm-up, a streamed answer survives SIGTERM, exit 0, no question text in its output."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "SKINGPT4_API_KEY": "k"}
+    cmd = [sys.executable, "-m", "skingpt4", "serve", "--model", str(tiny_dir), "--port", str(port), "--record",
+           "--records", str(tmp_path / "r.sqlite")]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        photo = "data:image/png;base64," + __import__("base64").b64encode(image_bytes()).decode()
+        content = [{"type": "image_url", "image_url": {"url": photo}}, {"type": "text", "text": "zebracanary77 ok?"}]
+        body = {"messages": [{"role": "user", "content": content}], "stream": True, "max_tokens": 200}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"},
+                          timeout=30) as response:  # fmt: skip
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            proc.send_signal(signal.SIGTERM)  # mid-answer
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"  # the in-flight answer was finished, not cut
+        output, _ = proc.communicate(timeout=40)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert "zebracanary77" not in output and "serving" in output

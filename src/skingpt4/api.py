@@ -274,8 +274,13 @@ def error_response(exc: BaseException) -> JSONResponse:
 
 def serve(engine: ChatEngine, config: ServeConfig, store=None) -> None:
     """Run the server until SIGTERM/Ctrl-C; in-flight requests get `shutdown_timeout_s` to finish."""
+    import signal
+
     import uvicorn
 
+    # uvicorn re-raises SIGTERM once its graceful shutdown is over; by then every request has been answered, so a
+    # handler that does nothing lets the command end normally (exit 0), as a process supervisor expects.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     app = create_app(engine, config, store)
     uvicorn.run(app, host=config.host, port=config.port, access_log=False, log_level="warning",
                 timeout_graceful_shutdown=config.shutdown_timeout_s)  # fmt: skip

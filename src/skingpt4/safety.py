@@ -409,7 +409,19 @@ def _clauses(text: str) -> Iterator[str]:
         yield text[start:]
 
 
+# Output is plain text on every surface, but a client may render Markdown or HTML: an image there loads by itself,
+# and its URL can carry the conversation out (reliability.md §1.5). Images go, links keep only their text, tags go.
+_MD_IMAGE = re.compile(r"!\[([^\]\n]*)\]\([^)\n]*\)")
+_MD_LINK = re.compile(r"\[([^\]\n]*)\]\([^)\n]*\)")
+_TAG = re.compile(r"</?[A-Za-z][^>\n]{0,300}>")
+
+
+def _defang(clause: str) -> str:
+    return _TAG.sub("", _MD_LINK.sub(r"\1", _MD_IMAGE.sub("[image removed]", clause)))
+
+
 def _replace(clause: str) -> tuple[str, int]:
+    clause = _defang(clause)
     found = len(_REASSURANCE.findall(_norm(clause)))
     if not found:
         return clause, 0
