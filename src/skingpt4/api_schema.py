@@ -142,6 +142,8 @@ class ImageFetcher:
         header, comma, payload = url.partition(",")
         if not comma or not header.endswith(";base64"):
             raise InputError("image data URL must be base64: data:image/<type>;base64,<data>")
+        if not header.lower().startswith("data:image/"):  # the bytes decide which image type; this must say image
+            raise InputError(f"data URL type {header[5:-7][:40]!r} is not an image type")
         if len(payload) > self.max_chars:
             raise InputError(f"image is larger than this server's limit of {self.max_bytes} bytes")
         try:

@@ -13,8 +13,9 @@ Every entry point (demo, REST API, CLI, batch evaluation) must turn uploads into
   dropped by rebuilding the image from raw pixels;
 * modes that ``convert("RGB")`` silently mangles (alpha, 16-bit, float) are converted on purpose.
 
-What this module does not do: sandbox Pillow in a child process with rlimits, colour-manage ICC
-profiles (they are dropped, pixels are taken as sRGB), or reject alpha channels hiding content.
+What this module does not do: colour-manage ICC profiles (they are dropped, pixels are taken as sRGB), or reject
+alpha channels hiding content (they are composited away). Running it in a child process with rlimits and a
+timeout is `sandbox.py`'s job; the web app and the HTTP API decode uploads there.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 _DISPLAY_NAMES = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP", "TIFF": "TIFF"}
 _ALLOWED_TEXT = "allowed: " + ", ".join(_DISPLAY_NAMES[f] for f in ALLOWED_FORMATS)
 _WHITE = (255, 255, 255)
+_NO_MEMORY = "image needs too much memory to decode"
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
@@ -92,7 +94,10 @@ def load_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS) -> Ima
             _check_geometry(img.size, limits)
             rgb = _decode_to_rgb(img, limits)
             # Rebuild from raw pixels: nothing of the file (EXIF, GPS, XMP, ICC, text chunks) can survive.
-            return Image.frombytes("RGB", rgb.size, rgb.tobytes())
+            try:
+                return Image.frombytes("RGB", rgb.size, rgb.tobytes())
+            except MemoryError:
+                raise ImageRejected(_NO_MEMORY) from None
 
 
 def read_source(source: ImageSource, max_bytes: int) -> bytes:
@@ -182,7 +187,7 @@ def _decode_to_rgb(img: Image.Image, limits: ImageLimits) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageRejected(_bomb_message(limits)) from None
     except MemoryError:
-        raise ImageRejected("image needs too much memory to decode") from None
+        raise ImageRejected(_NO_MEMORY) from None
     except Exception:
         raise ImageRejected("image is truncated or corrupt") from None
 
@@ -197,7 +202,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     """
     try:
         if img.mode in _SIXTEEN_BIT_MODES:
-            return _grey_array_to_rgb(np.asarray(img).astype(np.float64) / 257.0)
+            values = np.asarray(img)
+            grey = _grey_array_to_rgb(values.astype(np.float64) / 257.0)
+            if "transparency" in img.info:  # a tRNS grey value: those pixels are hidden, so they become white
+                flat = Image.new("RGB", grey.size, _WHITE)
+                flat.paste(grey, mask=Image.fromarray((values != img.info["transparency"]).astype(np.uint8) * 255))
+                return flat
+            return grey
         if img.mode == "F":
             return _grey_array_to_rgb(np.asarray(img).astype(np.float64) * 255.0)
         if img.mode in _ALPHA_MODES or "transparency" in img.info:

@@ -1,0 +1,247 @@
+"""skingpt4.sandbox.Decoder: same result as load_image, in a child that can time out, run out of memory or be killed
+without taking the caller down, and that never outlives its parent."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from malformed import encode, noise, png_zero, quadrants
+from PIL import Image
+
+from skingpt4.images import ImageRejected, load_image
+from skingpt4.sandbox import Decoder, load_image_isolated
+
+posix_only = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+SMALL = encode(noise((64, 48), seed=3), "PNG")
+
+
+@pytest.fixture(scope="module")
+def big() -> bytes:
+    """A legal 39.7 Mpx all-zero PNG of 5 KiB (1-bit), near the 40 Mpx cap: ~0.4 s and ~400 MiB to decode."""
+    return png_zero(6300, 6300)
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    with Decoder() as dec:
+        yield dec
+
+
+def wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    """True once every thread of ``pid`` has exited (it may stay a zombie until reaped), without reaping it.
+
+    A killed multi-threaded process (NumPy's BLAS threads) shows its main thread as a zombie while the others are
+    still exiting; only then does its pipe close and ``waitpid`` see it, so all threads must be gone."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            if state in ("Z", "X") and len(os.listdir(f"/proc/{pid}/task")) <= 1:
+                return True
+        except FileNotFoundError:
+            return True
+        except OSError:  # no /proc: fall back to signal 0
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+        time.sleep(0.02)
+    return False
+
+
+def test_same_pixels_as_load_image(decoder, big):
+    images = [
+        SMALL,
+        encode(noise((40, 30), seed=4), "JPEG", quality=90),
+        encode(Image.new("RGBA", (20, 20), (255, 0, 0, 0)), "WEBP", lossless=True),
+        encode(Image.new("I;16", (16, 16), 30000), "TIFF"),
+        encode(quadrants(), "JPEG", exif=_orientation(6)),
+        big,
+    ]
+    for data in images:
+        got, want = decoder.load(data), load_image(data)
+        assert got.mode == "RGB" and got.info == {} and got.size == want.size
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+
+
+def _orientation(value: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif
+
+
+@pytest.mark.parametrize("data", [b"<html></html>", b"", encode(Image.new("RGB", (1, 1)), "PNG"), SMALL[:300]])
+def test_same_rejection_message_as_load_image(decoder, data):
+    with pytest.raises(ImageRejected) as in_process:
+        load_image(data)
+    with pytest.raises(ImageRejected) as isolated:
+        decoder.load(data)
+    assert str(isolated.value) == str(in_process.value)
+
+
+def test_child_is_persistent(decoder):
+    decoder.load(SMALL)
+    pid = decoder.pid
+    start = time.perf_counter()
+    for _ in range(20):
+        decoder.load(SMALL)
+    assert decoder.pid == pid
+    assert time.perf_counter() - start < 2.0  # no process start per image
+
+
+def test_timeout_kills_the_child_and_the_next_call_works(big):
+    with Decoder(timeout=0.001) as dec:
+        with pytest.raises(ImageRejected, match="^image took too long to decode$"):
+            dec.load(big)
+        assert dec.pid is None  # killed, not left running
+        dec.timeout = 5.0
+        assert np.array_equal(np.asarray(dec.load(SMALL)), np.asarray(load_image(SMALL)))
+
+
+@posix_only
+def test_stuck_child_times_out_deterministically():
+    with Decoder(timeout=0.3) as dec:
+        dec.load(SMALL)
+        pid = dec.pid
+        os.kill(pid, signal.SIGSTOP)  # the child can neither decode nor answer
+        start = time.perf_counter()
+        with pytest.raises(ImageRejected, match="^image took too long to decode$"):
+            dec.load(SMALL)
+        assert time.perf_counter() - start < 3.0
+        assert wait_gone(pid)
+        assert dec.load(SMALL).size == (64, 48) and dec.pid != pid
+
+
+@posix_only
+def test_child_killed_while_idle_is_replaced(decoder):
+    decoder.load(SMALL)
+    pid = decoder.pid
+    os.kill(pid, signal.SIGKILL)
+    assert wait_gone(pid)
+    assert decoder.load(SMALL).size == (64, 48)
+    assert decoder.pid != pid
+
+
+@posix_only
+def test_child_dying_during_a_decode_is_a_rejection_then_replaced():
+    with Decoder(timeout=30) as dec:
+        dec.load(SMALL)
+        pid = dec.pid
+        os.kill(pid, signal.SIGSTOP)  # the request is queued in the pipe, then the child dies before answering
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(dec.load, SMALL)
+            time.sleep(0.2)
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(ImageRejected, match="^image could not be decoded safely$"):
+                future.result(timeout=10)
+        assert dec.load(SMALL).size == (64, 48) and dec.pid != pid
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="RLIMIT_AS is set only on Linux")
+def test_memory_limit_is_a_rejection_not_a_crash(big):
+    with Decoder(memory_mb=100) as dec:  # decoding the 39.7 Mpx image needs several 120 MiB buffers
+        with pytest.raises(ImageRejected) as info:
+            dec.load(big)
+        assert str(info.value) in ("image needs too much memory to decode", "image could not be decoded safely")
+        assert dec.load(SMALL).size == (64, 48)  # same child or a fresh one, either way it works
+
+
+def test_eight_threads_get_their_own_results(decoder):
+    inputs = [encode(noise((32 + i, 24 + i), seed=i), "PNG") for i in range(32)]
+    expected = [np.asarray(load_image(d)) for d in inputs]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(decoder.load, inputs))
+    assert all(np.array_equal(np.asarray(r), e) for r, e in zip(results, expected))
+
+
+@posix_only
+def test_close_leaves_no_child():
+    dec = Decoder()
+    dec.load(SMALL)
+    pid = dec.pid
+    dec.close()
+    assert wait_gone(pid)
+    with pytest.raises(RuntimeError, match="closed"):
+        dec.load(SMALL)
+    dec.close()  # idempotent
+
+
+@posix_only
+def test_garbage_collected_decoder_stops_its_child():
+    dec = Decoder()
+    dec.load(SMALL)
+    pid = dec.pid
+    del dec
+    gc.collect()
+    assert wait_gone(pid)
+
+
+@posix_only
+@pytest.mark.parametrize("ending", ["normal-exit", "parent-killed"])
+def test_no_child_outlives_the_parent(ending):
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        from skingpt4 import sandbox
+        sandbox.load_image_isolated({SMALL!r})
+        print(sandbox._shared.pid, flush=True)
+        if {ending == "parent-killed"!r}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    child = int(proc.stdout.split()[0])
+    assert wait_gone(child), f"decoder child {child} outlived its parent ({ending})"
+
+
+def test_load_image_isolated_shares_one_child():
+    first = load_image_isolated(SMALL)
+    from skingpt4 import sandbox
+
+    pid = sandbox._shared.pid
+    assert np.array_equal(np.asarray(first), np.asarray(load_image(SMALL)))
+    load_image_isolated(SMALL)
+    assert sandbox._shared.pid == pid
+
+
+def test_importing_the_sandbox_does_not_import_torch():
+    code = "import sys, skingpt4.sandbox; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux RLIMIT_AS")
+def test_load_image_turns_memory_error_into_rejection():
+    """In process, under a 300 MiB address-space allowance, the 39.7 Mpx image decodes but its final copy cannot be
+    made: load_image must still say ImageRejected, not raise MemoryError (the child process relies on this too)."""
+    code = textwrap.dedent(
+        """
+        import resource, sys
+        sys.path.insert(0, "tests")
+        from malformed import png_zero
+        from skingpt4.images import ImageRejected, load_image
+        big = png_zero(6300, 6300)
+        start = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (start + 300 * 2**20, resource.RLIM_INFINITY))
+        try:
+            load_image(big)
+            print("accepted")
+        except ImageRejected as exc:
+            print("rejected:", exc)
+        except MemoryError:
+            print("MemoryError")
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root)
+    assert out.stdout.strip() in ("accepted", "rejected: image needs too much memory to decode"), out.stdout
