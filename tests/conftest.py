@@ -40,6 +40,13 @@ def image_bytes(color=(200, 120, 90), size=(64, 48), fmt="PNG", noise_seed: int 
     return buf.getvalue()
 
 
+def endless(engine) -> None:
+    """Make `engine` unable to end an answer early (no `#`, no EOS): generation runs to max_new_tokens."""
+    vocab = engine.tokenizer.convert_ids_to_tokens(list(range(len(engine.tokenizer))))
+    ends = [i for i, t in enumerate(vocab) if "#" in t] + [engine.tokenizer.eos_token_id]
+    engine.suppress_tokens = sorted({*engine.suppress_tokens, *ends})
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return create_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

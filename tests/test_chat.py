@@ -319,3 +319,25 @@ def test_extra_stop_strings_cut_answer_and_stream_alike(engine):
     for stream in (False, True):
         shown, stored = ask(GenerationSettings.greedy(max_new_tokens=24, stop=(stop,)), stream)
         assert shown == stored == expected
+
+
+def test_only_the_most_recent_sessions_keep_a_cache_and_the_rest_recompute_alike(loaded):
+    from skingpt4.chat import ChatEngine
+
+    engine = ChatEngine(loaded, cached_sessions=2)
+    sessions = [engine.session() for _ in range(4)]
+    first = []
+    for n, session in enumerate(sessions):
+        session.add_image(image_bytes(noise_seed=n))
+        session.ask("hi")
+        first.append(session.answer(GREEDY))
+    assert [s.cache is not None for s in sessions] == [False, False, True, True]
+    sessions[0].ask("and then?")
+    again = sessions[0].answer(GREEDY)  # recomputed from scratch: no cache left
+    fresh = engine.session()
+    fresh.add_image(image_bytes(noise_seed=0))
+    fresh.ask("hi")
+    fresh.answer(GREEDY)
+    fresh.cache = None
+    fresh.ask("and then?")
+    assert again == fresh.answer(GREEDY) and sessions[0].reused_tokens == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import pytest
-from conftest import image_bytes
+from conftest import endless, image_bytes
 from PIL import Image, ImageDraw
 
 from skingpt4.chat import GenerationSettings
@@ -159,3 +159,25 @@ def test_summary_page_holds_thumbnails_turns_referral_and_escapes_text(engine):
     assert "<script>alert" not in page and "&lt;script&gt;" in page
     assert "Referral:" in page and engine.loaded.model_id in page and "max_new_tokens" in page
     assert "UNTRAINED" in page
+
+
+def test_closing_a_reply_mid_answer_cancels_within_a_token_and_withdraws_the_question(loaded):
+    """The web app's Stop and a closed tab close the reply; pieces come per token, so it stops at once."""
+    from skingpt4.chat import ChatEngine
+
+    engine = ChatEngine(loaded)
+    endless(engine)
+    steps = []
+    hook = engine.model.language_model.register_forward_hook(lambda *a: steps.append(1))
+    consultation = Consultation(engine, "web", decode=load_image)
+    consultation.add_image(image_bytes())
+    before = list(consultation.session.conversation.messages)
+    pieces = consultation.reply("What is it?", GenerationSettings(max_new_tokens=1000, seed=0))
+    try:
+        for _ in range(5):
+            next(pieces)
+        pieces.close()
+    finally:
+        hook.remove()
+    assert len(steps) <= 8  # five pieces, about one step each, then at most the step in flight
+    assert consultation.turns == [] and consultation.session.conversation.messages == before

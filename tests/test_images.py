@@ -9,10 +9,10 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-import PIL
 from PIL import Image, ImageCms, PngImagePlugin
 
 from skingpt4.images import ALLOWED_FORMATS, DEFAULT_LIMITS, ImageLimits, ImageRejected, load_image

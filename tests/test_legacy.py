@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from skingpt4 import weblaunch
 from skingpt4.legacy import main, model_folder, read_model_section
 from skingpt4.model import home_dir
 
@@ -34,8 +34,11 @@ def test_original_assets_are_converted_once_then_reused(tmp_path, lavis_files, l
 
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(yaml.safe_dump({"model": section}))
-    monkeypatch.setattr(sys, "stdin", io.StringIO("/quit\n"))
+    served = []
+    monkeypatch.setattr(weblaunch, "launch", lambda engine, config: served.append((engine, config)))
     assert main(["--cfg-path", str(cfg), "--gpu-id", "0"]) == 0
+    engine, config = served[0]
+    assert engine.loaded.path == first and (config.host, config.port, config.auth) == ("127.0.0.1", 5905, None)
 
 
 def test_clear_errors(tmp_path, capsys):
@@ -49,12 +52,31 @@ def test_clear_errors(tmp_path, capsys):
     assert main(["--cfg-path", str(tmp_path / "none.yaml")]) == 2
 
 
-def test_demo_py_at_the_repo_root_runs(tiny_dir, tmp_path):
+def test_demo_py_at_the_repo_root_serves_the_web_app(tiny_dir, tmp_path):
+    import signal
+    import socket
+    import time
+
+    import httpx
+
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"converted": str(tiny_dir)}}))
-    result = subprocess.run(
-        [sys.executable, "demo.py", "--cfg-path", str(cfg), "--gpu-id", "0"],
-        cwd=ROOT, input="/quit\n", capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "UNTRAINED" in result.stdout and "terminal chat" in result.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "demo.py", "--cfg-path", str(cfg), "--gpu-id", "0", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        page, deadline = "", time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not page:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/").text
+            except httpx.TransportError:
+                time.sleep(0.3)
+        assert "UNTRAINED" in page
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert "127.0.0.1" in output and "research and education tool" in output

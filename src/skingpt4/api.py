@@ -231,7 +231,8 @@ class Reply:
         try:
             yield self.chunk({"role": "assistant", "content": ""})
             while (event := await job.next_event(request))[0] == "piece":
-                yield self.chunk({"content": event[1]})
+                if event[1]:
+                    yield self.chunk({"content": event[1]})
             if event[0] == "error":  # headers are sent: report in-band, as OpenAI does
                 yield f"data: {json.dumps(error_body(*describe(event[1])[1:]))}\n\n"
                 return

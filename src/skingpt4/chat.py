@@ -12,6 +12,8 @@ import hashlib
 import queue
 import re
 import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -29,8 +31,12 @@ from .processing import common_prefix, image_keys, prompt_ids, truncate_left
 class ChatEngine:
     """Shared, thread-safe wrapper around one model; generation is serialised by a lock."""
 
-    def __init__(self, loaded: LoadedModel, template: str | None = None):
+    def __init__(self, loaded: LoadedModel, template: str | None = None, cached_sessions: int = 4):
         self.loaded = loaded
+        # Key/value caches are kept for the most recently answered sessions only: on a 13B model one 2000-token
+        # cache is about 1.6 GB, and a web app may hold dozens of idle sessions. Others recompute their prefix.
+        self.cached_sessions = cached_sessions
+        self._cached: OrderedDict[int, weakref.ref] = OrderedDict()
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.template = get_template(template or loaded.meta.template)
@@ -156,7 +162,17 @@ class ChatEngine:
         new = self._run(row, torch.ones_like(row), features, settings, streamer, cancel, cache)[0]
         session.cache, session.cache_keys = cache, (keys + new.tolist())[: cache.get_seq_length()]
         session.reused_tokens = reuse
+        self._remember(session)
         return new
+
+    def _remember(self, session: Session) -> None:
+        """Mark `session` as the most recent cache holder; drop the caches of sessions beyond the budget."""
+        self._cached[id(session)] = weakref.ref(session)
+        self._cached.move_to_end(id(session))
+        while len(self._cached) > self.cached_sessions:
+            _, ref = self._cached.popitem(last=False)
+            if (old := ref()) is not None:
+                old.cache, old.cache_keys = None, []
 
     def _generate_batch(self, prepared, settings, streamer, cancel) -> list[torch.Tensor]:
         """Several prompts in one left-padded batch (no cache reuse); identical to one at a time under greedy."""

@@ -97,10 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo", "the local web app (binds to 127.0.0.1 unless --host is given)", cmd_demo)
     _model_flags(demo)
+    _generation_flags(demo)
     demo.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     demo.add_argument("--port", type=int, default=7860)
-    demo.add_argument("--auth", help="user:password required to open the app")
-    demo.add_argument("--auth-file", help="file of user:password lines")
+    demo.add_argument("--auth-file", help="file of user:password lines required to open the app (recommended)")
+    demo.add_argument("--auth", help="user:password (visible in the process list: prefer --auth-file)")
     demo.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the model")
     _record_flags(demo)
 
@@ -231,14 +232,16 @@ def cmd_chat(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .webapp import WebConfig, launch, parse_auth, read_auth_file
+    from .weblaunch import WebConfig, launch, parse_auth, read_auth_file
 
     auth = [parse_auth(args.auth)] if args.auth else []
     auth += read_auth_file(args.auth_file) if args.auth_file else []
-    config = WebConfig(host=args.host, port=args.port, auth=auth or None, queue_size=args.queue_size)
+    config = WebConfig(host=args.host, port=args.port, auth=auth or None, queue_size=args.queue_size,
+                       settings=_settings(args))  # fmt: skip
     store, engine = _store(args), _engine(args)
-    _announce(engine)
-    launch(engine, config, store)
+    if engine.loaded.warning:
+        print(f"WARNING: {engine.loaded.warning}", file=sys.stderr)
+    launch(engine, config, store)  # prints the intended-use line and the address; blocks until Ctrl+C/SIGTERM
     return 0
 
 

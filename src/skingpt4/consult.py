@@ -62,7 +62,10 @@ class Consultation:
         return digest
 
     def reply(self, question: str, settings: GenerationSettings | None = None, cancel: threading.Event | None = None):
-        """Stream the safety-checked answer to `question`; closing the stream early cancels generation."""
+        """Stream the safety-checked answer to `question`; closing the stream early cancels generation.
+
+        Pieces may be empty (text held back until its sentence ends); joined, they are the shown answer.
+        """
         settings = settings or GenerationSettings()
         if len(question) > MAX_QUESTION_CHARS:
             raise InputError(f"question is longer than {MAX_QUESTION_CHARS} characters")
@@ -71,10 +74,14 @@ class Consultation:
         asked = self.session.ask(question)
         guard = Guard("\n".join([*self.questions(), asked]))
         start = time.perf_counter()
-        with closing(self.session.stream(settings, cancel)) as pieces:
-            for piece in pieces:
-                if shown := guard.feed(piece):
-                    yield shown
+        try:
+            with closing(self.session.stream(settings, cancel)) as pieces:
+                for piece in pieces:
+                    yield guard.feed(piece)  # often "" while a sentence is held back: a chance to cancel, per token
+        except GeneratorExit:
+            if not self.session.conversation.awaiting_answer:  # it finished, but was never shown: withdraw it
+                self.session.conversation.drop_question()
+            raise
         tail, verdict = guard.finish()
         self.turns.append({"role": "user", "text": asked})
         self.turns.append({

@@ -3,7 +3,8 @@
 The YAML's `model:` section names either a converted folder (`converted: DIR`) or the original assets
 (`ckpt`, `llm_model` / `llama_model`, `vit_model`, `q_former_model`); those are converted once, on first use, into
 the cache ($SKINGPT4_HOME/converted/). Relative paths are read from the current folder, as the original did.
-The web app starts once it exists in this package; until then the terminal chat does.
+It starts the web app on the original's port 5905, but on this machine only (127.0.0.1) and with no public share
+link: the original's `share=True, server_name="0.0.0.0"` sent patients' photos through a public relay.
 """
 
 from __future__ import annotations
@@ -23,27 +24,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg-path", required=True, help="path to the evaluation YAML")
     parser.add_argument("--gpu-id", type=int, default=0, help="GPU to use when one is present")
     parser.add_argument("--options", nargs="+", help="ignored (kept so old scripts still parse)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    parser.add_argument("--port", type=int, default=5905, help="the original demo's port")
     args = parser.parse_args(argv)
     try:
-        return launch(Path(args.cfg_path), args.gpu_id)
+        return launch(Path(args.cfg_path), args.gpu_id, args.host, args.port)
     except (SkinGPT4Error, ImageRejected) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def launch(cfg_path: Path, gpu_id: int) -> int:
+def launch(cfg_path: Path, gpu_id: int, host: str = "127.0.0.1", port: int = 5905) -> int:
     import torch
 
-    from .chat import ChatEngine, GenerationSettings
+    from . import weblaunch
+    from .chat import ChatEngine
     from .model import load_model
-    from .terminal import run_chat
 
     section = read_model_section(cfg_path)
     folder = model_folder(section)
     device = f"cuda:{gpu_id}" if torch.cuda.is_available() else "cpu"
     loaded = load_model(folder, device=device, load_in_8bit=bool(section.get("low_resource")) and device != "cpu")
-    print("(the web app is not part of this version yet; starting the terminal chat)", file=sys.stderr)
-    return run_chat(ChatEngine(loaded), GenerationSettings())
+    if loaded.warning:
+        print(f"WARNING: {loaded.warning}", file=sys.stderr)
+    weblaunch.launch(ChatEngine(loaded), weblaunch.WebConfig(host=host, port=port))  # until Ctrl+C / SIGTERM
+    return 0
 
 
 def read_model_section(cfg_path: Path) -> dict:

@@ -1,0 +1,384 @@
+"""The web app, served for real on 127.0.0.1 with the tiny model: privacy defaults, uploads, sessions, a browser.
+
+One app is launched for the module (a second, with auth, only briefly). Answers are 4 tokens long; what is
+tested is the plumbing around the model, not its words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import html
+import io
+import os
+import re
+import socket
+import stat
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import image_bytes
+from gradio_client import Client, handle_file
+from PIL import ExifTags, Image
+
+from skingpt4.chat import ChatEngine
+from skingpt4.consult import Consultation
+from skingpt4.conversation import CLINICAL_PROMPTS
+from skingpt4.errors import InputError
+from skingpt4.generation import GenerationSettings
+from skingpt4.safety import DISCLAIMER, INTENDED_USE
+from skingpt4.webapp import WebConfig, take_upload
+from skingpt4.weblaunch import (
+    exposure_warning,
+    is_loopback,
+    launch,
+    launch_options,
+    login_check,
+    parse_auth,
+    read_auth_file,
+)
+
+FAST = GenerationSettings(max_new_tokens=4)
+GREEDY = (1, 1.0, True)  # beams, temperature, greedy: the sliders' inputs after the question
+CHROMIUM = "/usr/bin/chromium"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def web(loaded):
+    running = launch(ChatEngine(loaded), WebConfig(port=free_port(), settings=FAST), block=False)
+    yield running
+    running.close()
+    assert not running.app.cache.exists()
+
+
+def client(web) -> Client:
+    return Client(web.url, verbose=False, download_files=False)  # the client's own downloads would go to /tmp
+
+
+def cached_files(web) -> list[Path]:
+    return [p for p in web.app.cache.rglob("*") if p.is_file()]
+
+
+def write(tmp_path: Path, name: str, data: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def gps_jpeg() -> bytes:
+    img = Image.new("RGB", (64, 48), (180, 90, 60))
+    exif = img.getexif()
+    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    gps[ExifTags.GPS.GPSLatitudeRef], gps[ExifTags.GPS.GPSLatitude] = "N", (52.0, 31.0, 12.0)
+    gps[ExifTags.GPS.GPSLongitudeRef], gps[ExifTags.GPS.GPSLongitude] = "E", (13.0, 24.0, 36.0)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif)
+    assert Image.open(io.BytesIO(buf.getvalue())).getexif().get_ifd(ExifTags.IFD.GPSInfo)  # the probe is real
+    return buf.getvalue()
+
+
+def has_metadata(data: bytes) -> bool:
+    if b"Exif" in data or b"eXIf" in data:
+        return True
+    try:
+        return bool(Image.open(io.BytesIO(data)).getexif())
+    except Exception:  # not an image
+        return False
+
+
+def data_uri_images(text: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", text)]
+
+
+def assistant_texts(history: list[dict]) -> list[str]:
+    return [m["content"][0]["text"] for m in history if m["role"] == "assistant"]
+
+
+def user_texts(history: list[dict]) -> list[str]:
+    return [m["content"][0]["text"] for m in history if m["role"] == "user"]
+
+
+# -- configuration and credentials (no server) -------------------------------------------------------------------
+
+
+def test_defaults_are_private():
+    options = launch_options(WebConfig())
+    assert options["server_name"] == "127.0.0.1" and options["share"] is False and options["auth"] is None
+    assert options["max_file_size"] == "10mb" and options["show_error"] is False and options["ssr_mode"] is False
+    assert options["mcp_server"] is False and options["allowed_paths"] == [] and options["run_history"] is False
+    assert options["enable_monitoring"] is False and options["strict_cors"] is True
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"  # set before Gradio was imported
+
+
+def test_auth_parsing(tmp_path):
+    assert parse_auth("ann:s3:cr:et") == ("ann", "s3:cr:et")
+    for bad in ["ann", "ann:", ":pw", "  :pw"]:
+        with pytest.raises(InputError, match="user:password"):
+            parse_auth(bad)
+    good = tmp_path / "ok.txt"
+    good.write_text("# doctors\nann:one\n\n  bob:two:three\n")
+    assert read_auth_file(good) == [("ann", "one"), ("bob", "two:three")]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("ann:one\nbob-has-no-password\n")
+    with pytest.raises(InputError, match=r"line 2: expected user:password") as err:
+        read_auth_file(bad)
+    assert "bob" not in str(err.value) and "\n" not in str(err.value)  # names the line, never shows it
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(InputError, match="no user:password"):
+        read_auth_file(tmp_path / "empty.txt")
+    with pytest.raises(InputError, match="cannot read"):
+        read_auth_file(tmp_path / "missing.txt")
+
+
+def test_exposure_warning_and_loopback():
+    assert all(is_loopback(h) for h in ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+    assert not any(is_loopback(h) for h in ["0.0.0.0", "192.168.1.5", "example.org", "::"])
+    assert exposure_warning(WebConfig()) is None
+    assert "without --auth" in exposure_warning(WebConfig(host="0.0.0.0"))
+    assert exposure_warning(WebConfig(host="0.0.0.0", auth=[("ann", "pw")])) is None
+
+
+def test_login_check_slows_failures():
+    check = login_check([("ann", "pw")], delay=0.2)
+    assert asyncio.run(check("ann", "pw")) is True
+    start = time.perf_counter()
+    assert asyncio.run(check("ann", "wrong")) is False and asyncio.run(check("eve", "pw")) is False
+    assert time.perf_counter() - start >= 0.4
+
+
+def test_take_upload_deletes_and_stays_inside(tmp_path):
+    root = tmp_path / "cache"
+    (root / "abc").mkdir(parents=True)
+    upload = root / "abc" / "mole.png"
+    upload.write_bytes(b"pixels")
+    assert take_upload(str(upload), root) == b"pixels"
+    assert not upload.exists() and not (root / "abc").exists()  # the file and its hash folder
+    outside = tmp_path / "patient.txt"
+    outside.write_text("keep me")
+    for path in [str(outside), str(root / ".." / "patient.txt")]:
+        with pytest.raises(InputError, match="not found"):
+            take_upload(path, root)
+    assert outside.read_text() == "keep me"  # never read, never deleted
+    with pytest.raises(InputError, match="not found"):
+        take_upload(str(root / "gone.png"), root)
+
+
+# -- the running app ---------------------------------------------------------------------------------------------
+
+
+def test_running_app_configuration(web):
+    blocks = web.app.blocks
+    assert blocks.server_name == "127.0.0.1" and blocks.share is False and blocks.analytics_enabled is False
+    assert blocks.max_file_size == 10 * 2**20 and blocks.show_error is False and blocks.delete_cache == (600, 600)
+    assert blocks._queue.max_size == 16
+    assert str(Path(web.app.engine.loaded.path).resolve()) in blocks.blocked_paths  # never served
+    model_events = [fn for fn in blocks.fns.values() if fn.concurrency_id == "model"]
+    assert len(model_events) == 7 and all(fn.concurrency_limit == 1 for fn in model_events)  # upload, ask x2, 4
+    cache = web.app.cache
+    assert os.environ["GRADIO_TEMP_DIR"] == str(cache) and stat.S_IMODE(cache.stat().st_mode) == 0o700
+    page = httpx.get(web.url).text
+    assert "SkinGPT-4" in page
+    assert httpx.get(f"{web.url}gradio_api/file=/etc/hostname").status_code == 403
+
+
+def test_oversize_upload_is_refused_with_413(web):
+    big = b"\0" * (10 * 2**20 + 1)
+    response = httpx.post(f"{web.url}gradio_api/upload", files={"files": ("big.png", big)}, timeout=30)
+    assert response.status_code == 413
+    assert not [p for p in cached_files(web) if p.stat().st_size > 2**20]
+
+
+def test_upload_is_deleted_at_once_and_no_exif_survives(web, tmp_path):
+    original = gps_jpeg()
+    c = client(web)
+    strip, status, download = c.predict([handle_file(write(tmp_path, "mole.jpg", original))], api_name="/add_photos")
+    assert "1 photo(s)" in status
+    files = cached_files(web)
+    assert [p.name for p in files if p.parent != web.app.cache] == ["consultation-summary.html"] * len(files)
+    for path in files:
+        data = path.read_bytes()
+        assert original not in data and not has_metadata(data)
+    for thumb in data_uri_images(strip) + data_uri_images(files[0].read_text()):
+        assert not has_metadata(thumb)
+    c.close()
+
+
+def test_bad_photo_and_long_question_are_rejected_in_one_line(web, tmp_path):
+    c = client(web)
+    _, status, _ = c.predict(
+        [handle_file(write(tmp_path, "x.png", b"<html>not a photo</html>"))], api_name="/add_photos"
+    )
+    assert "photo 1 was not added" in status and "Traceback" not in status and "No photo yet" in status
+    assert not [p for p in cached_files(web) if b"not a photo" in p.read_bytes()]
+    history, _, _, status = c.predict("Anything?", *GREEDY, api_name="/ask")
+    assert history == [] and "Add a photo" in status
+    c.predict([handle_file(write(tmp_path, "ok.png", image_bytes()))], api_name="/add_photos")
+    history, kept, _, status = c.predict("x" * 2001, *GREEDY, api_name="/ask")  # the Textbox cap is browser-side
+    assert history == [] and "longer than 2000" in status and kept == "x" * 2001
+    c.close()
+
+
+def test_answers_end_with_the_disclaimer_and_show_as_text(web, tmp_path):
+    c = client(web)
+    c.predict([handle_file(write(tmp_path, "a.png", image_bytes(noise_seed=3)))], api_name="/add_photos")
+    job = c.submit("What is this <img src=x>?", *GREEDY, api_name="/ask")
+    history, _, download, status = job.result(timeout=60)
+    answers = [assistant_texts(out[0])[-1] for out in job.outputs() if assistant_texts(out[0])]
+    assert status == "Answered." and all(b.startswith(a) for a, b in zip(answers, answers[1:]))
+    assert answers[-1].endswith(html.escape(DISCLAIMER))
+    assert user_texts(history) == ["What is this &lt;img src=x&gt;?"]  # shown as text, never as HTML
+    summary = Path(download["value"]["path"]).read_text()
+    assert "What is this &lt;img src=x&gt;?" in summary and "UNTRAINED" in summary
+    assert web.app.engine.loaded.model_id in summary and "max_new_tokens&#x27;: 4" in summary
+    history, *_ = c.predict(*GREEDY, api_name="/clinical_4")
+    assert user_texts(history)[-1] == html.escape(CLINICAL_PROMPTS[3]) and len(assistant_texts(history)) == 2
+    history, status = c.predict(api_name="/stop")  # nothing in progress: the turns that stand are shown
+    assert len(assistant_texts(history)) == 2 and "Stopped" in status
+    c.predict(api_name="/restart")
+    assert not Path(download["value"]["path"]).exists()
+    history, _, _, status = c.predict("Again?", *GREEDY, api_name="/ask")
+    assert history == [] and "Add a photo" in status
+    c.close()
+
+
+def test_pieces_reach_the_browser_as_they_come(web, tmp_path, monkeypatch):
+    """The safety rails release whole sentences (the random tiny model writes none), so pieces are scripted here."""
+    sentences = ["First sentence. ", "Second sentence. ", "Third."]
+
+    def scripted(self, question, settings=None, cancel=None):
+        for piece in sentences:
+            time.sleep(0.05)
+            yield piece
+        answer = {"role": "assistant", "text": "".join(sentences), "level": "none", "triggers": []}
+        self.turns += [{"role": "user", "text": question}, answer]
+
+    monkeypatch.setattr(Consultation, "reply", scripted)
+    c = client(web)
+    c.predict([handle_file(write(tmp_path, "a.png", image_bytes()))], api_name="/add_photos")
+    job = c.submit("Tell me", *GREEDY, api_name="/ask")
+    job.result(timeout=60)
+    seen = [assistant_texts(out[0])[-1] for out in job.outputs() if assistant_texts(out[0])]
+    assert seen[:4] == ["", "First sentence. ", "First sentence. Second sentence. ", "".join(sentences)]
+    c.close()
+
+
+def test_leaving_mid_answer_closes_the_answer_stream(web):
+    """Gradio closes the handler's generator on Stop, Restart or a closed tab; the handler must close the answer
+    stream it reads (closing it is what cancels generation, in `Consultation.reply` and `Session.stream`)."""
+    visit = web.app.new_visit()
+    visit.consultation.add_image(image_bytes())
+    closed = []
+
+    def endless(question, settings, cancel=None):
+        try:
+            while True:
+                yield "word "
+        finally:
+            closed.append(question)
+
+    visit.consultation.reply = endless
+    answer = web.app.ask("Describe it", *GREEDY, visit)
+    next(answer), next(answer), next(answer)  # the question shown, then two pieces
+    answer.close()
+    assert closed == ["Describe it"]
+
+
+def test_auth_required_when_set(web, loaded, capsys):
+    config = WebConfig(port=free_port(), auth=[("ann", "pw")], login_delay=0.1)
+    running = launch(ChatEngine(loaded), config, block=False)
+    try:
+        assert "not a medical device" in capsys.readouterr().err  # the intended use, printed at start
+        anonymous = httpx.Client(base_url=running.url)
+        assert anonymous.get("config").status_code == 401
+        assert anonymous.get("gradio_api/info").status_code == 401
+        assert anonymous.post("gradio_api/upload", files={"files": ("a.png", image_bytes())}).status_code == 401
+        assert anonymous.post("login", data={"username": "ann", "password": "no"}).status_code == 400
+        api = Client(running.url, auth=("ann", "pw"), verbose=False).view_api(print_info=False, return_format="dict")
+        assert "/ask" in api["named_endpoints"]
+    finally:
+        running.close()
+    assert not running.app.cache.exists()
+    assert os.environ["GRADIO_TEMP_DIR"] == str(web.app.cache)  # the module's app keeps accepting uploads
+
+
+def test_sixteen_sessions_do_not_cross(web, tmp_path):
+    sessions, turns = 16, 5
+    photos = [image_bytes(color=(10 * i, 200 - 10 * i, 90)) for i in range(sessions)]
+    digests = [hashlib.sha256(p).hexdigest()[:12] for p in photos]
+
+    def visit(i: int):
+        c = client(web)
+        c.predict([handle_file(write(tmp_path, f"p{i}.png", photos[i]))], api_name="/add_photos")
+        latencies = []
+        for turn in range(turns):
+            start = time.perf_counter()
+            history, _, download, _ = c.predict(f"canary{i:02d}z turn {turn}?", *GREEDY, api_name="/ask")
+            latencies.append(time.perf_counter() - start)
+        summary = Path(download["value"]["path"]).read_text()
+        c.close()
+        return history, summary, latencies
+
+    with ThreadPoolExecutor(sessions) as pool:
+        results = list(pool.map(visit, range(sessions)))
+    crossed = 0
+    for i, (history, summary, _) in enumerate(results):
+        assert user_texts(history) == [f"canary{i:02d}z turn {t}?" for t in range(turns)]
+        others = [j for j in range(sessions) if j != i]
+        text = str(history) + summary
+        crossed += sum(f"canary{j:02d}z" in text or digests[j] in summary for j in others)
+        assert digests[i] in summary
+    latencies = sorted(t for _, _, lat in results for t in lat)
+    p50, p95 = statistics.median(latencies), latencies[int(0.95 * (len(latencies) - 1))]
+    print(f"\nweb sessions={sessions} turns={len(latencies)} cross-talk={crossed} p50={p50:.3f}s p95={p95:.3f}s")
+    assert crossed == 0
+
+
+# -- a real browser ----------------------------------------------------------------------------------------------
+
+
+def test_browser_flow(web, tmp_path):
+    assert Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM}: run `apt-get install -y chromium`"
+    from playwright.sync_api import expect, sync_playwright
+
+    original, disclaimer = gps_jpeg(), DISCLAIMER.split(". ")[0]
+    photo = write(tmp_path, "lesion.jpg", original)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(web.url)
+            expect(page.locator("#untrained-banner")).to_contain_text(web.app.engine.loaded.warning)
+            expect(page.locator("#intended-use")).to_contain_text(INTENDED_USE)
+            page.locator("input[type=file]").set_input_files(photo)
+            expect(page.locator("#photo-strip img")).to_have_count(1, timeout=30_000)
+            page.locator("#start").click()
+            page.locator("#question textarea").fill("Is this mole changing?")
+            page.locator("#question textarea").press("Enter")
+            bot = page.locator("#chat [data-testid=bot]")
+            expect(bot).to_have_count(1, timeout=30_000)
+            expect(bot.first).to_contain_text(disclaimer, timeout=30_000)
+            page.locator("#clinical-1").click()
+            expect(bot).to_have_count(2, timeout=30_000)
+            expect(bot.nth(1)).to_contain_text(disclaimer, timeout=30_000)
+            expect(page.locator("#chat [data-testid=user]").nth(1)).to_contain_text(CLINICAL_PROMPTS[0])
+            with page.expect_download() as download:
+                page.locator("#download").click()
+            summary = Path(download.value.path()).read_text()
+            assert "Is this mole changing?" in summary and INTENDED_USE in summary
+            page.locator("#restart").click()
+            expect(bot).to_have_count(0, timeout=30_000)
+            expect(page.locator("#photo-strip img")).to_have_count(0)
+        finally:
+            browser.close()
+    assert not [p for p in cached_files(web) if original in p.read_bytes() or has_metadata(p.read_bytes())]
