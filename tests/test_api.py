@@ -213,8 +213,9 @@ def test_queue_full_means_503_with_retry_after(loaded):
     assert sorted(r.status_code for r in results).count(200) == 3
 
 
-def test_client_disconnect_cancels_generation(loaded):
-    """A client that goes away mid-stream stops the model within a token step (the steps are counted)."""
+@pytest.fixture(scope="module")
+def counted(loaded):
+    """A server whose model cannot end an answer early, with its decoding steps counted."""
     from skingpt4.chat import ChatEngine
 
     engine = ChatEngine(loaded)
@@ -222,22 +223,41 @@ def test_client_disconnect_cancels_generation(loaded):
     steps = []
     hook = engine.model.language_model.register_forward_hook(lambda *a: steps.append(1))
     server = Server(create_app(engine, ServeConfig(warmup=False, max_tokens=1500)))
+    yield server, steps
+    hook.remove()
+    server.stop()
+
+
+def test_client_disconnect_mid_stream_cancels_within_a_step(counted):
+    server, steps = counted
     body = {"model": "m", "messages": [user("hi", image_bytes())], "max_tokens": 1500, "stream": True, "seed": 0}
-    try:
-        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=10) as response:
-            lines = response.iter_lines()
-            for _ in range(4):
-                next(lines)
-        at_close = len(steps)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not _settled(steps):
-            pass
-    finally:
-        hook.remove()
-        server.stop()
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=10) as response:
+        lines = response.iter_lines()
+        for _ in range(4):
+            next(lines)
+    at_close = len(steps)
+    _wait_until_settled(steps)
     after = len(steps) - at_close
-    print(f"\ndisconnect: {at_close} steps before the client closed, {after} after (of 1500 asked)")
+    print(f"\ndisconnect (stream): {at_close} steps before the client closed, {after} after (of 1500 asked)")
     assert after <= 10  # the server noticed at once and the engine stopped within a step or so
+
+
+def test_client_disconnect_while_waiting_for_a_plain_reply_cancels(counted):
+    server, steps = counted
+    body = {"model": "m", "messages": [user("hi", image_bytes())], "max_tokens": 1500, "seed": 0}
+    start = len(steps)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after half a second and closes the connection
+        httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.5))
+    _wait_until_settled(steps)
+    done = len(steps) - start
+    print(f"disconnect (plain): {done} steps in all (of 1500 asked)")
+    assert done < 750  # it stopped long before the end (the server checks every 0.25 s)
+
+
+def _wait_until_settled(steps) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not _settled(steps):
+        pass
 
 
 def _settled(steps, wait=0.5) -> bool:

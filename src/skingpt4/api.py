@@ -25,12 +25,14 @@ from .api_schema import ChatRequest, ImageFetcher, check_sizes, load_turns, sett
 from .chat import ChatEngine
 from .consult import Consultation
 from .errors import Cancelled, SkinGPT4Error, first_line
+from .generation import GenerationSettings
 from .images import ImageRejected
 from .limits import Admission, BodyLimit, error_body
 from .safety import DISCLAIMER, INTENDED_USE
 
 log = logging.getLogger("skingpt4.api")
 MB = 2**20
+DISCONNECT_CHECK_S = 0.25
 
 
 @dataclass
@@ -67,8 +69,7 @@ class Health:
         try:
             consultation = Consultation(engine, "api", decode=decode)
             consultation.add_image(png_bytes(Image.linear_gradient("L").convert("RGB")))
-            consultation.answer("hi", settings_for(ChatRequest(messages=[{"role": "user", "content": "hi"}],
-                                                               max_tokens=2, temperature=0), 2))  # fmt: skip
+            consultation.answer("hi", GenerationSettings.greedy(max_new_tokens=2))
             self.status, self.detail = "ok", "ready"
         except Exception as exc:  # reported by /health; the server stays up to say why
             self.status, self.detail = "failed", f"warm-up failed: {first_line(exc)}"
@@ -158,7 +159,7 @@ class Job:
 
     def __init__(self, work, finished):
         self.loop, self.queue, self.cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-        self.work, self.finished, self.done = work, finished, False
+        self.work, self.finished, self.done, self.checked = work, finished, False, time.monotonic()
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
@@ -175,13 +176,15 @@ class Job:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
     async def next_event(self, request: Request):
-        """The next event; while waiting, a client that went away cancels the generation."""
+        """The next event; meanwhile, at most every quarter second, a client that went away cancels the work."""
         while True:
-            try:
-                event = await asyncio.wait_for(self.queue.get(), 0.25)
-            except TimeoutError:
+            if time.monotonic() - self.checked >= DISCONNECT_CHECK_S:
+                self.checked = time.monotonic()
                 if await request.is_disconnected():
                     self.cancel.set()
+            try:
+                event = await asyncio.wait_for(self.queue.get(), DISCONNECT_CHECK_S)
+            except TimeoutError:
                 continue
             self.done = event[0] in ("done", "error")
             return event
