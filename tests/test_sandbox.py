@@ -245,3 +245,16 @@ def test_load_image_turns_memory_error_into_rejection():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root)
     assert out.stdout.strip() in ("accepted", "rejected: image needs too much memory to decode"), out.stdout
+
+
+def test_a_script_without_a_main_guard_can_use_the_sandbox(tmp_path):
+    """The child is a plain subprocess: nothing re-imports the caller's script (multiprocessing's spawn would)."""
+    script = tmp_path / "plain_script.py"
+    script.write_text(
+        "import io\nfrom PIL import Image\nfrom skingpt4.sandbox import load_image_isolated\n"
+        "buf = io.BytesIO()\nImage.new('RGB', (40, 30), (1, 2, 3)).save(buf, 'PNG')\n"
+        "print('decoded', load_image_isolated(buf.getvalue()).size)\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("decoded") == 1 and "(40, 30)" in out.stdout

@@ -1,7 +1,7 @@
 """Decode untrusted images in a child process (docs/reliability.md §0 item 1, §1.1).
 
 Pillow's decoders are the attack surface, and Gradio pins ``pillow<13``, so decoding happens in a persistent
-``spawn``-ed child that runs :func:`skingpt4.images.load_image` under limits:
+child process that runs :func:`skingpt4.images.load_image` under limits:
 
 * a wall-clock timeout per image (``conn.poll``); on expiry the child is killed and a fresh one started next call;
 * ``RLIMIT_AS``: the child's address space may grow by at most ``memory_mb`` beyond its start-up size (the size
@@ -9,10 +9,11 @@ Pillow's decoders are the attack surface, and Gradio pins ``pillow<13``, so deco
 * ``RLIMIT_CPU`` per image as a backstop, and ``RLIMIT_CORE`` 0. Where :mod:`resource` is missing (Windows)
   the rlimits are skipped and only the wall-clock timeout applies.
 
-The child is started with ``multiprocessing``'s ``spawn`` (fork is unsafe in a process with torch threads), so, as
-for any spawn user, it re-imports the parent's main script or ``-m`` module: a script that decodes images needs the
-``if __name__ == "__main__":`` guard, and a main module with heavy top-level imports makes the child start slowly.
-The child itself needs only :mod:`skingpt4.images` (NumPy and Pillow, not torch).
+The child is a plain ``python -c`` subprocess talking over a socket pair (not ``multiprocessing``: its ``spawn``
+re-imports the parent's main script, so any script without an ``if __name__ == "__main__":`` guard would break,
+and ``fork`` is unsafe in a process with torch threads). It needs only :mod:`skingpt4.images` (NumPy and Pillow,
+not torch). Where there are no socket pairs to hand down (Windows), images are decoded in this process instead,
+with the same limits but without the child's isolation.
 
 The child sends back only raw RGB bytes with a small fixed header, never a pickle, so a compromised child cannot
 run code in the parent through the reply; the parent checks the reply's size against the limits before trusting it.
@@ -20,15 +21,20 @@ run code in the parent through the reply; the parent checks the reply's size aga
 
 from __future__ import annotations
 
+import json
 import math
-import multiprocessing
 import os
 import signal
+import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import traceback
 import weakref
+from dataclasses import asdict
+from multiprocessing.connection import Connection
 
 from PIL import Image
 
@@ -41,6 +47,12 @@ _STARTUP_TIMEOUT = 60.0  # first import of NumPy/Pillow on a cold disk can be sl
 _TOO_SLOW = "image took too long to decode"
 _UNSAFE = "image could not be decoded safely"
 _HEADER = struct.Struct(">2sII")  # b"ok", width, height; a rejection is b"no" + UTF-8 message
+
+
+def _child(fd: int, limits: str, timeout: str, memory_mb: str) -> None:
+    """Entry point of the child process (see `_start`): arguments come as strings from its command line."""
+    conn = Connection(int(fd))
+    _child_main(conn, ImageLimits(**json.loads(limits)), float(timeout), int(memory_mb))
 
 
 def _child_main(conn, limits: ImageLimits, timeout: float, memory_mb: int) -> None:
@@ -105,9 +117,25 @@ def _stop(slot: dict) -> None:
         conn.close()
     if process is not None:
         process.kill()
-        process.join(5)
-        if process.exitcode is not None:
-            process.close()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _start(limits: ImageLimits, timeout: float, memory_mb: int) -> tuple[subprocess.Popen, Connection]:
+    """A fresh child: `python -c` running `_child` on its end of a socket pair, stdin closed, stderr shared."""
+    ours, theirs = socket.socketpair()
+    code = "import sys; from skingpt4.sandbox import _child; _child(*sys.argv[1:])"
+    args = [str(theirs.fileno()), json.dumps(asdict(limits)), str(timeout), str(memory_mb)]
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-c", code, *args], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    finally:
+        theirs.close()
+    return process, Connection(ours.detach())
 
 
 class Decoder:
@@ -145,17 +173,10 @@ class Decoder:
 
     def _connection(self):
         process = self._slot.get("process")
-        if process is not None and not process.is_alive():
+        if process is not None and process.poll() is not None:
             _stop(self._slot)
         if "conn" not in self._slot:
-            ctx = multiprocessing.get_context("spawn")  # fork is unsafe in a process with torch/BLAS threads
-            parent, child = ctx.Pipe()
-            process = ctx.Process(
-                target=_child_main, args=(child, self.limits, self.timeout, self.memory_mb), daemon=True,
-                name="skingpt4-image-decoder",
-            )  # fmt: skip
-            process.start()
-            child.close()
+            process, parent = _start(self.limits, self.timeout, self.memory_mb)
             self._slot.update(process=process, conn=parent)
             try:
                 ready = parent.poll(_STARTUP_TIMEOUT) and parent.recv_bytes(16) == b"ready"
@@ -204,6 +225,8 @@ _shared_lock = threading.Lock()
 def load_image_isolated(data: bytes) -> Image.Image:
     """:func:`skingpt4.images.load_image` with the default limits, in a shared child process started on first use."""
     global _shared
+    if not hasattr(socket, "AF_UNIX"):  # Windows: no socket pair to hand down; same limits, in this process
+        return images.load_image(data)
     with _shared_lock:
         if _shared is None:
             _shared = Decoder()
