@@ -342,3 +342,70 @@ def fuzz(operation, mode, statuses: Counter, failures: list) -> None:
             failures.append((operation.label, response.status_code, response.text[:200]))
 
     check()
+
+
+def test_injection_cases_through_the_api(client):
+    """Reliability T-13's text cases as API requests: answered, rails last, no live links or markup."""
+    from test_consult import INJECTIONS
+
+    photo = image_bytes()
+    for name, text in INJECTIONS.items():
+        reply = client.chat.completions.create(model="m", messages=[user(text, photo)], max_tokens=2, temperature=0)
+        shown = reply.choices[0].message.content
+        assert shown.endswith(DISCLAIMER) and "](" not in shown and "<img" not in shown.lower(), name
+        assert reply.usage.prompt_tokens < 1500, name  # markers were removed, not multiplied
+
+
+def test_out_of_memory_is_503_and_the_next_request_is_served(loaded, monkeypatch):
+    """Reliability T-10 on CPU: the engine raises torch's OutOfMemoryError once; that request gets 503."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from skingpt4.chat import ChatEngine
+
+    engine = ChatEngine(loaded)
+    real, calls = engine._generate, []
+
+    def once_out_of_memory(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args)
+
+    monkeypatch.setattr(engine, "_generate", once_out_of_memory)
+    body = {"messages": [user("hi", image_bytes())], "max_tokens": 2}
+    with TestClient(create_app(engine, ServeConfig(warmup=False))) as http:
+        first = http.post("/v1/chat/completions", json=body)
+        assert first.status_code == 503 and first.headers["retry-after"] == "5"
+        assert "out of memory" in first.json()["error"]["message"]
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_health_is_503_until_the_warm_up_inference_succeeds(loaded):
+    from fastapi.testclient import TestClient
+
+    from skingpt4.chat import ChatEngine
+
+    release = threading.Event()
+
+    def held_decode(data):
+        release.wait(10)
+        return load_image(data)
+
+    with TestClient(create_app(ChatEngine(loaded), ServeConfig(), decode=held_decode)) as http:
+        assert http.get("/health").status_code == 503 and http.get("/health").json()["status"] == "starting"
+        release.set()
+        deadline = time.monotonic() + 10
+        while http.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert http.get("/health").json()["status"] == "ok"
+
+    def broken(data):
+        raise RuntimeError("decoder exploded")
+
+    with TestClient(create_app(ChatEngine(loaded), ServeConfig(), decode=broken)) as http:
+        deadline = time.monotonic() + 10
+        while http.get("/health").json()["status"] == "starting" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = http.get("/health")
+        assert health.status_code == 503 and "warm-up failed" in health.json()["detail"]

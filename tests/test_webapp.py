@@ -382,3 +382,28 @@ def test_browser_flow(web, tmp_path):
         finally:
             browser.close()
     assert not [p for p in cached_files(web) if original in p.read_bytes() or has_metadata(p.read_bytes())]
+
+
+def test_malformed_corpus_through_the_upload(web, tmp_path):
+    """Reliability T-1 through the web app's upload: accepted, or refused in one line; nothing of the files stays."""
+    import time
+
+    from malformed import image_cases
+
+    c = client(web)
+    outcomes, slowest = {"accepted": 0, "refused": 0}, 0.0
+    for case in image_cases():
+        start = time.perf_counter()
+        _, status, _ = c.predict([handle_file(write(tmp_path, f"{case.name}.png", case.data))], api_name="/add_photos")
+        slowest = max(slowest, time.perf_counter() - start)
+        assert time.perf_counter() - start < 5, case.name
+        refused = "photo 1 was not added" in status
+        assert refused == (case.expect == "reject"), (case.name, status)
+        assert "Traceback" not in status and "\n" not in status
+        outcomes["refused" if refused else "accepted"] += 1
+        for path in cached_files(web):
+            data = path.read_bytes()
+            assert (len(case.data) < 64 or case.data not in data) and not has_metadata(data), case.name
+        c.predict(api_name="/restart")
+    c.close()
+    print(f"\nweb upload corpus: {sum(outcomes.values())} cases, {outcomes}, slowest {slowest:.2f} s")

@@ -266,6 +266,9 @@ def describe(exc: BaseException) -> tuple[int, str, str]:
     if isinstance(exc, Cancelled):
         return 499, "request cancelled", "cancelled"
     if isinstance(exc, torch.OutOfMemoryError):
+        exc.__traceback__ = None  # its frames hold the tensors that filled the memory
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         return 503, "out of memory on this request; retry with fewer tokens or images", "server_busy"
     log.error("generation failed: %s", type(exc).__name__)  # the type only: messages may quote patient text
     return 500, "internal error while generating", "server_error"
