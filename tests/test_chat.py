@@ -171,8 +171,7 @@ def test_session_errors_leave_the_session_intact(engine):
     assert session.features == [] and session.conversation.messages == []
     session.ask("text only, no image")
     assert isinstance(session.answer(GREEDY), str)
-    record = session.transcript()
-    assert record["turns"][0] == {"role": "user", "text": "text only, no image"}
+    assert session.conversation.messages[0] == (0, "text only, no image")
 
 
 def test_user_text_cannot_forge_image_slots(engine):

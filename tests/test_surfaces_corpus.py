@@ -66,10 +66,12 @@ def test_every_case_through_diagnose_and_records(engine, tmp_path):
     cases = {c.name: c for c in image_cases()}
     for name, case in cases.items():
         (folder / f"{name}.png").write_bytes(case.data)
-    store = RecordStore(tmp_path / "records.sqlite", keep_images=True)
     out = RecordFile(tmp_path / "out.jsonl")
     start = time.perf_counter()
-    diagnose(engine, collect([str(folder)]), out, None, GenerationSettings.greedy(max_new_tokens=1), 8, False, store)
+    with RecordStore(tmp_path / "records.sqlite", keep_images=True) as store:
+        settings = GenerationSettings.greedy(max_new_tokens=1)
+        diagnose(engine, collect([str(folder)]), out, None, settings, 8, False, store)
+        kept = [store.get(row["id"]) for row in store.list()]
     seconds = time.perf_counter() - start
     records = {json.loads(line)["image"]: json.loads(line) for line in out.path.read_text().splitlines()}
     assert len(records) == len(cases)
@@ -79,7 +81,6 @@ def test_every_case_through_diagnose_and_records(engine, tmp_path):
             assert record["error"] is None and record["answers"], case.name
         else:
             assert record["error"] and "\n" not in record["error"], case.name
-    kept = [store.get(row["id"]) for row in store.list()]
     pngs = [image["png"] for record in kept for image in record["images"]]
     assert len(pngs) == sum(c.expect == "accept" for c in cases.values())
     assert not any(has_metadata(png) for png in pngs)  # the stored pixels carry nothing of the files

@@ -180,7 +180,7 @@ def test_take_upload_deletes_and_stays_inside(tmp_path):
 def test_running_app_configuration(web):
     blocks = web.app.blocks
     assert blocks.server_name == "127.0.0.1" and blocks.share is False and blocks.analytics_enabled is False
-    assert blocks.max_file_size == 10 * 2**20 and blocks.show_error is False and blocks.delete_cache == (600, 600)
+    assert blocks.max_file_size == 10 * 2**20 and blocks.show_error is False and blocks.delete_cache == (600, 3600)
     assert blocks._queue.max_size == 16
     assert str(Path(web.app.engine.loaded.path).resolve()) in blocks.blocked_paths  # never served
     model_events = [fn for fn in blocks.fns.values() if fn.concurrency_id == "model"]
@@ -298,7 +298,7 @@ def test_auth_required_when_set(web, loaded, capsys):
     config = WebConfig(port=free_port(), auth=[("ann", "pw")], login_delay=0.1)
     running = launch(ChatEngine(loaded), config, block=False)
     try:
-        assert "not a medical device" in capsys.readouterr().err  # the intended use, printed at start
+        assert "web app at http://127.0.0.1" in capsys.readouterr().err  # the address, printed at start
         anonymous = httpx.Client(base_url=running.url)
         assert anonymous.get("config").status_code == 401
         assert anonymous.get("gradio_api/info").status_code == 401
@@ -407,3 +407,20 @@ def test_malformed_corpus_through_the_upload(web, tmp_path):
         c.predict(api_name="/restart")
     c.close()
     print(f"\nweb upload corpus: {sum(outcomes.values())} cases, {outcomes}, slowest {slowest:.2f} s")
+
+
+def test_sweep_removes_untaken_uploads_and_forgotten_summaries(tmp_path):
+    from skingpt4.webapp import SUMMARY_NAME, sweep
+
+    upload = tmp_path / ("a" * 64) / "mole.jpg"
+    upload.parent.mkdir()
+    upload.write_bytes(gps_jpeg())
+    summary = tmp_path / ("b" * 32) / SUMMARY_NAME
+    summary.parent.mkdir()
+    summary.write_text("<html>")
+    now = time.time()
+    assert sweep(tmp_path, upload_ttl=120, summary_ttl=3600, now=now + 60) == 0  # both young
+    assert sweep(tmp_path, upload_ttl=120, summary_ttl=3600, now=now + 121) == 1  # the upload outlived its event
+    assert not upload.parent.exists() and summary.exists()
+    assert sweep(tmp_path, upload_ttl=120, summary_ttl=3600, now=now + 3601) == 1  # the session is long gone
+    assert list(tmp_path.iterdir()) == []

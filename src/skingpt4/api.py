@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from .api_schema import ChatRequest, ImageFetcher, check_sizes, load_turns, settings_for
 from .chat import ChatEngine
-from .consult import Consultation
+from .consult import Consultation, check_question
 from .errors import Cancelled, SkinGPT4Error, first_line
 from .generation import GenerationSettings
 from .images import ImageRejected
@@ -131,15 +131,15 @@ def create_app(engine: ChatEngine, config: ServeConfig | None = None, store=None
             return failure(503, "the server is busy; retry later", "server_busy",
                            {"Retry-After": str(config.retry_after_s)})  # fmt: skip
         consultation = Consultation(engine, "api", store=store, decode=decode)
-        job = Job(lambda cancel: turn(consultation, body, settings, fetch, cancel), admission.leave)
-        first = await job.next_event(request)
+        job = Job(lambda cancel: turn(consultation, body, settings, fetch, cancel), admission.leave, request)
+        first = await job.next_event()
         if first[0] == "error":
             return error_response(first[1])
         reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", model_id, consultation, settings)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(reply.events(job, request, include_usage), media_type="text/event-stream")
-        text, last = await job.collect(request)
+            return StreamingResponse(reply.events(job, include_usage), media_type="text/event-stream")
+        text, last = await job.collect()
         if last[0] == "error":
             return error_response(last[1])
         return reply.completion(text)
@@ -150,17 +150,33 @@ def create_app(engine: ChatEngine, config: ServeConfig | None = None, store=None
 def turn(consultation: Consultation, body: ChatRequest, settings, fetch, cancel):
     """Runs in the worker thread: replay the conversation, then stream the answer."""
     question = load_turns(consultation, body, fetch)
+    check_question(question)
     yield None  # the request is valid: a streaming response may start
     yield from consultation.reply(question, settings, cancel)
 
 
 class Job:
-    """One request's generation in a worker thread; events reach the event loop through an asyncio queue."""
+    """One request's generation in a worker thread; events reach the event loop through an asyncio queue.
 
-    def __init__(self, work, finished):
+    A watcher task checks every quarter second whether the client is still there and cancels the generation when
+    it is not, whether the response is streaming, waiting, or not started yet.
+    """
+
+    def __init__(self, work, finished, request: Request):
         self.loop, self.queue, self.cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-        self.work, self.finished, self.done, self.checked = work, finished, False, time.monotonic()
+        self.work, self.finished, self.done = work, finished, False
+        self.ended = asyncio.Event()
         threading.Thread(target=self._run, daemon=True).start()
+        self.watcher = asyncio.create_task(self._watch(request))
+
+    async def _watch(self, request: Request) -> None:
+        while not self.ended.is_set():
+            try:
+                await asyncio.wait_for(self.ended.wait(), DISCONNECT_CHECK_S)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    self.cancel.set()
+                    return
 
     def _run(self) -> None:
         try:
@@ -171,27 +187,19 @@ class Job:
             self._put(("error", exc))
         finally:
             self.finished()
+            self.loop.call_soon_threadsafe(self.ended.set)
 
     def _put(self, event) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
-    async def next_event(self, request: Request):
-        """The next event; meanwhile, at most every quarter second, a client that went away cancels the work."""
-        while True:
-            if time.monotonic() - self.checked >= DISCONNECT_CHECK_S:
-                self.checked = time.monotonic()
-                if await request.is_disconnected():
-                    self.cancel.set()
-            try:
-                event = await asyncio.wait_for(self.queue.get(), DISCONNECT_CHECK_S)
-            except TimeoutError:
-                continue
-            self.done = event[0] in ("done", "error")
-            return event
+    async def next_event(self):
+        event = await self.queue.get()
+        self.done = event[0] in ("done", "error")
+        return event
 
-    async def collect(self, request: Request) -> tuple[str, tuple]:
+    async def collect(self) -> tuple[str, tuple]:
         pieces = []
-        while (event := await self.next_event(request))[0] == "piece":
+        while (event := await self.next_event())[0] == "piece":
             pieces.append(event[1])
         return "".join(pieces), event
 
@@ -230,10 +238,10 @@ class Reply:
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
-    async def events(self, job: Job, request: Request, include_usage: bool):
+    async def events(self, job: Job, include_usage: bool):
         try:
             yield self.chunk({"role": "assistant", "content": ""})
-            while (event := await job.next_event(request))[0] == "piece":
+            while (event := await job.next_event())[0] == "piece":
                 if event[1]:
                     yield self.chunk({"content": event[1]})
             if event[0] == "error":  # headers are sent: report in-band, as OpenAI does

@@ -275,12 +275,6 @@ class Session:
         if failure:
             raise failure[0]
 
-    def transcript(self) -> dict:
-        """A JSON-ready record of the consultation (no pixels)."""
-        conv = self.conversation
-        turns = [{"role": ("user", "assistant")[r], "text": t} for r, t in conv.messages if t is not None]
-        return {"template": conv.template.name, "images_sha256": self.image_hashes, "turns": turns}
-
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError, SkinGPT4Error
 from .images import ImageRejected
+from .net import is_loopback
 
 EXAMPLES = {
     "create-tiny-model": "skingpt4 create-tiny-model ./tiny",
@@ -35,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _quiet_libraries()
     try:
+        if getattr(args, "record", True) is False and (args.records or args.keep_images):
+            raise InputError("--records and --keep-images take effect with --record")
         return args.run(args) or 0
     except (SkinGPT4Error, ImageRejected) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -205,15 +209,24 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _store(args):
-    """The records store when --record is given (records are opt-in); --records/--keep-images need --record."""
+@contextmanager
+def _records(args, engine):
+    """The records store when --record is given (records are opt-in), closed at the end.
+
+    The weights' SHA-256 goes into every record; it is computed here, at start-up, so that no photo or request
+    waits for it (reading a 13B model takes a few minutes, once per start).
+    """
     if not args.record:
-        if args.records or args.keep_images:
-            raise InputError("--records and --keep-images take effect with --record")
-        return None
+        yield None
+        return
+    from .consult import model_sha256
     from .records import RecordStore
 
-    return RecordStore(args.records, keep_images=args.keep_images)
+    if engine.loaded.path:
+        print("hashing the model's weight files for the records (once per start)...", file=sys.stderr)
+        model_sha256(str(engine.loaded.path))
+    with RecordStore(args.records, keep_images=args.keep_images) as store:
+        yield store
 
 
 def _announce(engine) -> None:
@@ -227,8 +240,9 @@ def _announce(engine) -> None:
 def cmd_chat(args) -> int:
     from .terminal import run_chat
 
-    settings, store = _settings(args), _store(args)
-    return run_chat(_engine(args), settings, args.image, store=store)
+    settings, engine = _settings(args), _engine(args)
+    with _records(args, engine) as store:
+        return run_chat(engine, settings, args.image, store=store)
 
 
 def cmd_demo(args) -> int:
@@ -238,10 +252,10 @@ def cmd_demo(args) -> int:
     auth += read_auth_file(args.auth_file) if args.auth_file else []
     config = WebConfig(host=args.host, port=args.port, auth=auth or None, queue_size=args.queue_size,
                        settings=_settings(args))  # fmt: skip
-    store, engine = _store(args), _engine(args)
-    if engine.loaded.warning:
-        print(f"WARNING: {engine.loaded.warning}", file=sys.stderr)
-    launch(engine, config, store)  # prints the intended-use line and the address; blocks until Ctrl+C/SIGTERM
+    engine = _engine(args)
+    _announce(engine)
+    with _records(args, engine) as store:
+        launch(engine, config, store)  # prints the address; blocks until Ctrl+C or SIGTERM
     return 0
 
 
@@ -260,23 +274,24 @@ def cmd_serve(args) -> int:
         host=args.host, port=args.port, api_key=key or None, allow_remote_images=args.allow_remote_images,
         image_root=args.image_root, **{k: v for k, v in options.items() if v is not None},
     )  # fmt: skip
-    store, engine = _store(args), _engine(args)
+    engine = _engine(args)
     _announce(engine)
-    if config.host not in LOOPBACK and not config.api_key:
+    if not is_loopback(config.host) and not config.api_key:
         print(f"WARNING: serving on {config.host} without an API key: anyone who can reach it can use it",
               file=sys.stderr)  # fmt: skip
-    print(f"serving {engine.loaded.model_id} on http://{config.host}:{config.port}/v1", file=sys.stderr)
-    serve(engine, config, store)
+    with _records(args, engine) as store:
+        print(f"serving {engine.loaded.model_id} on http://{config.host}:{config.port}/v1", file=sys.stderr)
+        serve(engine, config, store)
     return 0
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def cmd_records(args) -> int:
-    from .records import RecordStore
+    from .records import RecordStore, default_records_path
 
-    with RecordStore(args.records) as store:
+    path = Path(args.records) if args.records else default_records_path()
+    if not path.is_file():  # never create an empty database here: "deleted 0" would look like an erasure
+        raise InputError(f"no records database at {path} (records are kept with --record)")
+    with RecordStore(path) as store:
         if args.action == "list":
             for row in store.list():
                 print(f"{row['id']}  {row['updated']}  {row['surface']:<8} {row['model_id']}  "
@@ -308,13 +323,14 @@ def cmd_diagnose(args) -> int:
         raise InputError("--batch-size must be at least 1")
     if args.clinical and args.prompt:
         raise InputError("use either --clinical or --prompt, not both")
-    settings, store = _settings(args), _store(args)
+    settings = _settings(args)
     items = collect(args.inputs)
     out = RecordFile(args.out)
     engine = _engine(args)
     _announce(engine)
     prompts = list(CLINICAL_PROMPTS) if args.clinical else args.prompt
-    summary = diagnose(engine, items, out, prompts, settings, args.batch_size, not args.no_progress, store)
+    with _records(args, engine) as store:
+        summary = diagnose(engine, items, out, prompts, settings, args.batch_size, not args.no_progress, store)
     print(f"{summary.done} diagnosed, {summary.failed} failed, {summary.skipped} already done -> {args.out}")
     if summary.stale:
         print(f"note: {summary.stale} of the images already done were answered by another model or other prompts; "

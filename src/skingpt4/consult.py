@@ -67,10 +67,7 @@ class Consultation:
         Pieces may be empty (text held back until its sentence ends); joined, they are the shown answer.
         """
         settings = settings or GenerationSettings()
-        if len(question) > MAX_QUESTION_CHARS:
-            raise InputError(f"question is longer than {MAX_QUESTION_CHARS} characters")
-        if not question.strip():
-            raise InputError("the question is empty")
+        check_question(question)
         asked = self.session.ask(question)
         guard = Guard("\n".join([*self.questions(), asked]))
         start = time.perf_counter()
@@ -110,11 +107,6 @@ class Consultation:
     def answer(self, question: str, settings: GenerationSettings | None = None, cancel=None) -> str:
         return "".join(self.reply(question, settings, cancel))
 
-    def transcript(self) -> dict:
-        """The consultation as shown, without pixels (for `/save` and downloads)."""
-        record = self.record()
-        return {**record, "images": [{"sha256": image["sha256"]} for image in record["images"]]}
-
     def questions(self) -> list[str]:
         return [turn["text"] for turn in self.turns if turn["role"] == "user"]
 
@@ -124,21 +116,24 @@ class Consultation:
         levels = [turn["level"] for turn in self.turns if turn["role"] == "assistant"]
         return max(levels, key=LEVELS.index, default="none")
 
-    def record(self) -> dict:
-        loaded = self.engine.loaded
+    def transcript(self) -> dict:
+        """The consultation as shown, without pixels (for `/save` and records)."""
         return {
             "id": self.id,
             "surface": self.surface,
-            "model_id": loaded.model_id,
-            "model_sha256": model_sha256(str(loaded.path)) if loaded.path else "",
-            "images": [{"sha256": image["sha256"], "png": image["png"]} for image in self.images],
+            "model_id": self.engine.loaded.model_id,
+            "images": [{"sha256": image["sha256"]} for image in self.images],
             "turns": self.turns,
             "settings": asdict(self.settings) if self.settings else {},
         }
 
     def _save(self) -> None:
-        if self.store is not None:
-            self.store.save(self.record())
+        if self.store is None:
+            return
+        path = self.engine.loaded.path
+        images = [{"sha256": image["sha256"], "png": image["png"]} for image in self.images]
+        weights = model_sha256(str(path)) if path else ""
+        self.store.save({**self.transcript(), "images": images, "model_sha256": weights})
 
     def summary_html(self) -> str:
         """A self-contained HTML page: thumbnails, questions and answers, referral notice, model and settings."""
@@ -175,6 +170,14 @@ REFERRAL_NOTICE = {
 }
 
 
+def check_question(question: str) -> None:
+    """A question the engine will take: not empty, not absurdly long."""
+    if len(question) > MAX_QUESTION_CHARS:
+        raise InputError(f"question is longer than {MAX_QUESTION_CHARS} characters")
+    if not question.strip():
+        raise InputError("the question is empty")
+
+
 def thumbnail(image: Image.Image) -> Image.Image:
     small = image.copy()
     small.thumbnail(THUMBNAIL)
@@ -189,7 +192,7 @@ def png_bytes(image: Image.Image) -> bytes:
 
 @functools.cache
 def model_sha256(path: str) -> str:
-    """Computed once per process (reads every weight byte; only when records are kept)."""
+    """Computed once per process (reads every weight byte): surfaces that keep records call it at start-up."""
     from .checkpoints import weights_sha256
 
     return weights_sha256(Path(path))

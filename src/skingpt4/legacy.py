@@ -40,11 +40,13 @@ def launch(cfg_path: Path, gpu_id: int, host: str = "127.0.0.1", port: int = 590
     from . import weblaunch
     from .chat import ChatEngine
     from .model import load_model
+    from .safety import INTENDED_USE
 
     section = read_model_section(cfg_path)
     folder = model_folder(section)
     device = f"cuda:{gpu_id}" if torch.cuda.is_available() else "cpu"
     loaded = load_model(folder, device=device, load_in_8bit=bool(section.get("low_resource")) and device != "cpu")
+    print(INTENDED_USE, file=sys.stderr)
     if loaded.warning:
         print(f"WARNING: {loaded.warning}", file=sys.stderr)
     weblaunch.launch(ChatEngine(loaded), weblaunch.WebConfig(host=host, port=port))  # until Ctrl+C / SIGTERM

@@ -83,17 +83,40 @@ def _advice(triggers: set[str]) -> tuple[str, ...]:
 
 # --- reassurance filter -------------------------------------------------------------------------------------------
 
-# Sentence ends: . ! ? ; followed by whitespace, or a newline. No reassurance pattern can span one, which is what
-# lets the streaming Guard filter sentence by sentence and still agree with `review` on the whole text.
-_BOUNDARY = re.compile(r"[.!?;](?=\s)|\n")
+# Sentence ends: . ! ? ; followed by whitespace, or a blank line. A single line break is not one: a model that wraps
+# its lines would split "nothing\nto worry about" and the phrase would pass. Nor is a sentence end inside Markdown
+# link or image text or an HTML tag ("[Fine. Click](http://...)"): cut there, the markup would survive. Filtering
+# the same sentences, the streaming Guard and `review` agree on the whole text.
+_BOUNDARY = re.compile(r"[.!?;](?=\s)|\n[ \t]*\n")
+_MARKUP_CAP = 500  # markup still open after this many characters is not markup: cut anyway ("a < 6 mm lesion.")
 _LEAD = re.compile(r"\s*(?:[-*+>]\s+|#+\s+)?")  # kept when a sentence is replaced: indentation, list marker
+
+
+def _open_markup(segment: str) -> bool:
+    """Whether `segment` ends inside `[...]`, a link target `](...)` or a tag `<...>`."""
+    return (
+        segment.rfind("[") > segment.rfind("]")
+        or segment.rfind("](") > segment.rfind(")")
+        or segment.rfind("<") > segment.rfind(">")
+    )
+
+
+def _cuts(text: str) -> Iterator[int]:
+    """Where `text` may be cut into sentences (positions after each sentence end)."""
+    start = 0
+    for match in _BOUNDARY.finditer(text):
+        segment = text[start : match.end()]
+        if _open_markup(segment) and len(segment.strip()) < _MARKUP_CAP:
+            continue
+        yield match.end()
+        start = match.end()
 
 
 def _clauses(text: str) -> Iterator[str]:
     start = 0
-    for match in _BOUNDARY.finditer(text):
-        yield text[start : match.end()]
-        start = match.end()
+    for end in _cuts(text):
+        yield text[start:end]
+        start = end
     if start < len(text):
         yield text[start:]
 
@@ -153,7 +176,7 @@ def without_rails(text: str) -> str:
 class Guard:
     """Streaming version of `review`: what it emits never contains a reassurance phrase.
 
-    Text is held back until a sentence boundary (. ! ? ; followed by whitespace, or a newline), so a phrase is never
+    Text is held back until a sentence boundary (. ! ? ; followed by whitespace, or a blank line), so a phrase is never
     split across emitted pieces; trailing whitespace is held too, so the answer is emitted exactly as `review`
     strips it. `finish()` returns the remaining tail (filtered) plus advice and disclaimer, and the Verdict.
     Invariant: "".join(all fed outputs) + tail == verdict.text == review(answer, question).text.
@@ -172,9 +195,8 @@ class Guard:
         if self._done:
             raise RuntimeError("Guard.feed after finish")
         self._raw.append(piece)
-        scanned = max(0, len(self._buffer) - 1)  # earlier text holds no boundary but held-back whitespace
         self._buffer += piece
-        cut = max((m.end() for m in _BOUNDARY.finditer(self._buffer, scanned)), default=0)
+        cut = max(_cuts(self._buffer), default=0)
         head = self._buffer[:cut].rstrip()
         self._buffer = self._buffer[len(head) :]
         return self._show(head)

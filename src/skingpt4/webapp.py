@@ -28,6 +28,8 @@ import os
 import secrets
 import shutil
 import tempfile
+import threading
+import time
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -65,7 +67,8 @@ class WebConfig:
     max_images: int = 4  # photos per consultation (e.g. clinical and dermoscopic views)
     max_sessions: int = 64  # browser sessions whose state is kept; the least recently used is dropped beyond
     session_ttl: int = 3600  # seconds a session's state (and the model cache it holds) outlives its last change
-    cache_sweep: int = 600  # Gradio deletes cached files older than this, this often: a backstop only
+    upload_ttl: int = 120  # an upload no handler took (queue full, restart, tab closed) is deleted after this
+    sweep_every: float = 15.0  # seconds between our sweeps of the cache
     login_delay: float = 1.0  # seconds added to each failed login (Gradio's login has no rate limit)
     blocked_paths: list[str] = field(default_factory=list)  # never served, whatever a bug returns (data, records)
     temp_parent: str | None = None  # where the private cache directory goes (default: the system's temp dir)
@@ -121,6 +124,39 @@ def take_upload(path: str, root: Path) -> bytes:
                 pass  # not empty: another upload with the same bytes is still there
 
 
+def sweep(root: Path, upload_ttl: float, summary_ttl: float, now: float | None = None) -> int:
+    """Delete what no handler will delete: uploads whose event never ran (the queue was full, Restart cancelled it,
+    the tab closed while it waited) and summaries of sessions Gradio forgot without telling us. Returns the count."""
+    now = time.time() if now is None else now
+    removed = 0
+    for path in list(root.rglob("*")):
+        ttl = summary_ttl if path.name == SUMMARY_NAME else upload_ttl
+        try:
+            if path.is_file() and now - path.stat().st_mtime > ttl:
+                path.unlink()
+                removed += 1
+                if path.parent != root and not any(path.parent.iterdir()):
+                    path.parent.rmdir()
+        except OSError:  # deleted meanwhile by its handler
+            pass
+    return removed
+
+
+class Sweeper:
+    """Runs `sweep` every `every` seconds in a daemon thread until `stop()`."""
+
+    def __init__(self, root: Path, config: WebConfig):
+        self.root, self.config, self.stopped = root, config, threading.Event()
+        threading.Thread(target=self._run, daemon=True, name="skingpt4-web-sweeper").start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.config.sweep_every):
+            sweep(self.root, self.config.upload_ttl, self.config.session_ttl)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
 # -- the page ----------------------------------------------------------------------------------------------------
 
 
@@ -135,6 +171,7 @@ class WebApp:
         except BaseException:
             shutil.rmtree(self.cache, ignore_errors=True)
             raise
+        self.sweeper = Sweeper(self.cache, config)
 
     def new_visit(self) -> Visit:
         return Visit(Consultation(self.engine, SURFACE, store=self.store, max_images=self.config.max_images))
@@ -273,8 +310,8 @@ class WebApp:
     # -- layout -----------------------------------------------------------------------------------------------
 
     def _build(self) -> gr.Blocks:
-        sweep = (self.config.cache_sweep, self.config.cache_sweep)
-        with gr.Blocks(title="SkinGPT-4 (research demo)", analytics_enabled=False, delete_cache=sweep) as blocks:
+        backstop = (600, self.config.session_ttl)  # Gradio's own sweep, in case ours stops: hourly files go
+        with gr.Blocks(title="SkinGPT-4 (research demo)", analytics_enabled=False, delete_cache=backstop) as blocks:
             self._header()
             ui = self._layout()
             self._wire(ui)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import os
 import shutil
 import signal
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from .chat import ChatEngine
 from .errors import InputError, first_line
-from .safety import INTENDED_USE
+from .net import is_loopback
 from .webapp import WebApp, WebConfig
 
 __all__ = ["WebConfig", "build_app", "launch", "parse_auth", "read_auth_file"]
@@ -68,15 +67,6 @@ def login_check(pairs: list[tuple[str, str]], delay: float):
         return ok
 
     return check
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name other than localhost may resolve anywhere
-        return False
 
 
 # -- serving -----------------------------------------------------------------------------------------------------
@@ -138,6 +128,7 @@ class Running:
     previous_temp_dir: str | None = None
 
     def close(self) -> None:
+        self.app.sweeper.stop()
         self.app.blocks.close()
         shutil.rmtree(self.app.cache, ignore_errors=True)
         if self.previous_temp_dir is None:
@@ -169,7 +160,6 @@ def launch(engine: ChatEngine, config: WebConfig | None = None, store=None, bloc
 def _serve(app: WebApp, blocked: list[str]) -> str:
     config = app.config
     app.blocks.queue(max_size=config.queue_size, default_concurrency_limit=1)
-    print(INTENDED_USE, file=sys.stderr)
     if warning := exposure_warning(config):
         print(warning, file=sys.stderr)
     os.environ["GRADIO_TEMP_DIR"] = str(app.cache)  # the server reads it when launched (build_app set it too)
