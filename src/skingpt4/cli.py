@@ -7,6 +7,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import cli_research
 from .errors import InputError, SkinGPT4Error
 from .images import ImageRejected
 from .net import is_loopback
@@ -56,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skingpt4", description="SkinGPT-4 dermatology assistant (research use)")
     commands = parser.add_subparsers(title="commands")
 
-    def command(name: str, help: str, run) -> argparse.ArgumentParser:
+    def command(name: str, help: str, run, example: str | None = None) -> argparse.ArgumentParser:
         sub = commands.add_parser(
-            name, help=help, description=help, epilog=f"example:\n  {EXAMPLES[name]}",
+            name, help=help, description=help, epilog=f"example:\n  {example or EXAMPLES[name]}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )  # fmt: skip
         sub.set_defaults(run=run)
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     records.add_argument("--all", action="store_true", help="delete: every record")
     records.add_argument("--older-than", type=float, metavar="DAYS", help="delete: records not updated for DAYS")
     records.add_argument("--out", help="export: JSON Lines file (default: standard output)")
+    cli_research.add_commands(command)
     return parser
 
 

@@ -1,0 +1,91 @@
+"""The research commands of `skingpt4`: prepare-data, train, eval, review. Thin layers over the library, as in cli.py.
+
+`add_commands` registers them on cli.py's parser; each `cmd_*` parses nothing itself and calls one function.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+EXAMPLES = {
+    "prepare-data": (
+        "skingpt4 prepare-data skincon annotations_fitzpatrick17k.csv --images fitzpatrick17k/ --out data/skincon\n"
+        "  skingpt4 prepare-data dermnet dermnet/ --mapping groups.yaml --out data/dermnet --layout minigpt4"
+    ),
+    "review": (
+        "skingpt4 review results/transcripts.jsonl --store ratings.sqlite      (then open http://127.0.0.1:7870)\n"
+        "  skingpt4 review summary --store ratings.sqlite --out review-summary/"
+    ),
+}
+
+
+def add_commands(command) -> None:
+    """`command(name, help, run, example)` makes a subparser (cli.py's factory)."""
+    data = command("prepare-data", "turn a public dermatology set or a class folder into a training manifest",
+                   cmd_prepare_data, EXAMPLES["prepare-data"])  # fmt: skip
+    data.add_argument("format", help="skincon, folder, dermnet, fitzpatrick17k, ddi, ham10000, pad-ufes-20, minigpt4")
+    data.add_argument("source", help="the set's metadata CSV, or its folder (folder, dermnet, minigpt4)")
+    data.add_argument("--out", required=True, help="manifest.jsonl to write, or a folder with --layout minigpt4")
+    data.add_argument("--images", help="where the images are (default: beside the CSV)")
+    data.add_argument("--concepts", help="CSV of image -> clinical concepts, prefixed to step-2 captions")
+    data.add_argument("--mapping", help="YAML or CSV regrouping classes (e.g. into the paper's 15 groups)")
+    data.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions, by patient/lesion")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--layout", choices=["manifest", "minigpt4"], default="manifest")
+    data.add_argument("--no-image-check", action="store_true", help="do not decode every image (faster)")
+    data.add_argument("--drop-duplicates", action="store_true", help="keep one copy of identical images")
+    data.add_argument("--overwrite", action="store_true")
+
+    review = command("review", "rate clinical transcripts as a dermatologist (local web page), or summarise ratings",
+                     cmd_review, EXAMPLES["review"])  # fmt: skip
+    review.add_argument("transcripts", help="transcripts.jsonl from `skingpt4 eval --protocol clinical`, or `summary`")
+    review.add_argument("--store", help="ratings database (default: ratings.sqlite beside the transcripts)")
+    review.add_argument("--references", help="the clinician's own answers (.csv or .jsonl with case, answer)")
+    review.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    review.add_argument("--port", type=int, default=7870)
+    review.add_argument("--out", help="summary: folder for ratings.csv, summary.json and agreement.png")
+
+
+def cmd_prepare_data(args) -> int:
+    from .data import prepare
+
+    try:
+        fractions = tuple(float(x) for x in args.split.split(","))
+    except ValueError:
+        fractions = ()
+    if len(fractions) != 3:
+        raise InputError("--split takes three fractions, e.g. 0.8,0.1,0.1")
+    report = prepare(
+        args.format, Path(args.source), Path(args.out), images=_path(args.images), concepts=_path(args.concepts),
+        mapping=_path(args.mapping), fractions=fractions, seed=args.seed, layout=args.layout,
+        check_images=not args.no_image_check, drop_duplicates=args.drop_duplicates, overwrite=args.overwrite,
+    )  # fmt: skip
+    print(report.text())
+    return 0
+
+
+def cmd_review(args) -> int:
+    if args.transcripts == "summary":
+        from .review_stats import format_summary, summary
+
+        if not args.store:
+            raise InputError("review summary needs --store (the ratings database)")
+        print(format_summary(summary(Path(args.store), _path(args.out))))
+        return 0
+    from .review import serve_review
+
+    transcripts = Path(args.transcripts)
+    store = Path(args.store) if args.store else transcripts.parent / "ratings.sqlite"
+    try:
+        serve_review(transcripts, store, host=args.host, port=args.port, references=_path(args.references))
+    except KeyboardInterrupt:  # the server stops on Ctrl+C or SIGTERM; the ratings are already saved
+        pass
+    print(f"ratings are in {store}", file=sys.stderr)
+    return 0
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None

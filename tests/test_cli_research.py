@@ -1,0 +1,44 @@
+"""The research commands end to end through the command line: prepare-data and review summary."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import image_bytes
+
+from skingpt4.cli import main
+from skingpt4.review_store import STATEMENT_KEYS, Rating, ReviewStore
+
+
+def test_prepare_data_from_a_class_folder(tmp_path, capsys):
+    root = tmp_path / "classes"
+    for label, count in (("eczema", 3), ("psoriasis", 2)):
+        (root / label).mkdir(parents=True)
+        for i in range(count):
+            (root / label / f"{label}{i}.png").write_bytes(image_bytes(noise_seed=len(label) * 10 + i))
+    out = tmp_path / "manifest.jsonl"
+    assert main(["prepare-data", "folder", str(root), "--out", str(out), "--split", "0.6,0.2,0.2"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 and {r["caption"] for r in rows} == {
+        "This could be a skin disease image of eczema.",
+        "This could be a skin disease image of psoriasis.",
+    }
+    assert "eczema" in capsys.readouterr().out  # the integrity report's class counts
+    assert main(["prepare-data", "folder", str(root), "--out", str(out)]) == 2  # never overwritten silently
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["prepare-data", "folder", str(root), "--out", str(out), "--split", "0.5,0.5"]) == 2
+    assert "three fractions" in capsys.readouterr().err
+
+
+def test_review_summary_prints_agreement(tmp_path, capsys):
+    store = tmp_path / "ratings.sqlite"
+    with ReviewStore(store) as opened:
+        opened.save(Rating("dr-a", "case-1", dict.fromkeys(STATEMENT_KEYS, "agree")))
+    assert main(["review", "summary", "--store", str(store), "--out", str(tmp_path / "summary")]) == 0
+    printed = capsys.readouterr().out
+    assert "1 rating(s) by 1 rater(s) on 1 case(s)" in printed
+    assert (tmp_path / "summary" / "agreement.png").is_file()
+    assert main(["review", "summary", "--store", str(tmp_path / "none.sqlite")]) == 2
+    assert "no review store" in capsys.readouterr().err
+    assert main(["review", str(tmp_path / "missing.jsonl")]) == 2
+    assert "no transcripts file" in capsys.readouterr().err
