@@ -42,3 +42,38 @@ def test_review_summary_prints_agreement(tmp_path, capsys):
     assert "no review store" in capsys.readouterr().err
     assert main(["review", str(tmp_path / "missing.jsonl")]) == 2
     assert "no transcripts file" in capsys.readouterr().err
+
+
+def labelled_set(tmp_path) -> str:
+    rows = []
+    for i, (label, skin) in enumerate([("eczema", 2), ("psoriasis", 4), ("eczema", 6), ("psoriasis", 1)]):
+        (tmp_path / f"p{i}.png").write_bytes(image_bytes(noise_seed=40 + i))
+        rows.append({"image": f"p{i}.png", "label": label, "fitzpatrick": skin, "case": f"c{i}"})
+    manifest = tmp_path / "test.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(manifest)
+
+
+def test_eval_then_review_the_clinical_transcripts(tiny_dir, tmp_path, capsys):
+    data = labelled_set(tmp_path)
+    out = tmp_path / "choice"
+    argv = ["eval", "--model", str(tiny_dir), "--data", data, "--out", str(out), "--mode", "choice", "--bootstrap",
+            "50", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert "4 answered" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 4 and metrics["labels"] == ["eczema", "psoriasis"]
+    assert (out / "report.html").is_file() and (out / "confusion.png").is_file()
+
+    clinical = tmp_path / "clinical"
+    argv = ["eval", "--model", str(tiny_dir), "--data", data, "--out", str(clinical), "--protocol", "clinical",
+            "--max-new-tokens", "2", "--bootstrap", "50", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    from skingpt4.review import load_cases
+
+    cases = load_cases(clinical / "transcripts.jsonl")
+    assert [c.id for c in cases] == ["c0", "c1", "c2", "c3"] and len(cases[0].turns) == 8  # four prompts, answers
+    capsys.readouterr()
+    bad = ["eval", "--model", str(tiny_dir), "--data", data, "--out", str(tmp_path / "x"), "--labels", "eczema,acne"]
+    assert main(bad) == 2
+    assert "not in the label set" in capsys.readouterr().err

@@ -15,6 +15,10 @@ EXAMPLES = {
         "skingpt4 prepare-data skincon annotations_fitzpatrick17k.csv --images fitzpatrick17k/ --out data/skincon\n"
         "  skingpt4 prepare-data dermnet dermnet/ --mapping groups.yaml --out data/dermnet --layout minigpt4"
     ),
+    "eval": (
+        "skingpt4 eval --model ./skingpt4 --data test.jsonl --out results/ --mode choice\n"
+        "  skingpt4 eval --model ./skingpt4 --data test.jsonl --out clinical/ --protocol clinical"
+    ),
     "review": (
         "skingpt4 review results/transcripts.jsonl --store ratings.sqlite      (then open http://127.0.0.1:7870)\n"
         "  skingpt4 review summary --store ratings.sqlite --out review-summary/"
@@ -24,6 +28,8 @@ EXAMPLES = {
 
 def add_commands(command) -> None:
     """`command(name, help, run, example)` makes a subparser (cli.py's factory)."""
+    from .cli import _model_flags
+
     data = command("prepare-data", "turn a public dermatology set or a class folder into a training manifest",
                    cmd_prepare_data, EXAMPLES["prepare-data"])  # fmt: skip
     data.add_argument("format", help="skincon, folder, dermnet, fitzpatrick17k, ddi, ham10000, pad-ufes-20, minigpt4")
@@ -38,6 +44,28 @@ def add_commands(command) -> None:
     data.add_argument("--no-image-check", action="store_true", help="do not decode every image (faster)")
     data.add_argument("--drop-duplicates", action="store_true", help="keep one copy of identical images")
     data.add_argument("--overwrite", action="store_true")
+
+    ev = command("eval", "measure diagnostic accuracy on a labelled set (by skin type, with intervals); resumable",
+                 cmd_eval, EXAMPLES["eval"])  # fmt: skip
+    _model_flags(ev)
+    ev.add_argument("--data", required=True, action="append", help="manifest (.jsonl/.csv with image, label), "
+                    "folder or image; repeatable")  # fmt: skip
+    ev.add_argument("--out", required=True, help="folder for predictions.jsonl, metrics.json and report.html")
+    ev.add_argument("--mode", choices=["open", "choice"], default="open",
+                    help="open: match the free answer to a label; choice: rank every label by likelihood")  # fmt: skip
+    ev.add_argument("--protocol", choices=["diagnosis", "clinical"], default="diagnosis",
+                    help="clinical: the paper's four prompts per case, transcripts for `skingpt4 review`")  # fmt: skip
+    ev.add_argument("--labels", help="comma-separated label set, or paper15, ham10000, fitzpatrick17k(-3/-9), ddi "
+                    "(default: the manifest's labels)")  # fmt: skip
+    ev.add_argument("--repeats", type=int, default=1, help="K sampled runs per case: the consistency ratio")
+    ev.add_argument("--question", help="the question asked (default: the demo's first question)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--max-new-tokens", type=int)
+    ev.add_argument("--temperature", type=float, help="sample (default: greedy, or sampling with --repeats)")
+    ev.add_argument("--top-p", type=float)
+    ev.add_argument("--no-progress", action="store_true")
 
     review = command("review", "rate clinical transcripts as a dermatologist (local web page), or summarise ratings",
                      cmd_review, EXAMPLES["review"])  # fmt: skip
@@ -65,6 +93,43 @@ def cmd_prepare_data(args) -> int:
     )  # fmt: skip
     print(report.text())
     return 0
+
+
+def cmd_eval(args) -> int:
+    from .cli import _announce, _engine
+    from .conversation import DEFAULT_QUESTION
+    from .diagnose import collect
+    from .evaluate import run_eval
+
+    if args.batch_size < 1 or args.repeats < 1:
+        raise InputError("--batch-size and --repeats must be at least 1")
+    labels = args.labels
+    if labels and "," in labels:
+        labels = [label.strip() for label in labels.split(",") if label.strip()]
+    items = collect(args.data)
+    settings = _eval_settings(args)
+    engine = _engine(args)
+    _announce(engine)
+    result = run_eval(
+        engine, items, Path(args.out), labels=labels, mode=args.mode, settings=settings, seed=args.seed,
+        batch_size=args.batch_size, repeats=args.repeats, protocol=args.protocol,
+        question=args.question or DEFAULT_QUESTION, n_boot=args.bootstrap, progress=not args.no_progress,
+    )  # fmt: skip
+    metrics = result.get("metrics") or {}
+    accuracy = (metrics.get("accuracy") or {}).get("value")
+    line = f"{result['done']} answered, {result['failed']} failed, {result['skipped']} already done -> {args.out}"
+    print(line + (f"; accuracy {accuracy:.3f}" if accuracy is not None else ""))
+    return 0
+
+
+def _eval_settings(args):
+    """Greedy unless sampling is asked for (`--temperature`, `--top-p`, `--repeats`); None: run_eval's defaults."""
+    from .generation import GenerationSettings
+
+    given = {n: getattr(args, n) for n in ("max_new_tokens", "temperature", "top_p") if getattr(args, n) is not None}
+    if not given:
+        return None
+    return GenerationSettings(do_sample="temperature" in given or "top_p" in given or args.repeats > 1, **given)
 
 
 def cmd_review(args) -> int:
