@@ -77,3 +77,33 @@ def test_eval_then_review_the_clinical_transcripts(tiny_dir, tmp_path, capsys):
     bad = ["eval", "--model", str(tiny_dir), "--data", data, "--out", str(tmp_path / "x"), "--labels", "eczema,acne"]
     assert main(bad) == 2
     assert "not in the label set" in capsys.readouterr().err
+
+
+def test_prepare_data_then_train_then_chat_with_the_result(tiny_dir, tmp_path, capsys):
+    root = tmp_path / "classes"
+    for label in ("red", "blue"):
+        (root / label).mkdir(parents=True)
+        for i in range(4):
+            colour = (220, 30, 30) if label == "red" else (30, 30, 220)
+            (root / label / f"{label}{i}.png").write_bytes(image_bytes(color=colour, size=(40 + i, 40)))
+    manifest = tmp_path / "data.jsonl"
+    assert main(["prepare-data", "folder", str(root), "--out", str(manifest), "--split", "0.75,0.25,0"]) == 0
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        f"model: {tiny_dir}\ndata: {manifest}\noutput_dir: {tmp_path / 'run'}\nbatch_size: 2\n"
+        "epochs: 1\niters_per_epoch: 3\nwarmup_steps: 1\nnum_workers: 0\ncheckpoint_every: 2\n"
+    )
+    assert main(["train", "--config", str(config), "--set", "init_lr=1e-3", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 steps" in printed and "model folder" in printed and (tmp_path / "run" / "skingpt4_proj.pth").is_file()
+    chat = ["chat", "--model", str(tmp_path / "run" / "model"), "--greedy", "--max-new-tokens", "2"]
+    import io
+    import sys
+
+    stdin, sys.stdin = sys.stdin, io.StringIO("hello?\n/quit\n")
+    try:
+        assert main(chat) == 0
+    finally:
+        sys.stdin = stdin
+    assert main(["train", "--config", str(config), "--set", "lerning_rate=1"]) == 2
+    assert "unknown config key 'lerning_rate'" in capsys.readouterr().err

@@ -15,6 +15,10 @@ EXAMPLES = {
         "skingpt4 prepare-data skincon annotations_fitzpatrick17k.csv --images fitzpatrick17k/ --out data/skincon\n"
         "  skingpt4 prepare-data dermnet dermnet/ --mapping groups.yaml --out data/dermnet --layout minigpt4"
     ),
+    "train": (
+        "skingpt4 train --config configs/train/step1_concepts.yaml [--set batch_size=4 --set data=my.jsonl]\n"
+        "  torchrun --nproc_per_node 4 -m skingpt4 train --config configs/train/step2_diagnosis.yaml"
+    ),
     "eval": (
         "skingpt4 eval --model ./skingpt4 --data test.jsonl --out results/ --mode choice\n"
         "  skingpt4 eval --model ./skingpt4 --data test.jsonl --out clinical/ --protocol clinical"
@@ -44,6 +48,13 @@ def add_commands(command) -> None:
     data.add_argument("--no-image-check", action="store_true", help="do not decode every image (faster)")
     data.add_argument("--drop-duplicates", action="store_true", help="keep one copy of identical images")
     data.add_argument("--overwrite", action="store_true")
+
+    tr = command("train", "the two-step recipe on your data: train the projection (optionally LoRA); resumable",
+                 cmd_train, EXAMPLES["train"])  # fmt: skip
+    tr.add_argument("--config", required=True, help="YAML of settings (configs/train/*.yaml are the recipe's)")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    tr.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
+    tr.add_argument("--no-progress", action="store_true")
 
     ev = command("eval", "measure diagnostic accuracy on a labelled set (by skin type, with intervals); resumable",
                  cmd_eval, EXAMPLES["eval"])  # fmt: skip
@@ -92,6 +103,28 @@ def cmd_prepare_data(args) -> int:
         check_images=not args.no_image_check, drop_duplicates=args.drop_duplicates, overwrite=args.overwrite,
     )  # fmt: skip
     print(report.text())
+    return 0
+
+
+def cmd_train(args) -> int:
+    import yaml
+
+    from .train import load_config, train
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set takes KEY=VALUE, not {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value) if value else None  # "4" -> 4, "true" -> True, text stays
+    result = train(load_config(Path(args.config), overrides), resume=args.resume, progress=not args.no_progress)
+    last = f"; last loss {result.losses[-1]:.4f}" if result.losses else ""
+    val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    print(f"{result.steps} steps in {result.seconds:.0f} s{last}{val} -> {result.output_dir}")
+    if result.model_dir:
+        print(f"model folder (use with --model): {result.model_dir}")
+    if result.pth:
+        print(f"SkinGPT-4 projection checkpoint: {result.pth}")
     return 0
 
 
