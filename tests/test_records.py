@@ -263,7 +263,7 @@ def _newer_records(path: Path) -> None:
         (lambda p: p.mkdir(), "is a directory"),
         (lambda p: p.write_text("hello, not a database\n"), "not a skingpt4 records database"),
         (lambda p: p.write_bytes(random.Random(0).randbytes(4096)), "not a skingpt4 records database"),
-        (lambda p: p.write_bytes(records.SQLITE_MAGIC + bytes(4096)), "not a skingpt4 records database"),
+        (lambda p: p.write_bytes(b"SQLite format 3\x00" + bytes(4096)), "not a skingpt4 records database"),
         (_foreign_sqlite, "not a skingpt4 records database"),
         (_newer_records, "newer version"),
     ],

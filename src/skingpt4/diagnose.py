@@ -228,17 +228,7 @@ def _stale(out: RecordFile, items: list[Item], model_id: str, prompts: list[str]
 def run_batch(engine: ChatEngine, batch: list[Item], prompts: list[str], settings, store=None) -> list[dict]:
     """Decode, encode and answer one batch; a bad image or a failed generation becomes an error record."""
     started = time.perf_counter()
-    records, good, images = [], [], []
-    for item in batch:
-        record = _blank_record(engine, item, prompts, settings)
-        try:
-            data = read_source(item.path, DEFAULT_LIMITS.max_bytes)  # the byte cap applies before reading
-            record["image_sha256"] = sha256_bytes(data)
-            images.append(load_image(data))
-            good.append(record)
-        except ImageRejected as exc:
-            record["error"] = str(exc)
-        records.append(record)
+    records, good, images = load_batch(batch, lambda item: _blank_record(engine, item, prompts, settings))
     if good:
         try:
             _answer(engine, good, images, prompts, settings)
@@ -251,6 +241,23 @@ def run_batch(engine: ChatEngine, batch: list[Item], prompts: list[str], setting
     if store is not None:
         _keep(engine, store, [(r, i) for r, i in zip(good, images) if r["error"] is None], settings)
     return records
+
+
+def load_batch(batch: list[Item], blank) -> tuple[list[dict], list[dict], list]:
+    """Each item's record (`blank(item)`), those whose image decoded, and the images; a rejected image's record
+    carries the reason in "error" and its SHA-256 when the file could be read."""
+    records, good, images = [], [], []
+    for item in batch:
+        record = blank(item)
+        try:
+            data = read_source(item.path, DEFAULT_LIMITS.max_bytes)  # the byte cap applies before reading
+            record["image_sha256"] = sha256_bytes(data)
+            images.append(load_image(data))
+            good.append(record)
+        except ImageRejected as exc:
+            record["error"] = str(exc)
+        records.append(record)
+    return records, good, images
 
 
 def _answer(engine: ChatEngine, records: list[dict], images: list, prompts: list[str], settings) -> None:

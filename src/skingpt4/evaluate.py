@@ -33,12 +33,11 @@ from pathlib import Path
 import torch
 
 from . import labels as L
-from .chat import ChatEngine, sha256_bytes
+from .chat import ChatEngine
 from .conversation import CLINICAL_PROMPTS, DEFAULT_QUESTION
-from .diagnose import RETRY, Item, RecordFile
+from .diagnose import RETRY, Item, RecordFile, load_batch
 from .errors import InputError, first_line
 from .generation import GenerationSettings
-from .images import DEFAULT_LIMITS, ImageRejected, load_image, read_source
 from .label_scoring import ANSWER_FORMAT, score_labels
 
 MODES = ("open", "choice")
@@ -223,17 +222,7 @@ def _answer_all(ctx: Context, items: list[Item], repeats: int, batch_size: int, 
 def answer_batch(ctx: Context, batch: list[Item], repeat: int) -> list[dict]:
     """Read, encode and answer (or score) one batch; a bad image or a failed generation becomes an error record."""
     started = time.perf_counter()
-    records, good, images = [], [], []
-    for item in batch:
-        record = _blank(ctx, item, repeat)
-        try:
-            data = read_source(item.path, DEFAULT_LIMITS.max_bytes)
-            record["image_sha256"] = sha256_bytes(data)
-            images.append(load_image(data))
-            good.append(record)
-        except ImageRejected as exc:
-            record["error"] = str(exc)
-        records.append(record)
+    records, good, images = load_batch(batch, lambda item: _blank(ctx, item, repeat))
     if good:
         try:
             features = ctx.engine.encode_images(images)

@@ -28,11 +28,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from .errors import InputError, first_line
+from .sqlite_files import Kind, open_private
 
 SCHEMA_VERSION = 1  # PRAGMA user_version; a newer file is refused rather than misread
 APPLICATION_ID = 0x536B4734  # PRAGMA application_id, "SkG4": marks the file as ours
-SQLITE_MAGIC = b"SQLite format 3\x00"
-BUSY_TIMEOUT_S = 30.0  # another process (the CLI) may hold the write lock briefly
 SURFACES = ("chat", "web", "api", "diagnose")
 ROLES = ("user", "assistant")
 RECORD_KEYS = set("id created updated surface model_id model_sha256 images turns settings meta".split())
@@ -61,6 +60,14 @@ CREATE TABLE images (
 );
 """
 
+KIND = Kind(
+    "records database",
+    APPLICATION_ID,
+    SCHEMA_VERSION,
+    SCHEMA,
+    ("synchronous = FULL", "foreign_keys = ON", "secure_delete = ON"),
+)
+
 
 def default_records_path() -> Path:
     """$SKINGPT4_RECORDS if set; else $SKINGPT4_HOME/records.sqlite if SKINGPT4_HOME is set; else
@@ -87,7 +94,7 @@ class RecordStore:
         self.path = Path(path).expanduser() if path is not None else default_records_path()
         self.keep_images = keep_images
         self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = _open(self.path)
+        self._conn: sqlite3.Connection | None = open_private(self.path, KIND)
 
     # -- writing ---------------------------------------------------------------------------------------------
 
@@ -237,105 +244,6 @@ class RecordStore:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Opening
-
-
-def _open(path: Path) -> sqlite3.Connection:
-    """Validate or create the database file and return a configured connection."""
-    if path.is_dir():
-        raise InputError(f"{path} is a directory, not a skingpt4 records database")
-    _make_private_dir(path.parent)
-    _prepare_file(path)
-    try:
-        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as exc:
-        raise InputError(f"cannot open records database {path}: {first_line(exc)}") from exc
-    try:
-        _check_schema(conn, path)  # before any write: a foreign database must not be switched to WAL
-        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
-            raise InputError(f"{path}: SQLite cannot use WAL mode there (a network file system?)")
-        for pragma in ("synchronous = FULL", "foreign_keys = ON", "secure_delete = ON"):
-            conn.execute(f"PRAGMA {pragma}")
-        _create_schema(conn, path)
-    except BaseException as exc:
-        conn.close()
-        if isinstance(exc, sqlite3.OperationalError):
-            raise InputError(f"cannot open records database {path}: {first_line(exc)}") from exc
-        if isinstance(exc, sqlite3.DatabaseError):
-            raise InputError(f"{path} is not a skingpt4 records database") from exc
-        raise
-    return conn
-
-
-def _make_private_dir(folder: Path) -> None:
-    """Create missing folders 0700 (as XDG asks for data folders); existing ones are left as they are."""
-    missing = []
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    if not folder.is_dir():
-        raise InputError(f"{folder} is not a folder")
-    for created in reversed(missing):
-        try:
-            created.mkdir(mode=0o700)
-            os.chmod(created, 0o700)  # mkdir's mode passes through the umask
-        except FileExistsError:  # another process made it
-            pass
-        except OSError as exc:
-            raise InputError(f"cannot create {created}: {first_line(exc)}") from exc
-
-
-def _prepare_file(path: Path) -> None:
-    """Create the file 0600 before SQLite does (no moment with a wider mode); check an existing one's header."""
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        os.close(fd)
-        return
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise InputError(f"cannot create records database {path}: {first_line(exc)}") from exc
-    try:
-        with open(path, "rb") as f:
-            header = f.read(len(SQLITE_MAGIC))
-        # An existing file readable by others (copied in, older umask) is tightened to 0600, and so are its
-        # -wal/-shm companions, which SQLite creates with the main file's mode.
-        for member in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-            if member.exists() and member.stat().st_mode & 0o177:
-                os.chmod(member, 0o600)
-    except OSError as exc:
-        raise InputError(f"cannot open records database {path}: {first_line(exc)}") from exc
-    if header and header != SQLITE_MAGIC:  # an empty file is a new database
-        raise InputError(f"{path} is not a skingpt4 records database")
-
-
-def _check_schema(conn: sqlite3.Connection, path: Path) -> int:
-    """Our schema version (0: an empty file, ready to create); InputError for a foreign or newer database."""
-    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    empty = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
-    if (app_id, version) == (0, 0) and empty:
-        return 0
-    if app_id != APPLICATION_ID or version < 1:
-        raise InputError(f"{path} is not a skingpt4 records database")
-    if version > SCHEMA_VERSION:
-        raise InputError(f"{path} is a records database of a newer version ({version}); upgrade skingpt4")
-    return version
-
-
-def _create_schema(conn: sqlite3.Connection, path: Path) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        if _check_schema(conn, path) == 0:  # again under the write lock: another process may have just made it
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ refused rather than misread. One connection guarded by a lock, because the web s
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import unicodedata
@@ -22,7 +21,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import InputError, first_line
+from .errors import InputError
+from .sqlite_files import Kind, open_private
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,6 @@ MAX_RATER = 64
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x536B4752  # "SkGR": a review store, not a records store (0x536B4734)
-SQLITE_MAGIC = b"SQLite format 3\x00"
-BUSY_TIMEOUT_S = 30.0
 _CHECKS = " AND ".join(f"{k} IN ({', '.join(repr(a) for a in ANSWERS)})" for k in STATEMENT_KEYS)
 SCHEMA = f"""
 CREATE TABLE ratings (
@@ -80,6 +78,8 @@ CREATE TABLE ratings (
     CHECK ({_CHECKS})
 )
 """
+
+KIND = Kind("review store", APPLICATION_ID, SCHEMA_VERSION, SCHEMA)
 COLUMNS = ("rater", "case_id", "image_sha256", *STATEMENT_KEYS, "comment", "updated")
 
 
@@ -128,7 +128,7 @@ class ReviewStore:
         if not create and not self.path.is_file():
             raise InputError(f"no review store at {self.path}")
         self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = _open(self.path)
+        self._conn: sqlite3.Connection | None = open_private(self.path, KIND)
 
     def save(self, rating: Rating) -> Rating:
         """Insert or replace (rater, case) in one transaction; returns the rating as stored, once committed."""
@@ -205,94 +205,3 @@ def _rating(row: tuple) -> Rating:
 
 
 # -- opening -----------------------------------------------------------------------------------------------------
-
-
-def _open(path: Path) -> sqlite3.Connection:
-    if path.is_dir():
-        raise InputError(f"{path} is a directory, not a skingpt4 review store")
-    _make_private_dir(path.parent)
-    _prepare_file(path)
-    try:
-        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as exc:
-        raise InputError(f"cannot open review store {path}: {first_line(exc)}") from exc
-    try:
-        _check_schema(conn, path)  # before any write: a foreign database must not be switched to WAL
-        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
-            raise InputError(f"{path}: SQLite cannot use WAL mode there (a network file system?)")
-        conn.execute("PRAGMA synchronous = FULL")
-        _create_schema(conn, path)
-    except BaseException as exc:
-        conn.close()
-        if isinstance(exc, sqlite3.OperationalError):
-            raise InputError(f"cannot open review store {path}: {first_line(exc)}") from exc
-        if isinstance(exc, sqlite3.DatabaseError):
-            raise InputError(f"{path} is not a skingpt4 review store") from exc
-        raise
-    return conn
-
-
-def _make_private_dir(folder: Path) -> None:
-    """Missing folders are created 0700; existing ones are left as they are."""
-    missing = []
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    if not folder.is_dir():
-        raise InputError(f"{folder} is not a folder")
-    for created in reversed(missing):
-        try:
-            created.mkdir(mode=0o700)
-            os.chmod(created, 0o700)  # mkdir's mode passes through the umask
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise InputError(f"cannot create {created}: {first_line(exc)}") from exc
-
-
-def _prepare_file(path: Path) -> None:
-    """Create the file 0600 before SQLite does; tighten an existing one (and its -wal/-shm); check its header."""
-    try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        return
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise InputError(f"cannot create review store {path}: {first_line(exc)}") from exc
-    try:
-        with open(path, "rb") as f:
-            header = f.read(len(SQLITE_MAGIC))
-        for member in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-            if member.exists() and member.stat().st_mode & 0o177:
-                os.chmod(member, 0o600)
-    except OSError as exc:
-        raise InputError(f"cannot open review store {path}: {first_line(exc)}") from exc
-    if header and header != SQLITE_MAGIC:  # an empty file is a new store
-        raise InputError(f"{path} is not a skingpt4 review store")
-
-
-def _check_schema(conn: sqlite3.Connection, path: Path) -> int:
-    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    empty = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
-    if (app_id, version) == (0, 0) and empty:
-        return 0
-    if app_id != APPLICATION_ID or version < 1:
-        raise InputError(f"{path} is not a skingpt4 review store")
-    if version > SCHEMA_VERSION:
-        raise InputError(f"{path} is a review store of a newer version ({version}); upgrade skingpt4")
-    return version
-
-
-def _create_schema(conn: sqlite3.Connection, path: Path) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        if _check_schema(conn, path) == 0:  # again under the write lock: another process may have just made it
-            conn.execute(SCHEMA)
-            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
