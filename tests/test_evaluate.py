@@ -208,3 +208,34 @@ def test_labels_named_set_canonical_names_and_spoken_codes(tmp_path):
     file = PredictionFile(tmp_path / "p.jsonl")
     file.append({"image": "a", "repeat": 1, "error": None})
     assert PredictionFile(tmp_path / "p.jsonl").done == {("a", 1)}
+
+
+def test_a_rerun_scores_the_manifest_as_it_is_now(loaded, tmp_path):
+    """Images dropped from the manifest stop counting, corrected labels count as corrected, and a set that records
+    only skin-type groups (DDI) is still split by skin type."""
+    items = write_set(tmp_path / "data", n=6)
+    engine = ChatEngine(loaded)
+    out = tmp_path / "out"
+    run_eval(engine, items, out, labels=LABELS, mode="choice", **FAST)
+    rows = [json.loads(line) for line in (tmp_path / "data" / "set.jsonl").read_text().splitlines()][:2]
+    rows[0]["label"] = "melanoma"  # a corrected label
+    for row in rows:
+        row["fitzpatrick_group"] = "V-VI"
+        del row["fitzpatrick"]
+    (tmp_path / "data" / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_eval(engine, collect([str(tmp_path / "data" / "set.jsonl")]), out, labels=LABELS, mode="choice",
+                      **FAST)  # fmt: skip
+    metrics = result["metrics"]
+    assert result["done"] == 0 and metrics["n"] == 2
+    assert metrics["per_class"]["melanoma"]["support"] == 1 and metrics["per_class"]["eczema"]["support"] == 0
+    assert list(metrics["by_skin_type"]["groups"]) == ["V-VI"]
+
+
+def test_images_sharing_a_file_name_get_distinct_case_ids(loaded, tmp_path):
+    for label in ("eczema", "psoriasis"):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "001.png").write_bytes(image_bytes(noise_seed=len(label)))
+    items = collect([str(tmp_path / "eczema"), str(tmp_path / "psoriasis")])
+    run_eval(ChatEngine(loaded), items, tmp_path / "out", protocol="clinical", **FAST)
+    cases = [json.loads(line)["case"] for line in (tmp_path / "out" / "transcripts.jsonl").read_text().splitlines()]
+    assert sorted(cases) == ["eczema/001", "psoriasis/001"]

@@ -165,7 +165,7 @@ def test_every_fitzpatrick_label_falls_in_a_three_partition_group():
     for label in FITZ:
         assert L.match(f"This could be a skin disease image of {label}.", FITZ) == label
     groups = {label: L.match(f"This could be a skin disease image of {label}.", FITZ3) for label in FITZ}
-    assert sum(g is not None for g in groups.values()) >= 100, [k for k, g in groups.items() if g is None]
+    assert sum(g is not None for g in groups.values()) == 114, [k for k, g in groups.items() if g is None]
     assert groups["melanoma"] == "malignant" and groups["psoriasis"] == "non-neoplastic"
 
 
@@ -189,3 +189,17 @@ def test_isic_groups_as_labels():
     assert L.match("This could be a skin disease image of melanoma in situ.", isic) == "Malignant"
     assert L.match("This could be a skin disease image of a compound nevus.", isic) == "Benign"
     assert L.match("This could be a skin disease image of solar keratosis.", isic) == "Indeterminate"
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ("This is a non-healing basal cell carcinoma.", "bcc"),
+        ("This could be a skin disease image of a non-pigmented basal cell carcinoma.", "bcc"),
+        ("This isn't melanoma, it's a nevus.", "nv"),
+        ("I don't think this is melanoma; it looks like a nevus.", "nv"),
+        ("This is a non-melanoma skin cancer.", None),
+    ],
+)
+def test_modifiers_and_contractions(answer, expected):
+    assert L.match(answer, L.named_set("ham10000")) == expected

@@ -178,6 +178,6 @@ def test_sections_present(rendered):
     _, paths = rendered
     md_text = paths["markdown"].read_text(encoding="utf-8")
     for heading in ("Run", "Overall", "Per class", "Confusion matrix", "By Fitzpatrick skin type", "Calibration",
-                    "Consistency", "Latency (seconds per case)"):  # fmt: skip
+                    "Consistency", "Seconds per image (batch time / images answered)"):  # fmt: skip
         assert f"\n## {heading}\n" in md_text
     assert "| p95 | 2.29 |" in md_text  # 0.8, 0.9, 1.1, 2.5: position 2.85 -> 1.1 + 0.85 * 1.4 = 2.29

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -39,7 +40,9 @@ from .diagnose import RETRY, Item, RecordFile, load_batch
 from .errors import InputError, first_line
 from .generation import GenerationSettings
 from .label_scoring import ANSWER_FORMAT, score_labels
+from .metrics import SKIN_GROUPS
 
+SKIN_GROUP_NAMES = tuple(SKIN_GROUPS)
 MODES = ("open", "choice")
 PROTOCOLS = ("diagnosis", "clinical")
 
@@ -106,7 +109,6 @@ class PredictionFile(RecordFile):
 
     def append(self, record: dict) -> None:
         super().append(record)
-        self.done.discard(record["image"])
         self.done.add(_key(record))
 
     def latest(self) -> dict[tuple[str, int], dict]:
@@ -177,9 +179,9 @@ def run_eval(
     }  # fmt: skip
     check_run(out, config)
     file = PredictionFile(out / "predictions.jsonl")
-    context = Context(engine, label_set, truth, prompts, mode, settings)
+    context = Context(engine, label_set, truth, prompts, mode, settings, case_ids(items))
     summary = _answer_all(context, items, repeats, batch_size, file, progress)
-    records = file.latest()
+    records = current(file.latest(), items, truth)
     metrics = finish(out, records, label_set, config, n_boot) if label_set else None
     files = write_transcripts(out, records) if protocol == "clinical" else {}
     return {**summary, "metrics": metrics, "files": {k: str(v) for k, v in files.items()}}
@@ -201,6 +203,7 @@ class Context:
     prompts: list[str]
     mode: str
     settings: GenerationSettings
+    cases: dict[str, str]  # image key -> case id
 
 
 def _answer_all(ctx: Context, items: list[Item], repeats: int, batch_size: int, file, progress: bool) -> dict:
@@ -233,29 +236,62 @@ def answer_batch(ctx: Context, batch: list[Item], repeat: int) -> list[dict]:
         except (RuntimeError, ValueError) as exc:  # e.g. out of memory: record it, a rerun retries
             for record in good:
                 record["error"] = f"{RETRY}: {first_line(exc)}"
-    seconds = round((time.perf_counter() - started) / len(batch), 4)
+    seconds = round((time.perf_counter() - started) / max(len(good), 1), 4)  # batch-amortised, answered images
     for record in records:
         record["seconds"] = seconds
     return records
 
 
+def case_ids(items: list[Item]) -> dict[str, str]:
+    """The manifest's `case` or `id`, else the file name without suffix, else (when two images share a name, as in
+    eczema/001.jpg and psoriasis/001.jpg) the path below the images' common folder: unique, and no full paths."""
+    stems = [Path(item.key).stem for item in items]
+    root = Path(os.path.commonpath([str(Path(item.key).parent) for item in items])) if items else Path()
+    ids = {}
+    for item, stem in zip(items, stems):
+        given = item.manifest.get("case") or item.manifest.get("id")
+        if given:
+            ids[item.key] = str(given)
+        elif stems.count(stem) == 1:
+            ids[item.key] = stem
+        else:
+            ids[item.key] = str(Path(item.key).relative_to(root).with_suffix(""))
+    return ids
+
+
+def current(records: dict[tuple[str, int], dict], items: list[Item], truth: dict[str, str | None]) -> dict:
+    """The records of this run's images only, with the manifest's labels and skin types as they are now (an image
+    dropped from the manifest, or a corrected label, must not keep counting from an earlier run's records)."""
+    by_key = {item.key: item for item in items}
+    kept = {}
+    for key, record in records.items():
+        if key[0] in by_key:
+            fields = {"label": truth.get(key[0]), "fitzpatrick": skin_type(by_key[key[0]].manifest)}
+            kept[key] = {**record, **fields}
+    return kept
+
+
 def _blank(ctx: Context, item: Item, repeat: int) -> dict:
     manifest, loaded = item.manifest, ctx.engine.loaded
-    case = manifest.get("case") or manifest.get("id") or Path(item.key).stem
+    case = ctx.cases[item.key]
     return {
         "image": item.key, "repeat": repeat, "case": str(case), "image_sha256": None, "label": ctx.truth.get(item.key),
-        "fitzpatrick": _fitzpatrick(manifest.get("fitzpatrick")), "prompts": ctx.prompts, "answers": [],
+        "fitzpatrick": skin_type(manifest), "prompts": ctx.prompts, "answers": [],
         "prediction": None, "match": None, "phrase": None, "probs": None, "seconds": None, "error": None,
         "model": loaded.model_id, "untrained": loaded.meta.untrained,
     }  # fmt: skip
 
 
-def _fitzpatrick(value) -> int | None:
+def skin_type(manifest: dict) -> int | str | None:
+    """Fitzpatrick type 1-6, or only its group ("I-II", "III-IV", "V-VI") where a set records no more (DDI)."""
     try:
-        number = int(float(value))
+        number = int(float(manifest.get("fitzpatrick")))
     except (TypeError, ValueError):
-        return None
-    return number if 1 <= number <= 6 else None
+        number = None
+    if number is not None and 1 <= number <= 6:
+        return number
+    group = manifest.get("fitzpatrick_group")
+    return group if group in SKIN_GROUP_NAMES else None
 
 
 def _converse(ctx: Context, records: list[dict], features: torch.Tensor, settings: GenerationSettings) -> None:
@@ -281,11 +317,10 @@ def _choose(ctx: Context, records: list[dict], features: torch.Tensor) -> None:
     scores = score_labels(ctx.engine, features, ctx.labels, ctx.prompts[0])
     for record, row in zip(records, scores.tolist()):
         probs = torch.softmax(torch.tensor(row, dtype=torch.float64), 0).tolist()
-        best = max(range(len(row)), key=row.__getitem__)
-        record.update(
-            prediction=ctx.labels[best], match="choice", loglik=dict(zip(ctx.labels, row)),
-            probs=dict(zip(ctx.labels, probs)),
-        )  # fmt: skip
+        best = [j for j, value in enumerate(row) if value == max(row)]
+        prediction = ctx.labels[best[0]] if len(best) == 1 else None  # a tie decides nothing (as the ISIC scorer)
+        scores = {"loglik": dict(zip(ctx.labels, row)), "probs": dict(zip(ctx.labels, probs))}
+        record.update(prediction=prediction, match="choice", **scores)
 
 
 # ---------------------------------------------------------------------------------------------------------------

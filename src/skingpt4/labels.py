@@ -275,9 +275,11 @@ def index(labels: tuple[str, ...]) -> LabelIndex:
 
 # --- negation -----------------------------------------------------------------------------------------------------
 
-_BEFORE = [tokens(c) for c in ("not", "no", "non", "never", "without", "rule out", "ruled out", "rules out",
+_BEFORE = [tokens(c) for c in ("not", "no", "never", "without", "rule out", "ruled out", "rules out",
            "ruling out", "exclude", "excluded", "excluding", "unlikely", "less likely", "rather than", "instead of",
-           "absence of", "negative for", "free of", "r o")]  # fmt: skip
+           "absence of", "negative for", "free of", "r o", "isn't", "don't", "doesn't", "aren't", "wasn't",
+           "weren't", "didn't")]  # fmt: skip
+_RIGHT_BEFORE = [tokens("non")]  # "non-melanoma skin cancer" negates; "non-pigmented basal cell carcinoma" does not
 _AFTER = [tokens(c) for c in ("is unlikely", "unlikely", "is ruled out", "was ruled out", "can be ruled out",
           "ruled out", "is excluded", "was excluded", "can be excluded", "is not likely", "is less likely",
           "seems unlikely", "is not the diagnosis")]  # fmt: skip
@@ -291,6 +293,8 @@ def negated(words: tuple[str, ...], start: int, end: int) -> bool:
         for i in range(len(before) - len(cue) + 1):
             if before[i : i + len(cue)] == cue and not _exempt(words, start - len(before) + i):
                 return True
+    if any(words[max(0, start - len(cue)) : start] == cue for cue in _RIGHT_BEFORE):
+        return True
     after = words[end : end + 3]
     return any(after[: len(cue)] == cue for cue in _AFTER)
 
@@ -312,7 +316,7 @@ _CUES = re.compile(
     r"|\b(?:consistent|compatible)\s+with|\bsuggestive\s+of|\bindicative\s+of|\bcharacteristic\s+of|\btypical\s+of"
     r"|\bsuggests?|\bsuggesting|\b(?:most\s+)?(?:likely|probably|possibly)(?:\s+to\s+be)?"
     r"|\b(?:appears?|seems?)\s+to\s+be|\blooks?\s+like|\bresembles?|\b(?:could|may|might)\s+be"
-    r"|\b(?:this|it)\s+is|\b(?:you|patient)\s+(?:may\s+|might\s+|probably\s+)?(?:have|has)|\ba\s+case\s+of"
+    r"|\b(?:this|it)\s+is\b|\b(?:you|patient)\s+(?:may\s+|might\s+|probably\s+)?(?:have|has)|\ba\s+case\s+of"
     r"|\bknown\s+as|\bcalled|\bdiagnosis\b",
     re.I,
 )

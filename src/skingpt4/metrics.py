@@ -67,12 +67,13 @@ def _encode(rows: list[dict], labels: list[str]) -> tuple[np.ndarray, np.ndarray
 
 
 def _skin_group(value) -> str:
+    """A type 1-6, or a group name itself (sets like DDI record only the group)."""
     if value is None:
         return UNKNOWN
     for name, types in SKIN_GROUPS.items():
-        if value in types:
+        if value in types or value == name:
             return name
-    raise InputError(f"Fitzpatrick skin type must be 1-6 or missing, not {value!r}")
+    raise InputError(f"Fitzpatrick skin type must be 1-6, a group (I-II, III-IV, V-VI) or missing, not {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

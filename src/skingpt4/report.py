@@ -170,7 +170,7 @@ def _latency_blocks(lat: dict | None) -> list[tuple]:
     if lat is None:
         return []
     rows = [["Cases", str(lat["n"])]] + [[k, fmt(lat[k], 2)] for k in ("p50", "p95", "mean")]
-    return [("h2", "Latency (seconds per case)"), ("table", ["Statistic", "Value"], rows)]
+    return [("h2", "Seconds per image (batch time / images answered)"), ("table", ["Statistic", "Value"], rows)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
