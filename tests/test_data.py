@@ -421,3 +421,17 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     bad_yaml.write_text("- just\n- a list\n")
     with pytest.raises(InputError, match=r"^mapping file map.yaml: expected \{class: group\}"):
         prepare("folder", tmp_path / "images", tmp_path / "o.jsonl", mapping=bad_yaml)
+
+
+def test_minigpt4_layout_through_a_symlinked_folder_points_at_its_images(tmp_path):
+    """The manifest's image paths stay right when the output folder is reached through a link (/tmp on macOS)."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    source = tmp_path / "src" / "eczema"
+    source.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (20, 20), (60 * i, 20, 20)).save(source / f"{i}.png")
+    out = tmp_path / "link" / "out"
+    prepare("folder", tmp_path / "src", out, layout="minigpt4")
+    items = list(read_manifest(out / "manifest.jsonl"))
+    assert len(items) == 3 and all(item.path.is_file() for item in items)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import image_bytes
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -22,7 +23,7 @@ from skingpt4.errors import InputError
 from skingpt4.generation import GenerationSettings
 from skingpt4.model import load_model
 from skingpt4.processing import prompt_ids
-from skingpt4.train import TrainConfig, load_config, lr_at, train
+from skingpt4.train import TrainConfig, load_config, lr_at, make_trainable, train
 from skingpt4.train_data import Collate, TrainDataset, TrainOrder, load_prompts, read_records
 
 CLASSES = {"psoriasis": (200, 40, 40), "eczema": (40, 170, 60), "melanoma": (40, 60, 200), "acne": (220, 200, 40)}
@@ -106,6 +107,8 @@ def test_sample_has_the_original_token_layout(loaded, manifest):
 
     # The training forward = the chat engine's splice (ChatEngine.embed) + the LLM + CE on the caption only.
     batch = Collate(tok.pad_token_id)([data[(0, 0, 0)], data[(0, 5, 1)]])
+    padding = batch["attention_mask"] == 0
+    assert padding.any() and (batch["labels"][padding] == -100).all()  # no loss on padding, whatever its id
     net = loaded.model
     with torch.no_grad():
         loss = net(**batch).loss
@@ -136,6 +139,9 @@ def test_schedule_is_minigpt4_linear_warmup_cosine():
     assert lr_at(2500, cfg) == pytest.approx(1e-6 + (1e-4 - 1e-6) / 2)
     assert lr_at(5000, cfg) == pytest.approx(8e-5 + 2e-5 * 0.5 * (1 + np.cos(np.pi / 4)))  # cosine over all steps
     assert lr_at(20000, cfg) == pytest.approx(8e-5)
+    # Warmup longer than an epoch: the original's warmup value follows the step within the epoch (restarts).
+    long = TrainConfig(epochs=10, iters_per_epoch=1000, warmup_steps=5000, init_lr=1e-4, min_lr=8e-5, warmup_lr=1e-6)
+    assert lr_at(1000, long) == pytest.approx(1e-6) and lr_at(4999, long) == pytest.approx(1e-6 + 99e-6 * 999 / 5000)
 
 
 def test_shipped_configs_parse_and_hold_no_machine_paths():
@@ -240,6 +246,9 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_dir, manifest, tmp_pa
     cfg = config(tiny_dir, manifest, tmp_path / "b", iters_per_epoch=3, lora=True, gradient_checkpointing=True)
     checkpointed = train(cfg, progress=False)
     assert checkpointed.losses == pytest.approx(plain.losses, abs=1e-6)
+    net = load_model(tiny_dir, device="cpu").model
+    make_trainable(net, cfg)
+    assert net.language_model.is_gradient_checkpointing and net.language_model.training  # it really was on
 
 
 def test_step1_output_feeds_step2(tiny_dir, manifest, tmp_path):
@@ -339,3 +348,17 @@ def test_output_dir_of_a_finished_run_is_not_overwritten(tiny_dir, manifest, tmp
         train(config(tiny_dir, manifest, tmp_path / "run", iters_per_epoch=1), progress=False)
     with safe_open(tmp_path / "run" / "trainable.safetensors", "pt") as f:
         assert sorted(f.keys()) == ["language_projection.bias", "language_projection.weight"]
+
+
+def test_an_unreadable_image_found_by_a_data_worker_is_one_line(tiny_dir, tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "bad.png").write_text("not an image")
+    (images / "good.png").write_bytes(image_bytes())
+    caption = "This could be a skin disease image of eczema."
+    rows = [{"image": f"imgs/{name}.png", "caption": caption} for name in ("bad", "good")]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(InputError) as error:
+        train(config(tiny_dir, data, tmp_path / "run", batch_size=2, num_workers=1), progress=False)
+    assert "\n" not in str(error.value) and "cannot read training image" in str(error.value)

@@ -12,8 +12,9 @@ from .errors import InputError
 
 EXAMPLES = {
     "prepare-data": (
-        "skingpt4 prepare-data skincon annotations_fitzpatrick17k.csv --images fitzpatrick17k/ --out data/skincon\n"
-        "  skingpt4 prepare-data dermnet dermnet/ --mapping groups.yaml --out data/dermnet --layout minigpt4"
+        "skingpt4 prepare-data skincon annotations_fitzpatrick17k.csv --images fitzpatrick17k/ \\\n"
+        "      --out data/skincon/manifest.jsonl\n"
+        "  skingpt4 prepare-data dermnet dermnet/ --mapping groups.yaml --out data/dermnet/manifest.jsonl"
     ),
     "train": (
         "skingpt4 train --config configs/train/step1_concepts.yaml [--set batch_size=4 --set data=my.jsonl]\n"

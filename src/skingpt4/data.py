@@ -295,7 +295,8 @@ def write_manifest(records: list[dict], path: Path, *, overwrite: bool = False) 
 
 
 def _relative(image: str, base: Path) -> str:
-    return Path(os.path.relpath(os.path.abspath(image), base)).as_posix()
+    """Both sides resolved alike: through a symlinked folder (/tmp on macOS) a mixed pair would point elsewhere."""
+    return Path(os.path.relpath(Path(image).resolve(), base)).as_posix()
 
 
 def write_minigpt4(records: list[dict], folder: Path, *, overwrite: bool = False) -> None:

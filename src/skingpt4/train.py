@@ -130,7 +130,7 @@ def train_step(run: Run, batches) -> tuple[float, float]:
     losses, waited = [], 0.0
     for _ in range(run.cfg.grad_accum):
         started = time.perf_counter()
-        batch = to_device(next(batches), run.net)
+        batch = to_device(next_batch(batches), run.net)
         waited += time.perf_counter() - started
         with run.accelerator.accumulate(run.model):
             # The stock Blip2 forward: image features scattered into the placeholder positions of the token
@@ -143,6 +143,15 @@ def train_step(run: Run, batches) -> tuple[float, float]:
         losses.append(loss.detach())
     run.scheduler.step()
     return run.accelerator.reduce(torch.stack(losses).mean(), "mean").item(), waited
+
+
+def next_batch(batches):
+    """The next batch; an unreadable image found by a data worker becomes one line, not the worker's traceback."""
+    try:
+        return next(batches)
+    except InputError as exc:  # a worker's error comes back with its whole traceback as the message
+        last = str(exc).strip().splitlines()[-1]
+        raise InputError(last.split("InputError: ", 1)[-1]) from None
 
 
 @torch.no_grad()
@@ -273,9 +282,12 @@ def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """MiniGPT-4's `linear_warmup_cosine_lr` at 0-based step `step` (its total-step form)."""
+    """MiniGPT-4's `LinearWarmupCosineLRScheduler` at 0-based step `step`: warmup while the total step is below
+    `warmup_steps`, its value from the step *within the epoch* (so it restarts each epoch when warmup is longer
+    than an epoch, as the original's does); then cosine over all steps."""
     if step < cfg.warmup_steps:
-        return min(cfg.init_lr, cfg.warmup_lr + (cfg.init_lr - cfg.warmup_lr) * step / max(cfg.warmup_steps, 1))
+        within = step % cfg.iters_per_epoch
+        return min(cfg.init_lr, cfg.warmup_lr + (cfg.init_lr - cfg.warmup_lr) * within / max(cfg.warmup_steps, 1))
     return (cfg.init_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / cfg.total_steps)) + cfg.min_lr
 
 

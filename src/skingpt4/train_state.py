@@ -98,6 +98,8 @@ def save_checkpoint(out, step, net, optimizer, scheduler, accelerator, cfg, num_
         save_file(trainable_state(net), folder / "trainable.safetensors", metadata={"format": "pt"})
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
         torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+        if accelerator.scaler is not None:  # fp16: the loss scale decides which steps are skipped
+            torch.save(accelerator.scaler.state_dict(), folder / "scaler.pt")
     accelerator.wait_for_everyone()
     torch.save(rng_state(), folder / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
@@ -124,6 +126,8 @@ def restore_checkpoint(run, num_train: int) -> int:
     load_trainable(run.net, folder, "checkpoint")
     run.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     run.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    if accelerator.scaler is not None and (folder / "scaler.pt").is_file():
+        accelerator.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
     set_rng_state(torch.load(rng, weights_only=True))
     return state["step"]
 
