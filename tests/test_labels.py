@@ -203,3 +203,9 @@ def test_isic_groups_as_labels():
 )
 def test_modifiers_and_contractions(answer, expected):
     assert L.match(answer, L.named_set("ham10000")) == expected
+
+
+def test_a_concessive_aside_does_not_beat_the_answer():
+    ham = L.named_set("ham10000")
+    assert L.match("Although it resembles melanoma, it is a seborrheic keratosis.", ham) == "bkl"
+    assert L.match("Though it looks like a nevus at first, this is a dermatofibroma.", ham) == "df"

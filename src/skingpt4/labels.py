@@ -330,14 +330,24 @@ def extract(answer: str) -> list[str]:
 
 
 def candidates(answer: str) -> list[tuple[str, str]]:
-    """(phrase, SENTENCE or CUE); a cue that is itself negated ("not consistent with X") gives no phrase."""
+    """(phrase, SENTENCE or CUE); a cue that is itself negated ("not consistent with X") gives no phrase. Cues in
+    a concessive clause ("although it resembles X, ...") or naming a history ("has a history of X") come last:
+    they say what the lesion is not, or was."""
     found = [(m.group("x").strip(), SENTENCE) for pattern in _SENTENCES for m in pattern.finditer(answer)]
+    deferred = []
     for m in _CUES.finditer(answer):
         rest = re.match(_END, answer[m.end() :])
         if rest and rest.group("x").strip() and not _negated_cue(answer, m.start(), m.end()):
-            found.append((rest.group("x").strip(), CUE))
+            phrase = rest.group("x").strip()
+            opening = answer[max(answer.rfind(c, 0, m.start()) for c in ".!?\n") + 1 : m.start()]
+            aside = _CONCESSIVE.search(opening) or _HISTORY.match(phrase)
+            (deferred if aside else found).append((phrase, CUE))
     seen: set[str] = set()
-    return [(p, kind) for p, kind in found if not (p in seen or seen.add(p))]
+    return [(p, kind) for p, kind in found + deferred if not (p in seen or seen.add(p))]
+
+
+_CONCESSIVE = re.compile(r"\b(?:although|though|while|whereas|despite|even if|unlike)\b[^,;]*$", re.I)
+_HISTORY = re.compile(r"(?:an?\s+)?(?:(?:past|family|previous|prior)\s+)?history\b|(?:previous|prior)\b", re.I)
 
 
 def _negated_cue(answer: str, start: int, end: int) -> bool:
