@@ -424,3 +424,41 @@ def test_sweep_removes_untaken_uploads_and_forgotten_summaries(tmp_path):
     assert not upload.parent.exists() and summary.exists()
     assert sweep(tmp_path, upload_ttl=120, summary_ttl=3600, now=now + 3601) == 1  # the session is long gone
     assert list(tmp_path.iterdir()) == []
+
+
+def test_stop_mid_answer_cancels_the_model_through_the_server(web, tmp_path):
+    """The Stop button's event, sent by a client mid-answer, stops the model within a few token steps and withdraws
+    the question (the model is made unable to end its answer, so only Stop can end it early)."""
+    from dataclasses import replace
+
+    from conftest import endless
+
+    engine, config = web.app.engine, web.app.config
+    saved = (list(engine.suppress_tokens), config.settings)
+    endless(engine)
+    config.settings = replace(FAST, max_new_tokens=1500)
+    steps = []
+    hook = engine.model.language_model.register_forward_hook(lambda *a: steps.append(1))
+    c = client(web)
+    try:
+        c.predict([handle_file(write(tmp_path, "s.png", image_bytes()))], api_name="/add_photos")
+        job = c.submit("Describe it", *GREEDY, api_name="/ask")
+        deadline = time.monotonic() + 30
+        while len(steps) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        history, status = c.predict(api_name="/stop")
+        at_stop = len(steps)
+        for _ in range(40):
+            before = len(steps)
+            time.sleep(0.25)
+            if len(steps) == before:
+                break
+        after = len(steps) - at_stop
+    finally:
+        hook.remove()
+        engine.suppress_tokens, config.settings = saved
+        c.close()
+    print(f"\nweb Stop: {at_stop} steps before, {after} after (of 1500 asked)")
+    assert 20 <= at_stop < 1500 and after <= 10
+    assert assistant_texts(history) == [] and "Stopped" in status
+    assert job.done()

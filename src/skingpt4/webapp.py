@@ -38,7 +38,7 @@ from types import SimpleNamespace
 from .chat import ChatEngine
 from .consult import Consultation, png_bytes
 from .conversation import CLINICAL_PROMPTS
-from .errors import InputError, SkinGPT4Error, first_line
+from .errors import Cancelled, InputError, SkinGPT4Error, first_line
 from .generation import GenerationSettings
 from .images import ImageRejected
 from .safety import DISCLAIMER, INTENDED_USE
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 SURFACE = "web"
 CLINICAL_LABELS = ("1. Describe it", "2. Other features", "3. Cause", "4. Treatment")  # CLINICAL_PROMPTS, in order
 SUMMARY_NAME = "consultation-summary.html"
+STOPPED = "Stopped; the question was withdrawn."
 _EXPECTED = (SkinGPT4Error, ImageRejected)  # one-line reasons meant for the user
 
 
@@ -84,6 +85,7 @@ class Visit:
 
     consultation: Consultation
     summary: Path | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)  # set by Stop, Restart or a closed tab
 
     def forget_summary(self) -> None:
         if self.summary is not None:
@@ -93,6 +95,7 @@ class Visit:
 
 def _drop_visit(visit) -> None:  # gr.State's delete_callback: the tab closed, or the state expired
     if isinstance(visit, Visit):
+        visit.cancel.set()
         visit.forget_summary()
 
 
@@ -221,15 +224,21 @@ class WebApp:
             settings = replace(
                 self.config.settings, num_beams=int(beams), temperature=float(temperature), do_sample=not greedy
             )
-            pieces = visit.consultation.reply(question, settings)
+            # Stop and Restart set this event: Gradio's own cancel cannot close a generator while it waits for the
+            # model in another thread, so the model is told directly, and stops within a token step.
+            visit.cancel = threading.Event()
+            pieces = visit.consultation.reply(question, settings, visit.cancel)
             shown = self._history(visit) + [_message("user", question), _message("assistant", "")]
             yield shown, "", self._summary_update(visit), _text("Answering..."), visit
-            with closing(pieces):  # Gradio closes this generator when the user stops or leaves: that cancels
+            with closing(pieces):  # and when Gradio does close this generator, closing the stream cancels too
                 text = ""
                 for piece in pieces:
                     text += piece
                     shown[-1] = _message("assistant", text)
                     yield shown, "", self._summary_update(visit), _text("Answering..."), visit
+        except Cancelled:
+            yield self._history(visit), question, self._summary_update(visit), _text(STOPPED), visit
+            return
         except Exception as exc:  # the user gets one line, never a stack trace
             message = _reason(exc, "answer")
             _warn(message)
@@ -247,11 +256,14 @@ class WebApp:
 
     def stopped(self, visit: Visit | None):
         """Stop: the answer in progress is cancelled and its question withdrawn, so show the turns that stand."""
-        return self._history(visit), _text("Stopped; the question was withdrawn.")
+        if visit is not None:
+            visit.cancel.set()
+        return self._history(visit), _text(STOPPED)
 
     def restart(self, visit: Visit | None):
-        """A new consultation; the old one's summary file goes at once."""
+        """A new consultation; the old one's answer in progress stops and its summary file goes at once."""
         if visit is not None:
+            visit.cancel.set()
             visit.forget_summary()
         locked = gr.update(interactive=False)
         fresh = self.new_visit()
