@@ -13,22 +13,13 @@ import PIL
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from malformed import encode, png_chunk
 from PIL import Image, ImageCms, PngImagePlugin
 
 from skingpt4.images import ALLOWED_FORMATS, DEFAULT_LIMITS, ImageLimits, ImageRejected, load_image
 
 ALLOWED_TEXT = "allowed: JPEG, PNG, WebP, BMP, TIFF"
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
-
-
-def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kwargs)
-    return buf.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def png_with_header(width: int, height: int) -> bytes:

@@ -36,6 +36,7 @@ from pathlib import Path
 from . import datasets
 from .errors import InputError
 from .images import DEFAULT_LIMITS, ImageRejected, load_image, read_source
+from .private_files import write_private
 
 SPLITS = ("train", "val", "test")
 SKIN_TYPES = ("I-II", "III-IV", "V-VI", "unknown")
@@ -291,7 +292,8 @@ def write_manifest(records: list[dict], path: Path, *, overwrite: bool = False) 
         raise InputError(f"{path} already exists (--overwrite replaces it)")
     base = path.parent.resolve()
     lines = [json.dumps({**r, "image": _relative(r["image"], base)}, ensure_ascii=False) for r in records]
-    _atomic_write(path, "".join(line + "\n" for line in lines))
+    text = "".join(line + "\n" for line in lines)
+    write_private(path, lambda f: f.write(text))
 
 
 def _relative(image: str, base: Path) -> str:
@@ -362,20 +364,6 @@ def read_minigpt4(folder: Path) -> list[dict]:
         records.append({"image": f"image/{image_id}.jpg", "caption": item["caption"], "image_id": image_id,
                         "source": "minigpt4"})  # fmt: skip
     return records
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def _swap_in(temp: Path, folder: Path) -> None:

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import sqlite3
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from .errors import InputError, first_line
+from .private_files import write_private
 from .sqlite_files import Kind, open_private
 
 SCHEMA_VERSION = 1  # PRAGMA user_version; a newer file is refused rather than misread
@@ -171,20 +171,7 @@ class RecordStore:
         target = Path(out).expanduser()
         if target.is_dir():
             raise InputError(f"{target} is a directory; give a file name for the export")
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)  # mkstemp creates it 0600
-        except OSError as exc:
-            raise InputError(f"cannot write {target}: {first_line(exc)}") from exc
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as stream:
-                count = self._export_to(stream, ids)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return count
+        return write_private(target, lambda stream: self._export_to(stream, ids))
 
     def _export_to(self, stream, ids: list[str] | None) -> int:
         with self._transaction("BEGIN") as conn:  # one snapshot, even while another thread saves

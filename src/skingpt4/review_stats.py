@@ -15,12 +15,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 from .errors import InputError, first_line
+from .private_files import write_private
 from .review_store import AGREEING, ANSWER_LABELS, ANSWERS, STATEMENTS, Rating, ReviewStore
 
 Z95 = 1.959963984540054  # the 97.5th percentile of the standard normal
@@ -69,8 +68,8 @@ def summary(store: Path, out: Path | None = None) -> dict:
     result = summarise(ratings)
     if out is not None:
         folder = _output_folder(Path(out).expanduser())
-        _write_private(folder / "ratings.csv", lambda f: write_csv(ratings, f))
-        _write_private(folder / "summary.json", lambda f: f.write(json.dumps(result, indent=2) + "\n"))
+        write_private(folder / "ratings.csv", lambda f: write_csv(ratings, f))
+        write_private(folder / "summary.json", lambda f: f.write(json.dumps(result, indent=2) + "\n"))
         plot(result, folder / "agreement.png")
         result["files"] = [str(folder / name) for name in ("ratings.csv", "summary.json", "agreement.png")]
     return result
@@ -203,7 +202,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"Clinician review: {result['ratings']} rating(s) by {result['raters']} rater(s)")
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
         fig.tight_layout()
-        _write_private(path, lambda f: fig.savefig(f, format="png"), binary=True)
+        write_private(path, lambda f: fig.savefig(f, format="png"), binary=True)
     finally:
         plt.close(fig)
 
@@ -216,20 +215,3 @@ def _output_folder(folder: Path) -> Path:
     except OSError as exc:
         raise InputError(f"cannot create {folder}: {first_line(exc)}") from exc
     return folder
-
-
-def _write_private(target: Path, write, binary: bool = False) -> None:
-    """Write 0600 through a temporary file and os.replace: never seen half-written (comments are clinical text)."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    except OSError as exc:
-        raise InputError(f"cannot write {target}: {first_line(exc)}") from exc
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
