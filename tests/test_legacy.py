@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from skingpt4 import weblaunch
@@ -70,10 +71,15 @@ def test_demo_py_at_the_repo_root_serves_the_web_app(tiny_dir, tmp_path):
         page, deadline = "", time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None and not page:
             try:
-                page = httpx.get(f"http://127.0.0.1:{port}/").text
+                response = httpx.get(f"http://127.0.0.1:{port}/")
+                page = response.text if response.status_code == 200 else ""  # still starting: ask again
             except httpx.TransportError:
+                page = ""
+            if not page:
                 time.sleep(0.3)
-        assert "UNTRAINED" in page
+        if "UNTRAINED" not in page:
+            proc.kill()
+            pytest.fail(f"no web app page with the banner; demo.py said: {proc.communicate()[0][-2000:]}")
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=30)
     finally:
