@@ -33,7 +33,7 @@ from common import (
 
 from skingpt4.chat import GenerationSettings
 from skingpt4.conversation import DEFAULT_QUESTION
-from skingpt4.diagnose import RecordFile, collect, diagnose
+from skingpt4.serve.diagnose import RecordFile, collect, diagnose
 
 IMAGES = 16
 NEW_TOKENS = 32

@@ -33,9 +33,9 @@ from common import (
     spread,
 )
 
-from skingpt4 import evaluate
+from skingpt4.evaluate import run as evaluate
 from skingpt4.chat import GenerationSettings
-from skingpt4.diagnose import collect
+from skingpt4.serve.diagnose import collect
 
 IMAGES = 16
 NEW_TOKENS = 16

@@ -28,7 +28,7 @@ import torch
 from common import build_bench_model, jpeg_bytes, median, print_table, sample_images, spread
 
 from skingpt4.model import create_tiny_model
-from skingpt4.train import load_config, train
+from skingpt4.train.loop import load_config, train
 
 IMAGES = 32
 BATCH = 8

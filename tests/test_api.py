@@ -18,10 +18,10 @@ import pytest
 import uvicorn
 from conftest import endless, image_bytes
 
-from skingpt4.api import ServeConfig, create_app
+from skingpt4.serve.api import ServeConfig, create_app
 from skingpt4.images import load_image
-from skingpt4.records import RecordStore
-from skingpt4.safety import DISCLAIMER
+from skingpt4.serve.records import RecordStore
+from skingpt4.serve.safety import DISCLAIMER
 
 KEY = "test-key-123"
 JSON = {"content-type": "application/json"}

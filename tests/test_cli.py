@@ -9,9 +9,9 @@ import pytest
 from conftest import image_bytes
 
 from skingpt4.chat import ChatEngine, GenerationSettings
-from skingpt4.cli import main
-from skingpt4.safety import DISCLAIMER, INTENDED_USE
-from skingpt4.terminal import run_chat
+from skingpt4.cli.main import main
+from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
+from skingpt4.serve.terminal import run_chat
 
 
 def test_help_has_examples(capsys):
@@ -86,7 +86,7 @@ def test_convert_command(tmp_path, lavis_files, llm_dir, dims, capsys):
 
 
 def test_records_commands(tmp_path, capsys):
-    from skingpt4.records import RecordStore
+    from skingpt4.serve.records import RecordStore
 
     db = tmp_path / "records.sqlite"
     with RecordStore(db) as store:

@@ -6,8 +6,8 @@ import json
 
 from conftest import image_bytes
 
-from skingpt4.cli import main
-from skingpt4.review_store import STATEMENT_KEYS, Rating, ReviewStore
+from skingpt4.cli.main import main
+from skingpt4.review.store import STATEMENT_KEYS, Rating, ReviewStore
 
 
 def test_prepare_data_from_a_class_folder(tmp_path, capsys):
@@ -69,7 +69,7 @@ def test_eval_then_review_the_clinical_transcripts(tiny_dir, tmp_path, capsys):
     argv = ["eval", "--model", str(tiny_dir), "--data", data, "--out", str(clinical), "--protocol", "clinical",
             "--max-new-tokens", "2", "--bootstrap", "50", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
-    from skingpt4.review import load_cases
+    from skingpt4.review.page import load_cases
 
     cases = load_cases(clinical / "transcripts.jsonl")
     assert [c.id for c in cases] == ["c0", "c1", "c2", "c3"] and len(cases[0].turns) == 8  # four prompts, answers

@@ -13,9 +13,9 @@ import pytest
 from malformed import gps_exif
 from PIL import Image
 
-from skingpt4 import datasets
-from skingpt4.data import assign_splits, prepare, read_minigpt4
-from skingpt4.diagnose import read_manifest
+from skingpt4.data import adapters
+from skingpt4.data.prepare import assign_splits, prepare, read_minigpt4
+from skingpt4.serve.diagnose import read_manifest
 from skingpt4.errors import InputError
 
 CONCEPTS = "This is a skin disease image with the following medical features (clinical concepts): "
@@ -44,8 +44,8 @@ def names(records: list[dict]) -> list[str]:
 
 
 def skincon_csv(path: Path, marked: dict[str, list[str]], do_not_consider: set[str] = frozenset()) -> Path:
-    header = ["", "ImageID", *datasets.SKINCON_CONCEPTS, "Do not consider this image"]
-    rows = [[i, image, *(int(c in concepts) for c in datasets.SKINCON_CONCEPTS), int(image in do_not_consider)]
+    header = ["", "ImageID", *adapters.SKINCON_CONCEPTS, "Do not consider this image"]
+    rows = [[i, image, *(int(c in concepts) for c in adapters.SKINCON_CONCEPTS), int(image in do_not_consider)]
             for i, (image, concepts) in enumerate(marked.items())]  # fmt: skip
     return table(path, header, rows)
 
@@ -61,7 +61,7 @@ def test_skincon_step1_captions(tmp_path):
     csv_path = skincon_csv(tmp_path / "skincon.csv", marked, do_not_consider={"c.jpg"})
     for n, image in enumerate(marked):
         picture(tmp_path / "images" / image, n)
-    records = datasets.skincon(csv_path, tmp_path / "images")
+    records = adapters.skincon(csv_path, tmp_path / "images")
     assert [r["caption"] for r in records[:2]] == [
         CONCEPTS + "Plaque, Scale, Erythema.",
         "This is a skin disease image with the following medical features (clinical concepts): "
@@ -85,7 +85,7 @@ def test_folder_and_dermnet_step2_captions(tmp_path):
     picture(root / "Eczema" / "more" / "e2.png", 2, "PNG")  # nested: still Eczema
     picture(root / "lichen_planus" / "l1.jpg", 3)
     (root / "Eczema" / "notes.txt").write_text("not a picture")
-    records = datasets.folder(root)
+    records = adapters.folder(root)
     assert names(records) == ["e1.jpg", "e2.png", "l1.jpg"]
     assert [r["caption"] for r in records] == [
         "This could be a skin disease image of Eczema.",
@@ -97,7 +97,7 @@ def test_folder_and_dermnet_step2_captions(tmp_path):
     picture(dermnet / "train" / "Acne and Rosacea Photos" / "a1.jpg", 4)
     picture(dermnet / "test" / "Acne and Rosacea Photos" / "a2.jpg", 5)
     picture(dermnet / "train" / "Urticaria Hives" / "u1.jpg", 6)
-    records = datasets.dermnet(dermnet)
+    records = adapters.dermnet(dermnet)
     assert [r["label"] for r in records] == ["Acne and Rosacea", "Urticaria Hives", "Acne and Rosacea"]
     assert records[0]["caption"] == "This could be a skin disease image of Acne and Rosacea."
     assert records[0]["source"] == "dermnet" and "see the dataset's terms" in records[0]["license"]
@@ -134,9 +134,9 @@ def test_concept_prefix_and_regroup(tmp_path):
 
     # Concepts from a SKINCON-shaped CSV (ImageID + 0/1 columns), matched by file name.
     skincon_concepts = skincon_csv(tmp_path / "sc.csv", {"a1.jpg": ["Papule", "Erythema"]})
-    records = datasets.folder(root)
-    assert datasets.add_concepts(records, skincon_concepts) == 1
-    datasets.finish_captions(records)
+    records = adapters.folder(root)
+    assert adapters.add_concepts(records, skincon_concepts) == 1
+    adapters.finish_captions(records)
     expected = CONCEPTS + "Papule, Erythema. This could be a skin disease image of Atopic Dermatitis."
     assert records[0]["caption"] == expected
 
@@ -152,7 +152,7 @@ def test_fitzpatrick17k_adapter(tmp_path):
     csv_path = table(tmp_path / "fitzpatrick17k.csv", header, rows)
     for n, row in enumerate(rows):
         picture(tmp_path / "data" / "finalfitz17k" / f"{row[0]}.jpg", n)  # found anywhere under the images folder
-    records = datasets.fitzpatrick17k(csv_path, tmp_path / "data")
+    records = adapters.fitzpatrick17k(csv_path, tmp_path / "data")
     assert names(records) == ["5e82a45b.jpg", "9bc21ae9.jpg", "0a94359e.jpg"]
     first = records[0]
     assert (first["label"], first["fitzpatrick"], first["fitzpatrick_group"]) == ("psoriasis", 3, "III-IV")
@@ -168,7 +168,7 @@ def test_ddi_adapter(tmp_path):
     csv_path = table(tmp_path / "ddi_metadata.csv", ["DDI_ID", "DDI_file", "skin_tone", "malignant", "disease"], rows)
     for n, row in enumerate(rows):
         picture(tmp_path / row[1], n, "PNG")
-    records = datasets.ddi(csv_path, tmp_path)
+    records = adapters.ddi(csv_path, tmp_path)
     assert [(r["fitzpatrick_group"], r["malignant"], r["label"]) for r in records] == [
         ("V-VI", True, "melanoma-in-situ"), ("I-II", False, "verruca-vulgaris"),
         ("III-IV", False, "seborrheic-keratosis"),
@@ -186,7 +186,7 @@ def test_ham10000_adapter_finds_both_image_parts(tmp_path):
     picture(tmp_path / "HAM10000_images_part_1" / "ISIC_0027419.jpg", 1)
     picture(tmp_path / "HAM10000_images_part_2" / "ISIC_0025030.jpg", 2)
     picture(tmp_path / "HAM10000_images_part_2" / "ISIC_0026769.jpg", 3)
-    records = datasets.ham10000(csv_path, tmp_path)
+    records = adapters.ham10000(csv_path, tmp_path)
     folders = [Path(r["image"]).parent.name for r in records]
     assert folders == ["HAM10000_images_part_1", "HAM10000_images_part_2", "HAM10000_images_part_2"]
     assert records[2]["caption"] == "This could be a skin disease image of melanoma."
@@ -203,7 +203,7 @@ def test_pad_ufes_20_adapter(tmp_path):
     csv_path = table(tmp_path / "metadata.csv", header, rows)
     picture(tmp_path / "images" / "imgs_part_1" / "PAT_46_881_939.png", 1, "PNG")
     picture(tmp_path / "images" / "imgs_part_2" / "PAT_46_882_14.png", 2, "PNG")
-    records = datasets.pad_ufes_20(csv_path, tmp_path / "images")
+    records = adapters.pad_ufes_20(csv_path, tmp_path / "images")
     assert [r["caption"] for r in records] == ["This could be a skin disease image of basal cell carcinoma.",
                                                "This could be a skin disease image of actinic keratosis."]  # fmt: skip
     assert [(r.get("fitzpatrick"), r.get("fitzpatrick_group")) for r in records] == [(3, "III-IV"), (None, None)]

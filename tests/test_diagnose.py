@@ -10,7 +10,7 @@ from conftest import image_bytes
 
 from skingpt4.chat import GenerationSettings
 from skingpt4.conversation import CLINICAL_PROMPTS, DEFAULT_QUESTION
-from skingpt4.diagnose import RecordFile, collect, diagnose
+from skingpt4.serve.diagnose import RecordFile, collect, diagnose
 from skingpt4.errors import InputError
 
 GREEDY = GenerationSettings.greedy(max_new_tokens=6)
@@ -155,7 +155,7 @@ def test_failed_generations_are_retried_and_csv_records_stay_one_line(engine, ph
 
 
 def test_unwritable_output_is_one_line(tiny_dir, photos, tmp_path, capsys):
-    from skingpt4.cli import main
+    from skingpt4.cli.main import main
 
     (tmp_path / "file.txt").write_text("")
     code = main(["diagnose", "--model", str(tiny_dir), str(photos), "--out", str(tmp_path / "file.txt" / "r.jsonl")])
@@ -164,8 +164,8 @@ def test_unwritable_output_is_one_line(tiny_dir, photos, tmp_path, capsys):
 
 
 def test_answers_pass_the_safety_rails_and_records_keep_no_file_names(engine, photos, tmp_path, monkeypatch):
-    from skingpt4.records import RecordStore
-    from skingpt4.safety import DISCLAIMER, REFERRAL_PROMPT
+    from skingpt4.serve.records import RecordStore
+    from skingpt4.serve.safety import DISCLAIMER, REFERRAL_PROMPT
 
     said = "This looks like a melanoma. It is definitely benign, nothing to worry about."
     monkeypatch.setattr(engine, "generate", lambda sessions, settings: [said] * len(sessions))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from skingpt4 import labels as L
+from skingpt4.evaluate import labels as L
 
 PAPER = L.named_set("paper15")
 HAM = L.named_set("ham10000")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from skingpt4 import weblaunch
-from skingpt4.legacy import main, model_folder, read_model_section
+from skingpt4.serve import web_launch
+from skingpt4.cli.legacy import main, model_folder, read_model_section
 from skingpt4.model import home_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def test_original_assets_are_converted_once_then_reused(tmp_path, lavis_files, l
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(yaml.safe_dump({"model": section}))
     served = []
-    monkeypatch.setattr(weblaunch, "launch", lambda engine, config: served.append((engine, config)))
+    monkeypatch.setattr(web_launch, "launch", lambda engine, config: served.append((engine, config)))
     assert main(["--cfg-path", str(cfg), "--gpu-id", "0"]) == 0
     engine, config = served[0]
     assert engine.loaded.path == first and (config.host, config.port, config.auth) == ("127.0.0.1", 5905, None)

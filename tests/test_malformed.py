@@ -15,7 +15,7 @@ from malformed import CATEGORIES, Case, all_cases, data_url_cases, decode_data_u
 from PIL import Image
 
 from skingpt4.images import DEFAULT_LIMITS, ImageRejected, load_image
-from skingpt4.sandbox import Decoder
+from skingpt4.serve.sandbox import Decoder
 
 HANG_GUARD_S = 5.0
 RESULTS: dict[tuple[str, str], tuple[str, float]] = {}  # (path, case name) -> (outcome, seconds)

@@ -14,7 +14,7 @@ from isic_challenge_scoring.classification import ClassificationMetric, Classifi
 from sklearn.metrics import balanced_accuracy_score, precision_recall_fscore_support, roc_auc_score
 
 from skingpt4.errors import InputError
-from skingpt4.metrics import calibration, consistency, evaluate_predictions, latency
+from skingpt4.evaluate.metrics import calibration, consistency, evaluate_predictions, latency
 
 # Open mode, labels A-D; D is never the truth. (true label, answer, Fitzpatrick type)
 OPEN = [

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-import skingpt4.records as records
+import skingpt4.serve.records as records
 from skingpt4.errors import InputError
-from skingpt4.records import RecordStore, default_records_path
+from skingpt4.serve.records import RecordStore, default_records_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -307,7 +307,7 @@ KILLS = 24
 WRITER = """
 import sys
 
-from skingpt4.records import RecordStore
+from skingpt4.serve.records import RecordStore
 
 store = RecordStore(sys.argv[1])
 for n in range(10**9):

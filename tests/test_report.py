@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skingpt4 import report
-from skingpt4.metrics import consistency, evaluate_predictions, latency
+from skingpt4.evaluate import report
+from skingpt4.evaluate.metrics import consistency, evaluate_predictions, latency
 
 LABELS = ["melanoma", "nevus", "basal cell carcinoma", "<b>x</b>", "a|b_c $5"]
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

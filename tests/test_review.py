@@ -18,9 +18,9 @@ from PIL import ExifTags, Image
 
 from skingpt4.errors import InputError
 from skingpt4.images import load_image
-from skingpt4.review import create_app, exposure_warning, load_cases, serve_review
-from skingpt4.review_stats import fleiss_kappa, format_summary, summarise, summary, wilson
-from skingpt4.review_store import ANSWERS, STATEMENT_KEYS, STATEMENTS, Rating, ReviewStore, clean_rater
+from skingpt4.review.page import create_app, exposure_warning, load_cases, serve_review
+from skingpt4.review.stats import fleiss_kappa, format_summary, summarise, summary, wilson
+from skingpt4.review.store import ANSWERS, STATEMENT_KEYS, STATEMENTS, Rating, ReviewStore, clean_rater
 
 CHROMIUM = "/usr/bin/chromium"
 SCRIPT = "<script>alert('x')</script> Likely eczema & not <b>melanoma</b>."

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skingpt4.safety import (
+from skingpt4.serve.safety import (
     CRISIS,
     DISCLAIMER,
     INTENDED_USE,

@@ -1,4 +1,4 @@
-"""skingpt4.sandbox.Decoder: same result as load_image, in a child that can time out, run out of memory or be killed
+"""skingpt4.serve.sandbox.Decoder: same result as load_image, in a child that can time out, run out of memory or be killed
 without taking the caller down, and that never outlives its parent."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from malformed import encode, noise, png_zero, quadrants
 from PIL import Image
 
 from skingpt4.images import ImageRejected, load_image
-from skingpt4.sandbox import Decoder, load_image_isolated
+from skingpt4.serve.sandbox import Decoder, load_image_isolated
 
 posix_only = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 SMALL = encode(noise((64, 48), seed=3), "PNG")
@@ -192,7 +192,7 @@ def test_no_child_outlives_the_parent(ending):
     script = textwrap.dedent(
         f"""
         import os, signal, sys
-        from skingpt4 import sandbox
+        from skingpt4.serve import sandbox
         sandbox.load_image_isolated({SMALL!r})
         print(sandbox._shared.pid, flush=True)
         if {ending == "parent-killed"!r}:
@@ -206,7 +206,7 @@ def test_no_child_outlives_the_parent(ending):
 
 def test_load_image_isolated_shares_one_child():
     first = load_image_isolated(SMALL)
-    from skingpt4 import sandbox
+    from skingpt4.serve import sandbox
 
     pid = sandbox._shared.pid
     assert np.array_equal(np.asarray(first), np.asarray(load_image(SMALL)))
@@ -215,7 +215,7 @@ def test_load_image_isolated_shares_one_child():
 
 
 def test_importing_the_sandbox_does_not_import_torch():
-    code = "import sys, skingpt4.sandbox; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    code = "import sys, skingpt4.serve.sandbox; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -251,7 +251,7 @@ def test_a_script_without_a_main_guard_can_use_the_sandbox(tmp_path):
     """The child is a plain subprocess: nothing re-imports the caller's script (multiprocessing's spawn would)."""
     script = tmp_path / "plain_script.py"
     script.write_text(
-        "import io\nfrom PIL import Image\nfrom skingpt4.sandbox import load_image_isolated\n"
+        "import io\nfrom PIL import Image\nfrom skingpt4.serve.sandbox import load_image_isolated\n"
         "buf = io.BytesIO()\nImage.new('RGB', (40, 30), (1, 2, 3)).save(buf, 'PNG')\n"
         "print('decoded', load_image_isolated(buf.getvalue()).size)\n"
     )

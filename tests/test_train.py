@@ -23,8 +23,8 @@ from skingpt4.errors import InputError
 from skingpt4.generation import GenerationSettings
 from skingpt4.model import load_model
 from skingpt4.processing import prompt_ids
-from skingpt4.train import TrainConfig, load_config, lr_at, make_trainable, train
-from skingpt4.train_data import Collate, TrainDataset, TrainOrder, load_prompts, read_records
+from skingpt4.train.loop import TrainConfig, load_config, lr_at, make_trainable, train
+from skingpt4.train.data import Collate, TrainDataset, TrainOrder, load_prompts, read_records
 
 CLASSES = {"psoriasis": (200, 40, 40), "eczema": (40, 170, 60), "melanoma": (40, 60, 200), "acne": (220, 200, 40)}
 CAPTION = "This could be a skin disease image of {}."

@@ -27,13 +27,13 @@ from gradio_client import Client, handle_file
 from PIL import ExifTags, Image
 
 from skingpt4.chat import ChatEngine
-from skingpt4.consult import Consultation
+from skingpt4.serve.consult import Consultation
 from skingpt4.conversation import CLINICAL_PROMPTS
 from skingpt4.errors import InputError
 from skingpt4.generation import GenerationSettings
-from skingpt4.safety import DISCLAIMER, INTENDED_USE
-from skingpt4.webapp import WebConfig, take_upload
-from skingpt4.weblaunch import (
+from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
+from skingpt4.serve.web import WebConfig, take_upload
+from skingpt4.serve.web_launch import (
     exposure_warning,
     is_loopback,
     launch,
@@ -410,7 +410,7 @@ def test_malformed_corpus_through_the_upload(web, tmp_path):
 
 
 def test_sweep_removes_untaken_uploads_and_forgotten_summaries(tmp_path):
-    from skingpt4.webapp import SUMMARY_NAME, sweep
+    from skingpt4.serve.web import SUMMARY_NAME, sweep
 
     upload = tmp_path / ("a" * 64) / "mole.jpg"
     upload.parent.mkdir()

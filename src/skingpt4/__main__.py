@@ -1,5 +1,5 @@
 """`python -m skingpt4 ...` is the same as `skingpt4 ...`."""
 
-from .cli import main
+from skingpt4.cli.main import main
 
 raise SystemExit(main())

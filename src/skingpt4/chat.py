@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from .conversation import Conversation, get_template, postprocess
-from .errors import Cancelled, InputError
-from .generation import GenerationSettings
-from .images import DEFAULT_LIMITS, load_image, read_source
-from .model import LoadedModel
-from .pixels import eval_transform
-from .processing import common_prefix, image_keys, prompt_ids, truncate_left
+from skingpt4.conversation import Conversation, get_template, postprocess
+from skingpt4.errors import Cancelled, InputError
+from skingpt4.generation import GenerationSettings
+from skingpt4.images import DEFAULT_LIMITS, load_image, read_source
+from skingpt4.model import LoadedModel
+from skingpt4.pixels import eval_transform
+from skingpt4.processing import common_prefix, image_keys, prompt_ids, truncate_left
 
 
 class ChatEngine:

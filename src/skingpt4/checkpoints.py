@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConversionError, first_line
+from skingpt4.errors import ConversionError, first_line
 
 
 def load_pth(path: Path) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import (
+from skingpt4.checkpoints import (
     hub_folder,
     iter_tensors,
     load_pth,
@@ -27,12 +27,12 @@ from .checkpoints import (
     tensor_keys,
     weight_files,
 )
-from .conversation import get_template
-from .errors import ConversionError, first_line
-from .generation import folder_generation_config
-from .model import DTYPES, NUM_QUERY_TOKENS, ModelMeta, add_image_token, make_config
-from .model import qformer_config as make_qformer_config
-from .model import vision_config as make_vision_config
+from skingpt4.conversation import get_template
+from skingpt4.errors import ConversionError, first_line
+from skingpt4.generation import folder_generation_config
+from skingpt4.model import DTYPES, NUM_QUERY_TOKENS, ModelMeta, add_image_token, make_config
+from skingpt4.model import qformer_config as make_qformer_config
+from skingpt4.model import vision_config as make_vision_config
 
 LLM_FILES = ["*.json", "tokenizer.model"]  # what --llm needs besides its weights
 

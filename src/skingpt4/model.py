@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError, first_line
-from .generation import folder_generation_config
+from skingpt4.errors import ModelLoadError, first_line
+from skingpt4.generation import folder_generation_config
 
 IMAGE_TOKEN = "<image>"  # one added special token; 32 copies stand for each image
 NUM_QUERY_TOKENS = 32

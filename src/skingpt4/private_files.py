@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import InputError, first_line
+from skingpt4.errors import InputError, first_line
 
 
 def write_private(target: Path, write: Callable, binary: bool = False):

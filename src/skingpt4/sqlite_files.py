@@ -13,7 +13,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError, first_line
+from skingpt4.errors import InputError, first_line
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 BUSY_TIMEOUT_S = 30.0  # another process (the CLI) may hold the write lock briefly

@@ -1,0 +1,190 @@
+"""The research commands of `skingpt4`: prepare-data, train, eval, review. Thin layers over the library, as in cli.py.
+
+`add_commands` registers them on cli.py's parser; each `cmd_*` parses nothing itself and calls one function.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from skingpt4.errors import InputError
+
+EXAMPLES = {
+    "prepare-data": (
+        "skingpt4 prepare-data skincon annotations_fitzpatrick17k.csv --images fitzpatrick17k/ \\\n"
+        "      --out data/skincon/manifest.jsonl\n"
+        "  skingpt4 prepare-data dermnet dermnet/ --mapping groups.yaml --out data/dermnet/manifest.jsonl"
+    ),
+    "train": (
+        "skingpt4 train --config configs/train/step1_concepts.yaml [--set batch_size=4 --set data=my.jsonl]\n"
+        "  torchrun --nproc_per_node 4 -m skingpt4 train --config configs/train/step2_diagnosis.yaml"
+    ),
+    "eval": (
+        "skingpt4 eval --model ./skingpt4 --data test.jsonl --out results/ --mode choice\n"
+        "  skingpt4 eval --model ./skingpt4 --data test.jsonl --out clinical/ --protocol clinical"
+    ),
+    "review": (
+        "skingpt4 review results/transcripts.jsonl --store ratings.sqlite      (then open http://127.0.0.1:7870)\n"
+        "  skingpt4 review summary --store ratings.sqlite --out review-summary/"
+    ),
+}
+
+
+def add_commands(command) -> None:
+    """`command(name, help, run, example)` makes a subparser (cli.py's factory)."""
+    from skingpt4.cli.main import _model_flags
+
+    data = command("prepare-data", "turn a public dermatology set or a class folder into a training manifest",
+                   cmd_prepare_data, EXAMPLES["prepare-data"])  # fmt: skip
+    data.add_argument("format", help="skincon, folder, dermnet, fitzpatrick17k, ddi, ham10000, pad-ufes-20, minigpt4")
+    data.add_argument("source", help="the set's metadata CSV, or its folder (folder, dermnet, minigpt4)")
+    data.add_argument("--out", required=True, help="manifest.jsonl to write, or a folder with --layout minigpt4")
+    data.add_argument("--images", help="where the images are (default: beside the CSV)")
+    data.add_argument("--concepts", help="CSV of image -> clinical concepts, prefixed to step-2 captions")
+    data.add_argument("--mapping", help="YAML or CSV regrouping classes (e.g. into the paper's 15 groups)")
+    data.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions, by patient/lesion")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--layout", choices=["manifest", "minigpt4"], default="manifest")
+    data.add_argument("--no-image-check", action="store_true", help="do not decode every image (faster)")
+    data.add_argument("--drop-duplicates", action="store_true", help="keep one copy of identical images")
+    data.add_argument("--overwrite", action="store_true")
+
+    tr = command("train", "the two-step recipe on your data: train the projection (optionally LoRA); resumable",
+                 cmd_train, EXAMPLES["train"])  # fmt: skip
+    tr.add_argument("--config", required=True, help="YAML of settings (configs/train/*.yaml are the recipe's)")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    tr.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
+    tr.add_argument("--no-progress", action="store_true")
+
+    ev = command("eval", "measure diagnostic accuracy on a labelled set (by skin type, with intervals); resumable",
+                 cmd_eval, EXAMPLES["eval"])  # fmt: skip
+    _model_flags(ev)
+    ev.add_argument("--data", required=True, action="append", help="manifest (.jsonl/.csv with image, label), "
+                    "folder or image; repeatable")  # fmt: skip
+    ev.add_argument("--out", required=True, help="folder for predictions.jsonl, metrics.json and report.html")
+    ev.add_argument("--mode", choices=["open", "choice"], default="open",
+                    help="open: match the free answer to a label; choice: rank every label by likelihood")  # fmt: skip
+    ev.add_argument("--protocol", choices=["diagnosis", "clinical"], default="diagnosis",
+                    help="clinical: the paper's four prompts per case, transcripts for `skingpt4 review`")  # fmt: skip
+    ev.add_argument("--labels", help="comma-separated label set, or paper15, ham10000, fitzpatrick17k(-3/-9), ddi "
+                    "(default: the manifest's labels)")  # fmt: skip
+    ev.add_argument("--repeats", type=int, default=1, help="K sampled runs per case: the consistency ratio")
+    ev.add_argument("--question", help="the question asked (default: the demo's first question)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--max-new-tokens", type=int)
+    ev.add_argument("--temperature", type=float, help="sample (default: greedy, or sampling with --repeats)")
+    ev.add_argument("--top-p", type=float)
+    ev.add_argument("--no-progress", action="store_true")
+
+    review = command("review", "rate clinical transcripts as a dermatologist (local web page), or summarise ratings",
+                     cmd_review, EXAMPLES["review"])  # fmt: skip
+    review.add_argument("transcripts", help="transcripts.jsonl from `skingpt4 eval --protocol clinical`, or `summary`")
+    review.add_argument("--store", help="ratings database (default: ratings.sqlite beside the transcripts)")
+    review.add_argument("--references", help="the clinician's own answers (.csv or .jsonl with case, answer)")
+    review.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    review.add_argument("--port", type=int, default=7870)
+    review.add_argument("--out", help="summary: folder for ratings.csv, summary.json and agreement.png")
+
+
+def cmd_prepare_data(args) -> int:
+    from skingpt4.data.prepare import prepare
+
+    try:
+        fractions = tuple(float(x) for x in args.split.split(","))
+    except ValueError:
+        fractions = ()
+    if len(fractions) != 3:
+        raise InputError("--split takes three fractions, e.g. 0.8,0.1,0.1")
+    report = prepare(
+        args.format, Path(args.source), Path(args.out), images=_path(args.images), concepts=_path(args.concepts),
+        mapping=_path(args.mapping), fractions=fractions, seed=args.seed, layout=args.layout,
+        check_images=not args.no_image_check, drop_duplicates=args.drop_duplicates, overwrite=args.overwrite,
+    )  # fmt: skip
+    print(report.text())
+    return 0
+
+
+def cmd_train(args) -> int:
+    import yaml
+
+    from skingpt4.train.loop import load_config, train
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set takes KEY=VALUE, not {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value) if value else None  # "4" -> 4, "true" -> True, text stays
+    result = train(load_config(Path(args.config), overrides), resume=args.resume, progress=not args.no_progress)
+    last = f"; last loss {result.losses[-1]:.4f}" if result.losses else ""
+    val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    print(f"{result.steps} steps in {result.seconds:.0f} s{last}{val} -> {result.output_dir}")
+    if result.model_dir:
+        print(f"model folder (use with --model): {result.model_dir}")
+    if result.pth:
+        print(f"SkinGPT-4 projection checkpoint: {result.pth}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from skingpt4.cli.main import _announce, _engine
+    from skingpt4.conversation import DEFAULT_QUESTION
+    from skingpt4.serve.diagnose import collect
+    from skingpt4.evaluate.run import run_eval
+
+    if args.batch_size < 1 or args.repeats < 1:
+        raise InputError("--batch-size and --repeats must be at least 1")
+    labels = args.labels
+    if labels and "," in labels:
+        labels = [label.strip() for label in labels.split(",") if label.strip()]
+    items = collect(args.data)
+    settings = _eval_settings(args)
+    engine = _engine(args)
+    _announce(engine)
+    result = run_eval(
+        engine, items, Path(args.out), labels=labels, mode=args.mode, settings=settings, seed=args.seed,
+        batch_size=args.batch_size, repeats=args.repeats, protocol=args.protocol,
+        question=args.question or DEFAULT_QUESTION, n_boot=args.bootstrap, progress=not args.no_progress,
+    )  # fmt: skip
+    metrics = result.get("metrics") or {}
+    accuracy = (metrics.get("accuracy") or {}).get("value")
+    line = f"{result['done']} answered, {result['failed']} failed, {result['skipped']} already done -> {args.out}"
+    print(line + (f"; accuracy {accuracy:.3f}" if accuracy is not None else ""))
+    return 0
+
+
+def _eval_settings(args):
+    """Greedy unless sampling is asked for (`--temperature`, `--top-p`, `--repeats`); None: run_eval's defaults."""
+    from skingpt4.generation import GenerationSettings
+
+    given = {n: getattr(args, n) for n in ("max_new_tokens", "temperature", "top_p") if getattr(args, n) is not None}
+    if not given:
+        return None
+    return GenerationSettings(do_sample="temperature" in given or "top_p" in given or args.repeats > 1, **given)
+
+
+def cmd_review(args) -> int:
+    if args.transcripts == "summary":
+        from skingpt4.review.stats import format_summary, summary
+
+        if not args.store:
+            raise InputError("review summary needs --store (the ratings database)")
+        print(format_summary(summary(Path(args.store), _path(args.out))))
+        return 0
+    from skingpt4.review.page import serve_review
+
+    transcripts = Path(args.transcripts)
+    store = Path(args.store) if args.store else transcripts.parent / "ratings.sqlite"
+    try:
+        serve_review(transcripts, store, host=args.host, port=args.port, references=_path(args.references))
+    except KeyboardInterrupt:  # the server stops on Ctrl+C or SIGTERM; the ratings are already saved
+        pass
+    print(f"ratings are in {store}", file=sys.stderr)
+    return 0
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None

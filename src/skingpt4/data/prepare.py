@@ -1,0 +1,377 @@
+"""Prepare training data: a dataset's own files in (``adapters.py``), a checked, split manifest out.
+
+``prepare`` runs the whole path: adapter -> options (regroup, concepts) -> image check -> split -> write -> report.
+
+Choices, and why:
+
+* Missing and unreadable images (read through ``images.load_image``, the loader every surface uses) are left out
+  of the output and listed in the report: training stops on a bad image, so it is better caught here.
+* Splits are seeded and made over groups: images of one patient (or lesion, where a set has no patient id) and
+  byte-identical images (SHA-256) are one group, so neither a patient nor a duplicated photo spans two splits.
+  Groups are shuffled with the seed, then each goes to the split furthest below its target share.
+  Duplicates are kept (``drop_duplicates`` keeps only the first) and reported; the report also counts patients
+  and duplicates found in more than one split, recomputed from the final records as a check.
+* Output is written to a temporary name and moved into place, so a killed run leaves no half-written output; an
+  existing output is only replaced with ``overwrite``.
+* Layout ``manifest``: one JSON Lines file (architecture.md section 4), ``image`` relative to it, ``split`` set.
+  Layout ``minigpt4``: ``OUT/<split>/filter_cap.json`` + ``OUT/<split>/image/<image_id>.jpg`` (what MiniGPT-4's
+  ``CCSBUAlignDataset`` reads), images re-encoded as metadata-free JPEG, plus ``OUT/manifest.jsonl`` with every
+  field (the folder format itself only keeps the caption).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
+
+from skingpt4.data import adapters
+from skingpt4.errors import InputError
+from skingpt4.images import DEFAULT_LIMITS, ImageRejected, load_image, read_source
+from skingpt4.private_files import write_private
+
+SPLITS = ("train", "val", "test")
+SKIN_TYPES = ("I-II", "III-IV", "V-VI", "unknown")
+FORMATS = (*adapters.ADAPTERS, "minigpt4")
+LAYOUTS = ("manifest", "minigpt4")
+JPEG_QUALITY = 95
+
+
+@dataclass
+class Report:
+    """What was read, left out, found twice, and written; ``text()`` is the printable form."""
+
+    format: str
+    out: Path
+    read: int = 0
+    written: int = 0
+    excluded: dict[str, int] = field(default_factory=dict)  # reason -> rows the dataset itself flags as unusable
+    missing: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)  # image -> the loader's one-line reason
+    duplicates: list[list[str]] = field(default_factory=list)  # groups of byte-identical images
+    duplicates_across_splits: int = 0
+    patients_across_splits: int = 0
+    splits: dict[str, int] = field(default_factory=dict)
+    classes: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> label -> images
+    skin_types: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> I-II/III-IV/V-VI/unknown
+    concepts_matched: int | None = None  # labelled images that got a concept sentence (with `concepts`)
+
+    def unreadable_reasons(self) -> dict[str, int]:
+        return dict(Counter(self.unreadable.values()).most_common())
+
+    def text(self) -> str:
+        lines = [f"{self.format}: {self.written} of {self.read} images written to {self.out}"]
+        for reason, n in self.excluded.items():
+            lines.append(f"excluded: {n} ({reason})")
+        if self.missing:
+            lines.append(f"missing: {len(self.missing)} (first: {', '.join(self.missing[:3])})")
+        for reason, n in self.unreadable_reasons().items():
+            lines.append(f"unreadable: {n} ({reason})")
+        extra = sum(len(g) - 1 for g in self.duplicates)
+        lines.append(f"duplicates: {len(self.duplicates)} groups, {extra} extra images; "
+                     f"across splits: {self.duplicates_across_splits}")  # fmt: skip
+        lines.append(f"patients across splits: {self.patients_across_splits}")
+        if self.concepts_matched is not None:
+            lines.append(f"concept sentence added: {self.concepts_matched} images")
+        lines.append(f"{'split':<8}{'images':>8}" + "".join(f"{t:>9}" for t in SKIN_TYPES))
+        for split, n in self.splits.items():
+            types = self.skin_types.get(split, {})
+            lines.append(f"{split:<8}{n:>8}" + "".join(f"{types.get(t, 0):>9}" for t in SKIN_TYPES))
+        labels = sorted({label for counts in self.classes.values() for label in counts})
+        if labels:
+            lines.append("class counts (" + " / ".join(self.splits) + "):")
+            lines += [f"  {label}: " + " / ".join(str(self.classes[s].get(label, 0)) for s in self.splits)
+                      for label in labels]  # fmt: skip
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The one entry point
+
+
+def prepare(
+    format: str,
+    source: Path,
+    out: Path,
+    *,
+    images: Path | None = None,
+    concepts: Path | None = None,
+    mapping: Path | None = None,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    layout: str = "manifest",
+    check_images: bool = True,
+    drop_duplicates: bool = False,
+    overwrite: bool = False,
+) -> Report:
+    """Read `source` (a CSV, or a folder for folder/dermnet/minigpt4) in `format`, write `out`, report."""
+    source, out = Path(source), Path(out)
+    _check_options(format, layout, fractions, out, overwrite, concepts, mapping)
+    records = read_source_records(format, source, images)
+    report = Report(format, out, read=len(records))
+    report.excluded = dict(Counter(r["exclude"] for r in records if "exclude" in r))
+    records = [r for r in records if "exclude" not in r]
+    if mapping is not None:
+        adapters.regroup(records, Path(mapping))
+    if concepts is not None:
+        report.concepts_matched = adapters.add_concepts(records, Path(concepts))
+    adapters.finish_captions(records)
+    records = scan(records, report, decode=check_images or layout == "minigpt4", drop_duplicates=drop_duplicates)
+    if not records:
+        raise InputError(f"no usable images from {source} ({_why_empty(report)})")
+    assign_splits(records, fractions, seed)
+    summarise(records, report)
+    if layout == "manifest":
+        write_manifest(records, out, overwrite=overwrite)
+    else:
+        write_minigpt4(records, out, overwrite=overwrite)
+    report.written = len(records)
+    return report
+
+
+def read_source_records(format: str, source: Path, images: Path | None = None) -> list[dict]:
+    """The adapter's records, with ``image`` an absolute path."""
+    if format == "minigpt4":
+        records = read_minigpt4(source)
+        return [{**r, "image": os.path.abspath(source / r["image"])} for r in records]
+    default = source if format in ("folder", "dermnet") else source.parent
+    records = adapters.ADAPTERS[format](source, Path(images) if images else default)
+    return [{**r, "image": os.path.abspath(r["image"])} for r in records]
+
+
+def _check_options(format, layout, fractions, out, overwrite, concepts, mapping) -> None:
+    if format not in FORMATS:
+        raise InputError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
+    if layout not in LAYOUTS:
+        raise InputError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    if format == "skincon" and (concepts or mapping):
+        raise InputError("skincon captions are concepts only: --concepts and --mapping do not apply")
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6 or fractions[0] == 0:
+        raise InputError(f"fractions (train, val, test) must be >= 0, sum to 1, train > 0; got {tuple(fractions)}")
+    if layout == "manifest" and (out.suffix.lower() != ".jsonl" or out.is_dir()):
+        raise InputError(f"a manifest must be a .jsonl file, got {out}")
+    exists = out.exists() and (out.is_file() or any(out.iterdir()))
+    if exists and not overwrite:
+        raise InputError(f"{out} already exists (--overwrite replaces it)")
+
+
+def _why_empty(report: Report) -> str:
+    parts = [f"{report.read} listed", f"{sum(report.excluded.values())} excluded", f"{len(report.missing)} missing",
+             f"{len(report.unreadable)} unreadable"]  # fmt: skip
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Integrity: missing, unreadable, duplicates
+
+
+def scan(records: list[dict], report: Report, *, decode: bool = True, drop_duplicates: bool = False) -> list[dict]:
+    """Hash every image (and decode it through the core loader when `decode`); returns the usable records, each
+    with ``source_sha256``, and fills the report's missing, unreadable and duplicate lists."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(lambda r: _inspect(Path(r["image"]), decode), records))
+    usable, groups = [], {}
+    for record, (digest, problem) in zip(records, results):
+        if problem == "missing":
+            report.missing.append(record["image"])
+        elif problem:
+            report.unreadable[record["image"]] = problem
+        else:
+            seen = digest in groups
+            groups.setdefault(digest, []).append(record["image"])
+            if not (drop_duplicates and seen):
+                usable.append({**record, "source_sha256": digest})
+    report.duplicates = [images for images in groups.values() if len(images) > 1]
+    return usable
+
+
+def _inspect(path: Path, decode: bool) -> tuple[str | None, str | None]:
+    """(SHA-256 of the bytes, None) or (None, "missing" or the loader's reason)."""
+    if not path.is_file():
+        return None, "missing"
+    try:
+        data = read_source(path, DEFAULT_LIMITS.max_bytes)
+        if decode:
+            load_image(data)
+    except ImageRejected as exc:
+        return None, str(exc)
+    return sha256(data).hexdigest(), None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Splits
+
+
+def assign_splits(records: list[dict], fractions=(0.8, 0.1, 0.1), seed: int = 0) -> None:
+    """Set ``split`` on every record: seeded, by group (same patient or same bytes), closest to `fractions`."""
+    groups = _groups(records)
+    order = sorted(groups)
+    random.Random(seed).shuffle(order)
+    targets = [f * len(records) for f in fractions]
+    counts = [0] * len(SPLITS)
+    for key in order:
+        members = groups[key]
+        # The split furthest below its target takes the group; ties go to the earlier split.
+        best = max(range(len(SPLITS)), key=lambda i: targets[i] - counts[i] if fractions[i] > 0 else float("-inf"))
+        counts[best] += len(members)
+        for index in members:
+            records[index]["split"] = SPLITS[best]
+
+
+def _groups(records: list[dict]) -> dict[str, list[int]]:
+    """Union-find over records that share a patient id or content hash; each group keyed by its smallest id."""
+    parent = list(range(len(records)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for i, record in enumerate(records):
+        keys = [f"sha:{record.get('source_sha256') or record['image']}"]
+        if record.get("patient_id") not in (None, ""):
+            keys.append(f"patient:{record['patient_id']}")
+        for key in keys:
+            j = first.setdefault(key, i)
+            parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(records)):
+        groups.setdefault(root(i), []).append(i)
+    # Keyed by content, not position, so the assignment does not depend on the CSV's row order.
+    return {min(_identity(records[i]) for i in members): members for members in groups.values()}
+
+
+def _identity(record: dict) -> str:
+    return f"{record.get('patient_id') or ''}|{record.get('source_sha256') or ''}|{record['image']}"
+
+
+def skin_type(record: dict) -> str:
+    group = record.get("fitzpatrick_group")
+    if not group and isinstance(record.get("fitzpatrick"), int) and 1 <= record["fitzpatrick"] <= 6:
+        group = SKIN_TYPES[(record["fitzpatrick"] - 1) // 2]
+    return group if group in SKIN_TYPES else "unknown"
+
+
+def summarise(records: list[dict], report: Report) -> None:
+    """Per-split image, class and skin-type counts, and the leakage check: ids and hashes in two splits."""
+    present = [s for s in SPLITS if any(r.get("split") == s for r in records)]
+    report.splits = {s: sum(r.get("split") == s for r in records) for s in present}
+    report.classes = {s: dict(Counter(r["label"] for r in records if r.get("split") == s and r.get("label")))
+                      for s in present}  # fmt: skip
+    report.skin_types = {s: dict(Counter(skin_type(r) for r in records if r.get("split") == s)) for s in present}
+    report.patients_across_splits = _spanning(records, "patient_id")
+    report.duplicates_across_splits = _spanning(records, "source_sha256")
+
+
+def _spanning(records: list[dict], key: str) -> int:
+    seen: dict[str, set] = {}
+    for record in records:
+        if record.get(key) not in (None, ""):
+            seen.setdefault(str(record[key]), set()).add(record.get("split"))
+    return sum(len(splits) > 1 for splits in seen.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writers and the MiniGPT-4 reader
+
+
+def write_manifest(records: list[dict], path: Path, *, overwrite: bool = False) -> None:
+    """JSON Lines, one record per image, ``image`` relative to the manifest's folder; written atomically."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} already exists (--overwrite replaces it)")
+    base = path.parent.resolve()
+    lines = [json.dumps({**r, "image": _relative(r["image"], base)}, ensure_ascii=False) for r in records]
+    text = "".join(line + "\n" for line in lines)
+    write_private(path, lambda f: f.write(text))
+
+
+def _relative(image: str, base: Path) -> str:
+    """Both sides resolved alike: through a symlinked folder (/tmp on macOS) a mixed pair would point elsewhere."""
+    return Path(os.path.relpath(Path(image).resolve(), base)).as_posix()
+
+
+def write_minigpt4(records: list[dict], folder: Path, *, overwrite: bool = False) -> None:
+    """``folder/<split>/filter_cap.json`` + ``image/<image_id>.jpg`` per split, and ``folder/manifest.jsonl``."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise InputError(f"{folder} already exists (--overwrite replaces it)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        written = _write_minigpt4_tree(records, temp)
+        write_manifest(written, temp / "manifest.jsonl")
+        _swap_in(temp, folder)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _write_minigpt4_tree(records: list[dict], root: Path) -> list[dict]:
+    by_split: dict[str, list[dict]] = {}
+    used: set[str] = set()
+    written = []
+    for record in records:
+        split = record.get("split") or "train"
+        image_id = _unique_id(Path(record["image"]).stem, used)
+        target = root / split / "image" / f"{image_id}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Re-encoded from the loader's pixels: EXIF (GPS), ICC and text chunks of the source never reach the copy.
+        load_image(record["image"]).save(target, "JPEG", quality=JPEG_QUALITY)
+        by_split.setdefault(split, []).append({"image_id": image_id, "caption": record["caption"]})
+        written.append({**record, "image": str(target), "image_id": image_id})
+    for split, captions in by_split.items():
+        text = json.dumps({"annotations": captions}, ensure_ascii=False, indent=1)
+        (root / split / "filter_cap.json").write_text(text, encoding="utf-8")
+    return written
+
+
+def _unique_id(stem: str, used: set[str]) -> str:
+    """A file-name-safe id; a clash (two `img1.jpg` in two class folders) gets a numbered suffix."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "image"
+    image_id, n = base, 1
+    while image_id in used:
+        n += 1
+        image_id = f"{base}_{n}"
+    used.add(image_id)
+    return image_id
+
+
+def read_minigpt4(folder: Path) -> list[dict]:
+    """Records from a MiniGPT-4 caption folder; ``image`` is relative to `folder` (``image/<image_id>.jpg``)."""
+    folder = Path(folder)
+    path = folder / "filter_cap.json"
+    if not path.is_file():
+        raise InputError(f"not a MiniGPT-4 caption folder (no filter_cap.json): {folder}")
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))["annotations"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise InputError(f'{path}: expected {{"annotations": [{{"image_id", "caption"}}]}}') from None
+    records = []
+    for number, item in enumerate(items, 1):
+        if not isinstance(item, dict) or not item.get("image_id") or not isinstance(item.get("caption"), str):
+            raise InputError(f"{path.name} annotation {number}: needs an image_id and a caption")
+        image_id = str(item["image_id"])
+        records.append({"image": f"image/{image_id}.jpg", "caption": item["caption"], "image_id": image_id,
+                        "source": "minigpt4"})  # fmt: skip
+    return records
+
+
+def _swap_in(temp: Path, folder: Path) -> None:
+    """Move the finished tree into place; an old one (overwrite) is moved aside first, then deleted."""
+    old = None
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        os.replace(folder, old)
+    os.replace(temp, folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

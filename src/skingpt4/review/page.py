@@ -1,0 +1,440 @@
+"""`skingpt4 review`: a local web page on which dermatologists rate the model's clinical transcripts.
+
+It reproduces the paper's clinician questionnaire (reference.md §6): one case at a time, the image, the four-prompt
+transcript written by `skingpt4 eval --protocol clinical` and optionally the rater's own reference answer; the rater
+answers the seven Likert statements of `store.STATEMENTS` and may add a comment. `stats.summary` turns
+the ratings into Fig. 4a's agreement shares.
+
+Kept private as reliability.md §1.4-1.6 asks of a local web app: bound to 127.0.0.1 unless told otherwise (with a
+warning otherwise); requests whose Host is not this server are refused (DNS rebinding); every form carries a per-run
+token and cross-site posts are refused, so another web page open in the same browser cannot post ratings; all text is
+escaped and a Content-Security-Policy forbids scripts and any outside asset. Images are decoded through
+`images.load_image` and served as a fresh PNG from memory (no EXIF/GPS, never the original file or its path).
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import secrets
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from skingpt4.errors import InputError, first_line
+from skingpt4.net import is_loopback
+from skingpt4.review.cases import ROLES, Case, CaseImages, load_cases
+from skingpt4.review.store import ANSWER_LABELS, ANSWERS, MAX_COMMENT, MAX_RATER, STATEMENTS, Rating, ReviewStore, clean_rater
+
+COOKIE = "skingpt4_rater"
+COOKIE_MAX_AGE_S = 30 * 24 * 3600  # "entered once": the name survives a browser restart for a month
+MAX_FORM_BYTES = 64 * 1024  # seven radio buttons and a 4000-character comment fit many times over
+CSP = (
+    "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",  # "no-referrer" would make browsers post `Origin: null`, which we refuse
+    "Cache-Control": "no-store",  # patient photos and ratings stay out of the browser's disk cache
+}
+
+
+# -- pages -------------------------------------------------------------------------------------------------------
+
+STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 70rem; padding: 0 1rem 3rem; color: #222; }
+header, nav { display: flex; gap: 1rem; align-items: center; flex-wrap: wrap; padding: .6rem 0; }
+header { border-bottom: 1px solid #ccc; } header form { margin-left: auto; }
+.case { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1.3fr); gap: 1.5rem; }
+img { max-width: 100%; height: auto; border: 1px solid #ccc; }
+.turn { margin: 0 0 .8rem; } .turn h3 { margin: 0; font-size: .85rem; color: #555; }
+.turn p, #reference p { white-space: pre-wrap; margin: .2rem 0; }
+.assistant p { background: #f3f6fa; padding: .4rem .6rem; border-radius: 4px; }
+#reference { border-left: 4px solid #7a9; padding-left: .8rem; }
+.warn, .error { color: #a00; font-weight: 600; }
+table { border-collapse: collapse; margin: 1rem 0; width: 100%; }
+th, td { padding: .35rem .5rem; border-bottom: 1px solid #ddd; text-align: center; }
+th[scope=row] { text-align: left; font-weight: normal; } tr.missing th { color: #a00; font-weight: 600; }
+textarea { width: 100%; min-height: 5rem; } button { font-size: 1rem; padding: .4rem 1rem; }
+"""
+
+
+def esc(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def page(title: str, body: str, header: str = "") -> str:
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{esc(title)}</title><link rel='stylesheet' href='/style.css'></head>"
+        f"<body><header><strong>SkinGPT-4 clinician review</strong>{header}</header>{body}</body></html>"
+    )
+
+
+def rater_page(token: str, name: str = "", message: str = "") -> str:
+    error = f"<p class='error' id='message' role='alert'>{esc(message)}</p>" if message else ""
+    return page(
+        "Who is rating?",
+        f"<h1>Who is rating?</h1>{error}<form method='post' action='/rater'>{_token(token)}"
+        f"<label for='rater-name'>Your name or rater token (1-{MAX_RATER} characters)</label><br>"
+        f"<input id='rater-name' name='name' maxlength='{MAX_RATER}' value='{esc(name)}' required autofocus> "
+        "<button id='start' type='submit'>Start rating</button></form>",
+    )
+
+
+def _token(token: str) -> str:
+    return f"<input type='hidden' name='token' value='{esc(token)}'>"
+
+
+def rater_header(rater: str, done: int, total: int, token: str) -> str:
+    return (
+        f"<span id='progress'>{done} of {total} done</span><span>Rater: <b id='rater'>{esc(rater)}</b></span>"
+        f"<form method='post' action='/signout'>{_token(token)}<button id='signout'>Change rater</button></form>"
+    )
+
+
+@dataclass
+class Entered:
+    """What the form shows: the saved rating, or what was just entered (kept when the server refuses it)."""
+
+    answers: dict[str, str]
+    comment: str = ""
+    message: str = ""
+    missing: tuple[str, ...] = ()
+    saved: str = ""  # when this rater last saved this case
+
+
+def case_body(number: int, case: Case, reason: str, entered: Entered, total: int, token: str) -> str:
+    nav = (
+        (f"<a id='previous' href='/case/{number - 1}'>&larr; Previous</a>" if number > 1 else "")
+        + (f"<a id='next' href='/case/{number + 1}'>Next &rarr;</a>" if number < total else "")
+        + f"<a id='next-unrated' href='/next/{number}'>Next unrated</a>"
+    )
+    if reason:
+        figure = f"<p class='warn' id='image-unavailable'>image unavailable: {esc(reason)}</p>"
+    else:
+        figure = f"<img id='case-image' src='/image/{number}' alt='case {number} image'>"
+    turns = "".join(
+        f"<div class='turn {role}'><h3>{ROLES[role]}</h3><p>{esc(text)}</p></div>" for role, text in case.turns
+    )
+    reference = (
+        f"<section id='reference'><h2>Your reference answer</h2><p>{esc(case.reference)}</p></section>"
+        if case.reference is not None
+        else ""
+    )
+    label = f"<details><summary>Dataset label</summary><p id='label'>{esc(case.label)}</p></details>"
+    return (
+        f"<nav>{nav}</nav><h1>Case {number} of {total}: <span id='case-id'>{esc(case.id)}</span></h1>"
+        f"<div class='case'><div>{figure}{label if case.label else ''}</div>"
+        f"<div><section id='transcript'>{turns}</section>{reference}</div></div>"
+        f"{rating_form(number, entered, token)}"
+    )
+
+
+def rating_form(number: int, entered: Entered, token: str) -> str:
+    heads = "".join(f"<th scope='col'>{esc(ANSWER_LABELS[a])}</th>" for a in ANSWERS)
+    rows = []
+    for i, s in enumerate(STATEMENTS, 1):
+        cells = "".join(
+            f"<td><input type='radio' name='{s.key}' value='{a}' id='{s.key}-{a}'"
+            f" aria-label='{esc(ANSWER_LABELS[a])}: {esc(s.text)}'"
+            f"{' checked' if entered.answers.get(s.key) == a else ''}></td>"
+            for a in ANSWERS
+        )
+        missing = " class='missing'" if s.key in entered.missing else ""
+        rows.append(f"<tr{missing}><th scope='row'>{i}. {esc(s.text)}</th>{cells}</tr>")
+    message = f"<p class='error' id='message' role='alert'>{esc(entered.message)}</p>" if entered.message else ""
+    saved = (
+        f"<p id='saved'>You rated this case ({esc(entered.saved)} UTC); saving replaces it.</p>"
+        if entered.saved
+        else ""
+    )
+    return (
+        f"<form method='post' action='/case/{number}' id='rating'>{_token(token)}<h2>Your rating</h2>{saved}{message}"
+        f"<table><thead><tr><th scope='col'>Statement</th>{heads}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f"<label for='comment'>Comment (optional)</label><br><textarea id='comment' name='comment'"
+        f" maxlength='{MAX_COMMENT}'>{esc(entered.comment)}</textarea><br>"
+        "<button type='submit' id='save'>Save rating</button></form>"
+    )
+
+
+def read_rating(form: dict[str, list[str]]) -> Entered:
+    """The answers and comment from a posted form; `message` says (in one line) what is wrong, if anything."""
+    answers, problems = {}, []
+    for i, s in enumerate(STATEMENTS, 1):
+        values = form.get(s.key, [])
+        if len(values) > 1 or (values and values[0] not in ANSWERS):
+            problems.append(f"statement {i} needs exactly one of the five answers")
+        elif values:
+            answers[s.key] = values[0]
+    comments = form.get("comment", [""])
+    comment = comments[0].replace("\r\n", "\n").strip() if len(comments) == 1 else ""
+    if len(comments) > 1 or len(comment) > MAX_COMMENT:
+        problems.append(f"the comment must be one text of at most {MAX_COMMENT} characters")
+    missing = tuple(s.key for s in STATEMENTS if s.key not in answers)
+    if missing and not problems:
+        numbers = ", ".join(str(i) for i, s in enumerate(STATEMENTS, 1) if s.key in missing)
+        problems.append(f"Please answer all seven statements; missing: {numbers}.")
+    message = problems[0][:1].upper() + problems[0][1:] if problems else ""
+    return Entered(answers, comment, message, missing)
+
+
+# -- the app -----------------------------------------------------------------------------------------------------
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Review:
+    """The state one app serves: the cases, the store, decoded images and the per-run form token."""
+
+    def __init__(self, cases: list[Case], store: ReviewStore):
+        self.cases, self.store = cases, store
+        self.images = CaseImages(cases)
+        self.token = secrets.token_urlsafe(24)
+        self.index = {case.id: i for i, case in enumerate(cases)}
+
+    def done(self, rater: str) -> set[int]:
+        return {self.index[c] for c in self.store.rated_cases(rater) if c in self.index}
+
+    def next_unrated(self, rater: str, after: int) -> int | None:
+        """1-based number of the first case after `after` (wrapping round) this rater has not rated."""
+        done, total = self.done(rater), len(self.cases)
+        return next(((after + k) % total + 1 for k in range(total) if (after + k) % total not in done), None)
+
+    def case_page(self, rater: str, number: int, entered: Entered | None = None) -> str:
+        case = self.case(number)
+        if entered is None:
+            saved = self.store.get(rater, case.id)
+            entered = Entered(saved.answers, saved.comment, saved=saved.updated[:19]) if saved else Entered({})
+        _, reason = self.images.get(number - 1)
+        header = rater_header(rater, len(self.done(rater)), len(self.cases), self.token)
+        body = case_body(number, case, reason, entered, len(self.cases), self.token)
+        return page(f"Case {number}", body, header)
+
+    def case(self, number: int) -> Case:
+        if not 1 <= number <= len(self.cases):
+            raise Refused(404, f"there is no case {number}; cases are 1-{len(self.cases)}")
+        return self.cases[number - 1]
+
+
+def create_app(cases: list[Case], store: ReviewStore, *, allowed_hosts: set[str] | None = None) -> FastAPI:
+    """The review app over loaded cases and an open store. `allowed_hosts`: accepted Host headers (None: any)."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    review = app.state.review = Review(cases, store)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if allowed_hosts is not None and request.headers.get("host", "") not in allowed_hosts:
+            response = Response("unexpected Host header", status_code=421, media_type="text/plain")
+        else:
+            response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused):
+        return HTMLResponse(page("Refused", f"<p class='error' id='message'>{esc(exc)}</p>"), exc.status)
+
+    @app.get("/style.css")
+    def style():
+        return Response(STYLE, media_type="text/css")
+
+    @app.get("/")
+    def home(request: Request):
+        rater = rater_of(request)
+        if rater is None:
+            return HTMLResponse(rater_page(review.token))
+        return next_redirect(rater, 0)
+
+    @app.post("/rater")
+    async def set_rater(request: Request):
+        form = await read_form(request, review.token)
+        name = (form.get("name") or [""])[0]
+        try:
+            rater = clean_rater(name)
+        except InputError as exc:
+            return HTMLResponse(rater_page(review.token, name[:MAX_RATER], str(exc)), 400)
+        response = RedirectResponse("/", 303)
+        response.set_cookie(COOKIE, quote(rater, safe=""), max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="strict")
+        return response
+
+    @app.post("/signout")
+    async def sign_out(request: Request):
+        await read_form(request, review.token)
+        response = RedirectResponse("/", 303)
+        response.delete_cookie(COOKIE, httponly=True, samesite="strict")
+        return response
+
+    @app.get("/next/{after}")
+    def next_case(after: int, request: Request):
+        rater = rater_of(request)
+        return RedirectResponse("/", 303) if rater is None else next_redirect(rater, after)
+
+    def next_redirect(rater: str, after: int) -> Response:
+        number = review.next_unrated(rater, after % len(cases))
+        if number is not None:
+            return RedirectResponse(f"/case/{number}", 303)
+        body = f"<h1>All {len(cases)} cases rated</h1><p>Thank you. <a href='/case/1'>Review case 1 again</a>.</p>"
+        return HTMLResponse(page("All rated", body, rater_header(rater, len(cases), len(cases), review.token)))
+
+    @app.get("/case/{number}")
+    def show_case(number: int, request: Request):
+        rater = rater_of(request)
+        return RedirectResponse("/", 303) if rater is None else HTMLResponse(review.case_page(rater, number))
+
+    @app.post("/case/{number}")
+    async def rate_case(number: int, request: Request):
+        form = await read_form(request, review.token)
+        rater, case = rater_of(request), review.case(number)
+        if rater is None:
+            return RedirectResponse("/", 303)
+        entered = read_rating(form)
+        if entered.message:
+            return HTMLResponse(await run_in_threadpool(review.case_page, rater, number, entered), 400)
+        rating = Rating(rater, case.id, entered.answers, entered.comment, case.image_sha256 or "")
+        await run_in_threadpool(store.save, rating)
+        return RedirectResponse(f"/next/{number}", 303)
+
+    @app.get("/image/{number}")
+    def image(number: int):
+        review.case(number)  # 404 for a number out of range
+        png, reason = review.images.get(number - 1)
+        if png is None:
+            return Response(f"image unavailable: {reason}", status_code=404, media_type="text/plain")
+        return Response(png, media_type="image/png")
+
+    return app
+
+
+def rater_of(request: Request) -> str | None:
+    """The rater named by the cookie; a tampered or invalid cookie counts as no rater."""
+    try:
+        return clean_rater(unquote(request.cookies.get(COOKIE, "")))
+    except InputError:
+        return None
+
+
+async def read_form(request: Request, token: str) -> dict[str, list[str]]:
+    """A small urlencoded form from this page: same origin, the run's token, at most MAX_FORM_BYTES."""
+    origin = request.headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+        raise Refused(403, "cross-site form posts are refused")
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
+        raise Refused(415, "expected a form post")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise Refused(413, "form too large")
+    try:
+        form = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=64)
+    except (UnicodeDecodeError, ValueError):
+        raise Refused(400, "malformed form") from None
+    if not hmac.compare_digest((form.get("token") or [""])[0].encode(), token.encode()):
+        raise Refused(403, "this form is from another run of the review page; reload the page")
+    return form
+
+
+# -- serving -----------------------------------------------------------------------------------------------------
+
+
+def exposure_warning(host: str) -> str | None:
+    """What to print when the page is reachable beyond this machine; None on loopback."""
+    if is_loopback(host):
+        return None
+    return (
+        f"warning: the review page listens on {host}, beyond this machine: anyone who can reach it can read the cases"
+        " and rate under any name (there are no passwords). Prefer 127.0.0.1 and an SSH tunnel."
+    )
+
+
+@dataclass
+class RunningReview:
+    """A review server started with `block=False`; `close()` stops it and closes the store."""
+
+    url: str
+    app: FastAPI
+    server: object
+    thread: threading.Thread
+    store: ReviewStore
+    sock: socket.socket
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+        self.store.close()
+
+
+def serve_review(
+    transcripts: Path,
+    store: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7870,
+    references: Path | None = None,
+    block: bool = True,
+) -> RunningReview | None:
+    """Serve the review page until interrupted (`block=True`), or start it in a thread and return a handle."""
+    import uvicorn
+
+    cases = load_cases(transcripts, references)
+    opened = ReviewStore(store)
+    try:
+        sock = listen(host, port)
+    except BaseException:
+        opened.close()
+        raise
+    port = sock.getsockname()[1]  # port 0 picks a free one
+    url_host = f"[{host}]" if ":" in host else host
+    url = f"http://{url_host}:{port}/"
+    allowed = {f"{name}:{port}" for name in (url_host, "localhost", "127.0.0.1", "[::1]")}
+    if warning := exposure_warning(host):
+        allowed = None  # reached by this machine's address(es), whatever names they go by
+        print(warning, file=sys.stderr)
+    app = create_app(cases, opened, allowed_hosts=allowed)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    if block:
+        print(f"review page: {url} ({len(cases)} cases); Ctrl+C stops it", file=sys.stderr)
+        try:
+            server.run(sockets=[sock])
+        finally:
+            sock.close()
+            opened.close()
+        return None
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="skingpt4-review", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not server.started:
+        server.should_exit = True
+        sock.close()
+        opened.close()
+        raise InputError(f"the review page did not start on {url}")
+    return RunningReview(url, app, server, thread, opened, sock)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind first, so a taken port is a one-line InputError rather than a log line from a server thread."""
+    if not 0 <= port <= 65535:
+        raise InputError(f"port must be 0-65535, not {port}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=64)
+    except OSError as exc:
+        raise InputError(f"cannot listen on {host}:{port}: {first_line(exc)}") from exc

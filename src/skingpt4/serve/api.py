@@ -1,0 +1,301 @@
+"""`skingpt4 serve`: an OpenAI-compatible HTTP API (FastAPI) over one shared chat engine.
+
+`POST /v1/chat/completions` (plain or server-sent events), `GET /v1/models`, `GET /health`. Every request is
+bounded: body size (also chunked), image size before decoding, text length, `max_tokens`, and admission (one
+request generates, `queue_size` wait, the rest get 503 + Retry-After). A request whose client goes away is
+cancelled within a token step. Logs carry ids, counts and timings, never patient text, file names or pixels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from skingpt4.serve.api_schema import ChatRequest, ImageFetcher, check_sizes, load_turns, settings_for
+from skingpt4.chat import ChatEngine
+from skingpt4.serve.consult import Consultation, check_question
+from skingpt4.errors import Cancelled, SkinGPT4Error, first_line
+from skingpt4.generation import GenerationSettings
+from skingpt4.images import ImageRejected
+from skingpt4.serve.limits import Admission, BodyLimit, error_body
+from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
+
+log = logging.getLogger("skingpt4.serve.api")
+MB = 2**20
+DISCONNECT_CHECK_S = 0.25
+
+
+@dataclass
+class ServeConfig:
+    """Server options; every limit has a safe default and a flag."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_body_mb: float = 20.0  # one 10 MB photo as base64 is 13.4 MB
+    max_image_mb: float = 10.0
+    max_images: int = 4
+    max_text_chars: int = 16_000
+    max_tokens: int = 1024
+    queue_size: int = 8
+    retry_after_s: int = 5
+    allow_remote_images: bool = False
+    image_root: str | None = None
+    shutdown_timeout_s: float = 30.0
+    warmup: bool = True
+
+
+class Health:
+    """Ready only after a real inference succeeded (the warm-up), as a load balancer needs."""
+
+    def __init__(self):
+        self.status, self.detail = "starting", "warming up"
+
+    def warm_up(self, engine: ChatEngine, decode) -> None:
+        from PIL import Image
+
+        from skingpt4.serve.consult import png_bytes
+
+        try:
+            consultation = Consultation(engine, "api", decode=decode)
+            consultation.add_image(png_bytes(Image.linear_gradient("L").convert("RGB")))
+            consultation.answer("hi", GenerationSettings.greedy(max_new_tokens=2))
+            self.status, self.detail = "ok", "ready"
+        except Exception as exc:  # reported by /health; the server stays up to say why
+            self.status, self.detail = "failed", f"warm-up failed: {first_line(exc)}"
+            log.error("warm-up failed: %s", type(exc).__name__)
+
+
+def create_app(engine: ChatEngine, config: ServeConfig | None = None, store=None, decode=None) -> FastAPI:
+    config = config or ServeConfig()
+    health, admission = Health(), Admission(config.queue_size)
+    fetch = ImageFetcher(int(config.max_image_mb * MB), config.image_root, config.allow_remote_images)
+    model_id = engine.loaded.model_id
+
+    async def lifespan(app):
+        task = asyncio.create_task(asyncio.to_thread(health.warm_up, engine, decode)) if config.warmup else None
+        if task is None:
+            health.status, health.detail = "ok", "ready (no warm-up)"
+        yield
+        if task is not None and not task.done():
+            task.cancel()
+
+    app = FastAPI(title="skingpt4", description=INTENDED_USE, version="1", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=int(config.max_body_mb * MB))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return failure(400, f"{where or 'request body'}: {first['msg']}", "invalid_request_error")
+
+    def authorised(request: Request) -> None:
+        if config.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+            raise _Refused(failure(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key",
+                                   {"WWW-Authenticate": "Bearer"}))  # fmt: skip
+
+    @app.exception_handler(_Refused)
+    async def refused(request, exc: _Refused):
+        return exc.response
+
+    @app.get("/health")
+    async def get_health():
+        body = {"status": health.status, "detail": health.detail, "model": model_id}
+        return JSONResponse(body, status_code=200 if health.status == "ok" else 503)
+
+    @app.get("/v1/models", dependencies=[Depends(authorised)])
+    async def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "skingpt4"}]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
+    async def completions(body: ChatRequest, request: Request):
+        try:
+            check_sizes(body, config.max_text_chars, config.max_images)
+            settings = settings_for(body, config.max_tokens)
+        except SkinGPT4Error as exc:
+            return failure(400, str(exc), "invalid_request_error")
+        if not admission.enter():
+            return failure(503, "the server is busy; retry later", "server_busy",
+                           {"Retry-After": str(config.retry_after_s)})  # fmt: skip
+        consultation = Consultation(engine, "api", store=store, decode=decode)
+        job = Job(lambda cancel: turn(consultation, body, settings, fetch, cancel), admission.leave, request)
+        first = await job.next_event()
+        if first[0] == "error":
+            return error_response(first[1])
+        reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", model_id, consultation, settings)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(reply.events(job, include_usage), media_type="text/event-stream")
+        text, last = await job.collect()
+        if last[0] == "error":
+            return error_response(last[1])
+        return reply.completion(text)
+
+    return app
+
+
+def turn(consultation: Consultation, body: ChatRequest, settings, fetch, cancel):
+    """Runs in the worker thread: replay the conversation, then stream the answer."""
+    question = load_turns(consultation, body, fetch)
+    check_question(question)
+    yield None  # the request is valid: a streaming response may start
+    yield from consultation.reply(question, settings, cancel)
+
+
+class Job:
+    """One request's generation in a worker thread; events reach the event loop through an asyncio queue.
+
+    A watcher task checks every quarter second whether the client is still there and cancels the generation when
+    it is not, whether the response is streaming, waiting, or not started yet.
+    """
+
+    def __init__(self, work, finished, request: Request):
+        self.loop, self.queue, self.cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+        self.work, self.finished, self.done = work, finished, False
+        self.ended = asyncio.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+        self.watcher = asyncio.create_task(self._watch(request))
+
+    async def _watch(self, request: Request) -> None:
+        while not self.ended.is_set():
+            try:
+                await asyncio.wait_for(self.ended.wait(), DISCONNECT_CHECK_S)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    self.cancel.set()
+                    return
+
+    def _run(self) -> None:
+        try:
+            for piece in self.work(self.cancel):
+                self._put(("ready", None) if piece is None else ("piece", piece))
+            self._put(("done", None))
+        except BaseException as exc:  # handed to the request; the worker thread never dies noisily
+            self._put(("error", exc))
+        finally:
+            self.finished()
+            self.loop.call_soon_threadsafe(self.ended.set)
+
+    def _put(self, event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def next_event(self):
+        event = await self.queue.get()
+        self.done = event[0] in ("done", "error")
+        return event
+
+    async def collect(self) -> tuple[str, tuple]:
+        pieces = []
+        while (event := await self.next_event())[0] == "piece":
+            pieces.append(event[1])
+        return "".join(pieces), event
+
+
+class Reply:
+    """OpenAI response bodies for one completion."""
+
+    def __init__(self, id: str, model: str, consultation: Consultation, settings):
+        self.id, self.model, self.consultation, self.settings = id, model, consultation, settings
+        self.created = int(time.time())
+
+    def usage(self) -> dict:
+        session = self.consultation.session
+        prompt, completion = session.prompt_tokens, session.completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def finish_reason(self) -> str:
+        return "length" if self.consultation.session.completion_tokens >= self.settings.max_new_tokens else "stop"
+
+    def safety(self) -> dict:
+        last = self.consultation.turns[-1] if self.consultation.turns else {}
+        return {"disclaimer": DISCLAIMER, "referral": last.get("level", "none"), "triggers": last.get("triggers", [])}
+
+    def completion(self, text: str) -> dict:
+        message = {"role": "assistant", "content": text}
+        return {
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason(), "logprobs": None}],
+            "usage": self.usage(), "skingpt4": self.safety(),
+        }  # fmt: skip
+
+    def chunk(self, delta: dict, finish: str | None = None, usage: dict | None = None, choices=True) -> str:
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else []}  # fmt: skip
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def events(self, job: Job, include_usage: bool):
+        try:
+            yield self.chunk({"role": "assistant", "content": ""})
+            while (event := await job.next_event())[0] == "piece":
+                if event[1]:
+                    yield self.chunk({"content": event[1]})
+            if event[0] == "error":  # headers are sent: report in-band, as OpenAI does
+                yield f"data: {json.dumps(error_body(*describe(event[1])[1:]))}\n\n"
+                return
+            yield self.chunk({}, finish=self.finish_reason())
+            if include_usage:
+                yield self.chunk({}, usage=self.usage(), choices=False)
+            yield "data: [DONE]\n\n"
+        finally:
+            if not job.done:  # the client went away mid-stream
+                job.cancel.set()
+
+
+class _Refused(Exception):
+    def __init__(self, response: JSONResponse):
+        self.response = response
+
+
+def failure(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind), status_code=status, headers=headers)
+
+
+def describe(exc: BaseException) -> tuple[int, str, str]:
+    """HTTP status, one-line message and error type for an exception raised while answering."""
+    import torch
+
+    if isinstance(exc, (ImageRejected, SkinGPT4Error)) and not isinstance(exc, Cancelled):
+        return 400, first_line(exc), "invalid_request_error"
+    if isinstance(exc, Cancelled):
+        return 499, "request cancelled", "cancelled"
+    if isinstance(exc, torch.OutOfMemoryError):
+        exc.__traceback__ = None  # its frames hold the tensors that filled the memory
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return 503, "out of memory on this request; retry with fewer tokens or images", "server_busy"
+    log.error("generation failed: %s", type(exc).__name__)  # the type only: messages may quote patient text
+    return 500, "internal error while generating", "server_error"
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    status, message, kind = describe(exc)
+    return failure(status, message, kind, {"Retry-After": "5"} if status == 503 else None)
+
+
+def serve(engine: ChatEngine, config: ServeConfig, store=None) -> None:
+    """Run the server until SIGTERM/Ctrl-C; in-flight requests get `shutdown_timeout_s` to finish."""
+    import signal
+
+    import uvicorn
+
+    # uvicorn re-raises SIGTERM once its graceful shutdown is over; by then every request has been answered, so a
+    # handler that does nothing lets the command end normally (exit 0), as a process supervisor expects.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    app = create_app(engine, config, store)
+    uvicorn.run(app, host=config.host, port=config.port, access_log=False, log_level="warning",
+                timeout_graceful_shutdown=config.shutdown_timeout_s)  # fmt: skip

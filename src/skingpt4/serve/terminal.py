@@ -1,0 +1,91 @@
+"""Terminal chat: type questions, watch answers stream; `/image PATH`, `/reset`, `/save FILE`, `/quit`.
+
+Answers pass the same safety rails as every surface (referral advice and disclaimer end each answer); photos
+are the user's own files, so they are decoded in this process (the web app and API use the sandboxed decoder).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from skingpt4.chat import ChatEngine, GenerationSettings
+from skingpt4.serve.consult import Consultation
+from skingpt4.errors import SkinGPT4Error, first_line
+from skingpt4.images import ImageRejected, load_image
+from skingpt4.serve.safety import INTENDED_USE
+
+HELP = "commands: /image PATH  add a photo | /reset  new consultation | /save FILE  save transcript | /quit"
+
+
+def run_chat(
+    engine: ChatEngine,
+    settings: GenerationSettings,
+    images: list[str] = (),
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    store=None,
+) -> int:
+    """Read lines until EOF or /quit; every bad command or image gets one line and the chat goes on."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    session = Consultation(engine, "chat", store=store, decode=load_image)
+    say = lambda text="", end="\n": (stdout.write(text + end), stdout.flush())  # noqa: E731
+    say(INTENDED_USE)
+    if engine.loaded.warning:
+        say(f"WARNING: {engine.loaded.warning}")
+    for path in images:
+        _add_image(session, path, say)
+    say(HELP)
+    while True:
+        stdout.write("you> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:
+            say()
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if _command(session, line, say) == "quit":
+                return 0
+            continue
+        stdout.write("skingpt4> ")
+        try:
+            for piece in session.reply(line, settings):
+                say(piece, end="")
+        except (SkinGPT4Error, RuntimeError, ValueError) as exc:  # e.g. out of memory: say so, keep the chat
+            say(f"\nerror: {first_line(exc)}")
+            continue
+        say()
+
+
+def _command(session, line: str, say) -> str | None:
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if name == "/quit" or name == "/exit":
+        return "quit"
+    if name == "/image" and arg:
+        _add_image(session, arg, say)
+    elif name == "/reset":
+        session.reset()
+        say("(new consultation: images and history cleared)")
+    elif name == "/save" and arg:
+        try:
+            Path(arg).write_text(json.dumps(session.transcript(), indent=2, ensure_ascii=False) + "\n")
+            say(f"(saved to {arg})")
+        except OSError as exc:
+            say(f"error: cannot write {arg}: {exc.strerror}")
+    else:
+        say(HELP)
+    return None
+
+
+def _add_image(session, path: str, say) -> None:
+    try:
+        digest = session.add_image(Path(path))
+        say(f"(image added: sha256 {digest[:12]}; now ask about it)")
+    except (ImageRejected, SkinGPT4Error) as exc:
+        say(f"error: {exc}")

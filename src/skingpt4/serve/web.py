@@ -1,0 +1,416 @@
+"""`skingpt4 demo`: the local web app (Gradio), hardened as docs/reliability.md §1.4 recommends.
+
+The flow is the released demo's (upload a photo, start the chat, restart, beam and temperature sliders, the
+disclaimer), plus answers that stream, the paper's four clinical questions as buttons, several photos per case
+and a downloadable consultation summary. Defaults, and why:
+
+* bound to 127.0.0.1, no share link, analytics, flagging, monitoring, MCP and run history off: photos are health
+  data and stay on this machine and out of the browser's storage;
+* each upload is read once and deleted from Gradio's cache at once; only re-encoded pixels go further. Left
+  alone, Gradio keeps the original (EXIF and GPS included) and serves it by URL to anyone logged in;
+* Gradio's cache is a private 0700 directory of ours, removed at close; Gradio's age-based sweep is a backstop;
+* state lives in `gr.State`, one `Consultation` per browser session; the engine is the only thing shared;
+* the model sits behind a bounded queue with concurrency 1; question length is checked here, because Gradio's
+  `Textbox(max_length)` is enforced in the browser only;
+* text is HTML-escaped before display: the Chatbot renders sanitised HTML even with Markdown off, and the
+  sanitiser keeps `<img>`, which an answer could use to make the browser call another host.
+
+Gradio reads `GRADIO_TEMP_DIR` from the environment, so one process serves one app at a time. Serving it (launch
+options, credentials, clean-up) is `web_launch.py`'s job.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from contextlib import closing
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+from skingpt4.chat import ChatEngine
+from skingpt4.serve.consult import Consultation, png_bytes
+from skingpt4.conversation import CLINICAL_PROMPTS
+from skingpt4.errors import Cancelled, InputError, SkinGPT4Error, first_line
+from skingpt4.generation import GenerationSettings
+from skingpt4.images import ImageRejected
+from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before Gradio is imported: it reads this at several points
+import gradio as gr  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+SURFACE = "web"
+CLINICAL_LABELS = ("1. Describe it", "2. Other features", "3. Cause", "4. Treatment")  # CLINICAL_PROMPTS, in order
+SUMMARY_NAME = "consultation-summary.html"
+STOPPED = "Stopped; the question was withdrawn."
+_EXPECTED = (SkinGPT4Error, ImageRejected)  # one-line reasons meant for the user
+
+
+@dataclass
+class WebConfig:
+    """How the web app is served; every default is the private one."""
+
+    host: str = "127.0.0.1"  # anything else must be asked for (`--host`), and warns without auth
+    port: int = 7860
+    auth: list[tuple[str, str]] | None = None  # user/password pairs (`--auth`, `--auth-file`)
+    max_file_size: str = "10mb"  # per upload; Gradio answers 413 above it, before anything is decoded
+    queue_size: int = 16  # requests that may wait for the model; more are refused ("queue is full")
+    max_question_chars: int = 2000
+    max_images: int = 4  # photos per consultation (e.g. clinical and dermoscopic views)
+    max_sessions: int = 64  # browser sessions whose state is kept; the least recently used is dropped beyond
+    session_ttl: int = 3600  # seconds a session's state (and the model cache it holds) outlives its last change
+    upload_ttl: int = 120  # an upload no handler took (queue full, restart, tab closed) is deleted after this
+    sweep_every: float = 15.0  # seconds between our sweeps of the cache
+    login_delay: float = 1.0  # seconds added to each failed login (Gradio's login has no rate limit)
+    blocked_paths: list[str] = field(default_factory=list)  # never served, whatever a bug returns (data, records)
+    temp_parent: str | None = None  # where the private cache directory goes (default: the system's temp dir)
+    settings: GenerationSettings = field(default_factory=GenerationSettings)  # sliders set beams/temperature
+
+
+# -- per-session state -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Visit:
+    """One browser session: its consultation and the current summary file (one at a time, replaced on change)."""
+
+    consultation: Consultation
+    summary: Path | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)  # set by Stop, Restart or a closed tab
+
+    def forget_summary(self) -> None:
+        if self.summary is not None:
+            shutil.rmtree(self.summary.parent, ignore_errors=True)
+            self.summary = None
+
+
+def _drop_visit(visit) -> None:  # gr.State's delete_callback: the tab closed, or the state expired
+    if isinstance(visit, Visit):
+        visit.cancel.set()
+        visit.forget_summary()
+
+
+def private_cache(parent: str | None = None) -> Path:
+    """A fresh 0700 directory for Gradio's uploads and outputs, made Gradio's cache (`GRADIO_TEMP_DIR`).
+
+    Set before any component is built: components note the cache directory when created, the server when launched.
+    """
+    path = Path(tempfile.mkdtemp(prefix="skingpt4-web-", dir=parent)).resolve()  # mkdtemp makes it 0700
+    os.environ["GRADIO_TEMP_DIR"] = str(path)
+    return path
+
+
+def take_upload(path: str, root: Path) -> bytes:
+    """Read an upload from Gradio's cache and delete it (and its now-empty folder) at once, whatever it holds."""
+    file = Path(path)
+    if not file.resolve().is_relative_to(root):  # Gradio checks this too; deleting makes it worth checking twice
+        raise InputError("the upload was not found; please add the photo again")
+    try:
+        return file.read_bytes()  # Gradio's max_file_size already bounded it
+    except OSError:
+        raise InputError("the upload was not found; please add the photo again") from None
+    finally:
+        file.unlink(missing_ok=True)
+        if file.parent != root:
+            try:
+                file.parent.rmdir()  # Gradio's per-upload folder, named by the bytes' hash
+            except OSError:
+                pass  # not empty: another upload with the same bytes is still there
+
+
+def sweep(root: Path, upload_ttl: float, summary_ttl: float, now: float | None = None) -> int:
+    """Delete what no handler will delete: uploads whose event never ran (the queue was full, Restart cancelled it,
+    the tab closed while it waited) and summaries of sessions Gradio forgot without telling us. Returns the count."""
+    now = time.time() if now is None else now
+    removed = 0
+    for path in list(root.rglob("*")):
+        ttl = summary_ttl if path.name == SUMMARY_NAME else upload_ttl
+        try:
+            if path.is_file() and now - path.stat().st_mtime > ttl:
+                path.unlink()
+                removed += 1
+                if path.parent != root and not any(path.parent.iterdir()):
+                    path.parent.rmdir()
+        except OSError:  # deleted meanwhile by its handler
+            pass
+    return removed
+
+
+class Sweeper:
+    """Runs `sweep` every `every` seconds in a daemon thread until `stop()`."""
+
+    def __init__(self, root: Path, config: WebConfig):
+        self.root, self.config, self.stopped = root, config, threading.Event()
+        threading.Thread(target=self._run, daemon=True, name="skingpt4-web-sweeper").start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.config.sweep_every):
+            sweep(self.root, self.config.upload_ttl, self.config.session_ttl)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+# -- the page ----------------------------------------------------------------------------------------------------
+
+
+class WebApp:
+    """Event handlers over one engine; `blocks` is the Gradio app. Nothing per user lives on this object."""
+
+    def __init__(self, engine: ChatEngine, config: WebConfig, store=None):
+        self.engine, self.config, self.store = engine, config, store
+        self.cache = private_cache(config.temp_parent)
+        try:
+            self.blocks = self._build()
+        except BaseException:
+            shutil.rmtree(self.cache, ignore_errors=True)
+            raise
+        self.sweeper = Sweeper(self.cache, config)
+
+    def new_visit(self) -> Visit:
+        return Visit(Consultation(self.engine, SURFACE, store=self.store, max_images=self.config.max_images))
+
+    # -- handlers ---------------------------------------------------------------------------------------------
+
+    def add_photos(self, files, visit: Visit | None):
+        """Upload event. Preprocessing is off: `files` are Gradio's file dicts (paths it checked are in its cache),
+        and Gradio's own preprocessing would leave an empty temporary file behind for every upload."""
+        items = files if isinstance(files, list) else [files] if files else []
+        payloads, problems = [], []
+        for item in items:  # take (and so delete) every upload before anything can fail
+            try:
+                payloads.append(take_upload(str((item or {}).get("path", "")), self.cache))
+            except InputError as exc:
+                problems.append(str(exc))
+        visit = visit or self.new_visit()
+        for number, data in enumerate(payloads, 1):
+            try:
+                visit.consultation.add_image(data)
+            except Exception as exc:  # one line for the user, never a stack trace
+                problems.append(f"photo {number} was not added: {_reason(exc, 'photo')}")
+        count = len(visit.consultation.images)
+        note = f"{count} photo(s) in this consultation." if count else "No photo yet."
+        if problems:
+            _warn(" ".join(problems))
+        status = " ".join([*problems, note])
+        return visit, self.thumbnails(visit), _text(status), self.refresh_summary(visit)
+
+    def start(self, visit: Visit | None):
+        """The released demo's "start chatting": questions open once there is a photo."""
+        ready = visit is not None and bool(visit.consultation.images)
+        message = "Ask a question, or use a clinical question below." if ready else "Add a photo first."
+        if not ready:
+            _warn(message)
+        return [gr.update(interactive=ready)] * (2 + len(CLINICAL_PROMPTS)) + [_text(message)]
+
+    def ask(self, question: str, beams, temperature, greedy, visit: Visit | None):
+        """Stream the answer into the chat; the shown history is rebuilt from the session's own turns."""
+        question = question or ""
+        problem = self._question_problem(question, visit)
+        if problem:
+            _warn(problem)
+            yield self._history(visit), question, self._summary_update(visit), _text(problem), visit
+            return
+        try:
+            settings = replace(
+                self.config.settings, num_beams=int(beams), temperature=float(temperature), do_sample=not greedy
+            )
+            # Stop and Restart set this event: Gradio's own cancel cannot close a generator while it waits for the
+            # model in another thread, so the model is told directly, and stops within a token step.
+            visit.cancel = threading.Event()
+            pieces = visit.consultation.reply(question, settings, visit.cancel)
+            shown = self._history(visit) + [_message("user", question), _message("assistant", "")]
+            yield shown, "", self._summary_update(visit), _text("Answering..."), visit
+            with closing(pieces):  # and when Gradio does close this generator, closing the stream cancels too
+                text = ""
+                for piece in pieces:
+                    text += piece
+                    shown[-1] = _message("assistant", text)
+                    yield shown, "", self._summary_update(visit), _text("Answering..."), visit
+        except Cancelled:
+            yield self._history(visit), question, self._summary_update(visit), _text(STOPPED), visit
+            return
+        except Exception as exc:  # the user gets one line, never a stack trace
+            message = _reason(exc, "answer")
+            _warn(message)
+            yield self._history(visit), question, self._summary_update(visit), _text(message), visit
+            return
+        yield self._history(visit), "", self.refresh_summary(visit), _text("Answered."), visit
+
+    def clinical(self, index: int):
+        question = CLINICAL_PROMPTS[index]
+
+        def ask_clinical(beams, temperature, greedy, visit):
+            yield from self.ask(question, beams, temperature, greedy, visit)
+
+        return ask_clinical
+
+    def stopped(self, visit: Visit | None):
+        """Stop: the answer in progress is cancelled and its question withdrawn, so show the turns that stand."""
+        if visit is not None:
+            visit.cancel.set()
+        return self._history(visit), _text(STOPPED)
+
+    def restart(self, visit: Visit | None):
+        """A new consultation; the old one's answer in progress stops and its summary file goes at once."""
+        if visit is not None:
+            visit.cancel.set()
+            visit.forget_summary()
+        locked = gr.update(interactive=False)
+        fresh = self.new_visit()
+        return [
+            fresh, [], self.thumbnails(fresh),
+            gr.update(interactive=False, value=""), locked, *[locked] * len(CLINICAL_PROMPTS),  # question, send, ...
+            gr.update(value=None, interactive=False), _text("New consultation: add a photo."),
+        ]  # fmt: skip
+
+    # -- rendering --------------------------------------------------------------------------------------------
+
+    def _question_problem(self, question: str, visit: Visit | None) -> str | None:
+        if len(question) > self.config.max_question_chars:  # the Textbox's own limit is only the browser's
+            return f"The question is longer than {self.config.max_question_chars} characters."
+        if not question.strip():
+            return "Type a question first."
+        if visit is None or not visit.consultation.images:
+            return "Add a photo and start the chat first."
+        return None
+
+    @staticmethod
+    def _history(visit: Visit | None) -> list[dict]:
+        turns = visit.consultation.turns if visit is not None else []
+        return [_message(turn["role"], turn["text"]) for turn in turns]
+
+    @staticmethod
+    def thumbnails(visit: Visit | None) -> str:
+        """The session's photos as inline data URIs: re-encoded thumbnails, never a file or a URL."""
+        images = visit.consultation.images if visit is not None else []
+        tags = [
+            f"<img src='data:image/png;base64,{base64.b64encode(png_bytes(image['thumbnail'])).decode()}' "
+            f"alt='photo {number}' style='height:96px;margin:2px;border:1px solid #ccc'>"
+            for number, image in enumerate(images, 1)
+        ]
+        return "<div id='photos'>" + "".join(tags) + "</div>"
+
+    def refresh_summary(self, visit: Visit):
+        """Write the summary anew (the old file goes) and point the download button at it."""
+        visit.forget_summary()
+        if not visit.consultation.images and not visit.consultation.turns:
+            return gr.update(value=None, interactive=False)
+        folder = self.cache / secrets.token_hex(16)  # inside the cache, so Gradio serves it without a copy
+        try:
+            folder.mkdir(mode=0o700)
+            visit.summary = folder / SUMMARY_NAME
+            visit.summary.write_text(visit.consultation.summary_html(), encoding="utf-8")
+        except Exception as exc:  # a summary that cannot be written must not lose the answer
+            visit.forget_summary()
+            _warn(f"the summary could not be written: {_reason(exc, 'summary')}")
+        return self._summary_update(visit)
+
+    def _summary_update(self, visit: Visit | None):
+        path = visit.summary if visit is not None else None
+        return gr.update(value=str(path) if path else None, interactive=path is not None)
+
+    # -- layout -----------------------------------------------------------------------------------------------
+
+    def _build(self) -> gr.Blocks:
+        backstop = (600, self.config.session_ttl)  # Gradio's own sweep, in case ours stops: hourly files go
+        with gr.Blocks(title="SkinGPT-4 (research demo)", analytics_enabled=False, delete_cache=backstop) as blocks:
+            self._header()
+            ui = self._layout()
+            self._wire(ui)
+        return blocks
+
+    def _header(self) -> None:
+        gr.Markdown("# SkinGPT-4 — research demo")
+        if warning := self.engine.loaded.warning:
+            style = "background:#fee;border:2px solid #c00;padding:8px;font-weight:bold"
+            gr.HTML(f"<div id='untrained-banner' style='{style}'>{html.escape(warning)}</div>")
+        gr.HTML(f"<div id='intended-use' style='font-weight:bold'>{html.escape(INTENDED_USE)}</div>")
+
+    def _layout(self) -> SimpleNamespace:
+        config, settings = self.config, self.config.settings
+        ui = SimpleNamespace(state=gr.State(None, time_to_live=config.session_ttl, delete_callback=_drop_visit))
+        with gr.Row():
+            with gr.Column(scale=1):
+                ui.upload = gr.UploadButton(
+                    "Add photo(s)", file_types=["image"], file_count="multiple", variant="primary", elem_id="upload"
+                )
+                ui.photos = gr.HTML(self.thumbnails(None), elem_id="photo-strip")
+                ui.start = gr.Button("Start chat", elem_id="start")
+                ui.restart = gr.Button("Restart", elem_id="restart")
+                ui.beams = gr.Slider(1, 10, value=settings.num_beams, step=1, label="Beam search numbers")
+                ui.temperature = gr.Slider(0.1, 2.0, value=settings.temperature, step=0.1, label="Temperature")
+                ui.greedy = gr.Checkbox(value=not settings.do_sample, label="Greedy (repeatable answers)")
+                ui.download = gr.DownloadButton("Download summary", interactive=False, elem_id="download")
+            with gr.Column(scale=2):
+                ui.chat = gr.Chatbot(
+                    [], label="SkinGPT-4", elem_id="chat", render_markdown=False, sanitize_html=True,
+                    allow_tags=False, feedback_options=None,
+                )  # fmt: skip
+                ui.question = gr.Textbox(
+                    placeholder="Add a photo and press Start chat", show_label=False, interactive=False,
+                    max_length=config.max_question_chars, elem_id="question",
+                )  # fmt: skip
+                with gr.Row():
+                    ui.send = gr.Button("Send", variant="primary", interactive=False, elem_id="send")
+                    ui.stop = gr.Button("Stop", elem_id="stop")
+                with gr.Row():
+                    ui.clinical = [
+                        gr.Button(label, interactive=False, elem_id=f"clinical-{i + 1}", size="sm")
+                        for i, label in enumerate(CLINICAL_LABELS)
+                    ]
+                ui.status = gr.Markdown("", elem_id="status")
+        gr.Markdown(html.escape(DISCLAIMER), elem_id="disclaimer")
+        return ui
+
+    def _wire(self, ui: SimpleNamespace) -> None:
+        model = dict(concurrency_id="model", concurrency_limit=1)  # every event that runs the model, one at a time
+        cheap = dict(concurrency_limit=None)
+        knobs = [ui.beams, ui.temperature, ui.greedy, ui.state]
+        shown = [ui.chat, ui.question, ui.download, ui.status, ui.state]
+        adding = ui.upload.upload(
+            self.add_photos, [ui.upload, ui.state], [ui.state, ui.photos, ui.status, ui.download],
+            preprocess=False, api_name="add_photos", **model,
+        )  # fmt: skip
+        ui.start.click(
+            self.start, [ui.state], [ui.question, ui.send, *ui.clinical, ui.status], api_name="start", **cheap
+        )
+        asks = [
+            ui.question.submit(self.ask, [ui.question, *knobs], shown, api_name="ask", **model),
+            ui.send.click(self.ask, [ui.question, *knobs], shown, api_visibility="private", **model),
+        ]
+        for index, button in enumerate(ui.clinical):
+            asks.append(button.click(self.clinical(index), knobs, shown, api_name=f"clinical_{index + 1}", **model))
+        ui.stop.click(self.stopped, [ui.state], [ui.chat, ui.status], cancels=asks, api_name="stop", **cheap)
+        cleared = [ui.state, ui.chat, ui.photos, ui.question, ui.send, *ui.clinical, ui.download, ui.status]
+        # a photo still being added would otherwise bring the old consultation back as this session's state
+        ui.restart.click(self.restart, [ui.state], cleared, cancels=[*asks, adding], api_name="restart", **cheap)
+
+
+def _message(role: str, text: str) -> dict:
+    return {"role": role, "content": html.escape(text)}  # see the module docstring: shown as text, never HTML
+
+
+def _text(message: str) -> str:
+    return html.escape(message)
+
+
+def _reason(exc: Exception, what: str) -> str:
+    """The user's one line: our own errors say what to do; anything else is logged by type only (no PHI)."""
+    if isinstance(exc, _EXPECTED):
+        return first_line(exc)
+    log.warning("%s failed: %s", what, type(exc).__name__)
+    return f"the {what} failed ({type(exc).__name__})"
+
+
+def _warn(message: str) -> None:
+    gr.Warning(message)

@@ -1,0 +1,187 @@
+"""Serving the web app: Gradio's launch options as reliability.md §1.4 recommends, credentials, and clean-up.
+
+`launch` binds to 127.0.0.1 unless told otherwise, warns when the app is reachable beyond this machine without a
+password, never serves the model folder or the records, and removes every file the app kept when it stops
+(Ctrl+C or SIGTERM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import shutil
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from skingpt4.chat import ChatEngine
+from skingpt4.errors import InputError, first_line
+from skingpt4.net import is_loopback
+from skingpt4.serve.web import WebApp, WebConfig
+
+__all__ = ["WebConfig", "build_app", "launch", "parse_auth", "read_auth_file"]
+
+
+# -- credentials -------------------------------------------------------------------------------------------------
+
+
+def parse_auth(value: str) -> tuple[str, str]:
+    """`user:password` -> (user, password); the password may itself contain ':'."""
+    user, sep, password = value.strip().partition(":")
+    if not sep or not user.strip() or not password:
+        raise InputError("credentials must look like user:password (both non-empty)")
+    return user.strip(), password
+
+
+def read_auth_file(path: str | Path) -> list[tuple[str, str]]:
+    """One `user:password` per line; blank lines and `#` comments are skipped. Errors name the line, never it."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the auth file {path}: {first_line(exc)}") from None
+    pairs = []
+    for number, line in enumerate(lines, 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                pairs.append(parse_auth(line))
+            except InputError:
+                raise InputError(f"auth file {path}, line {number}: expected user:password") from None
+    if not pairs:
+        raise InputError(f"auth file {path} holds no user:password line")
+    return pairs
+
+
+def login_check(pairs: list[tuple[str, str]], delay: float):
+    """Gradio's `auth` callable: constant-time comparison, and a pause after each failure to slow guessing."""
+    accounts = dict(pairs)
+
+    async def check(user: str, password: str) -> bool:
+        expected = accounts.get(user)
+        ok = expected is not None and hmac.compare_digest(expected.encode(), password.encode())
+        if not ok:
+            await asyncio.sleep(delay)  # async: a failed login must not hold a server thread
+        return ok
+
+    return check
+
+
+# -- serving -----------------------------------------------------------------------------------------------------
+
+
+def build_app(engine: ChatEngine, config: WebConfig | None = None, store=None) -> WebApp:
+    """The app, not yet serving. `store` (a `records.RecordStore`) keeps each consultation when given."""
+    return WebApp(engine, config or WebConfig(), store)
+
+
+def launch_options(config: WebConfig) -> dict:
+    """Keyword arguments for `Blocks.launch`: docs/reliability.md §1.4's recommended configuration."""
+    return dict(
+        server_name=config.host,
+        server_port=config.port,
+        share=False,
+        auth=login_check(config.auth, config.login_delay) if config.auth else None,
+        max_file_size=config.max_file_size,
+        show_error=False,
+        ssr_mode=False,
+        mcp_server=False,
+        allowed_paths=[],
+        blocked_paths=list(config.blocked_paths),
+        strict_cors=True,
+        enable_monitoring=False,
+        run_history=False,  # else inputs and outputs are kept in the browser
+        pwa=False,
+        state_session_capacity=config.max_sessions,
+        footer_links=["api", "settings"],
+        quiet=True,
+    )
+
+
+def exposure_warning(config: WebConfig) -> str | None:
+    """The warning printed when the app is reachable beyond this machine without a password."""
+    if is_loopback(config.host) or config.auth:
+        return None
+    return (
+        f"warning: serving on {config.host} without --auth or --auth-file: anyone who can reach port "
+        f"{config.port} can use the model and see what this app shows"
+    )
+
+
+def private_paths(engine: ChatEngine, store=None) -> list[str]:
+    """The model folder and the record store: never to be served, whatever a bug hands Gradio."""
+    paths = [str(Path(engine.loaded.path).resolve())] if getattr(engine.loaded, "path", None) else []
+    if getattr(store, "path", None):
+        database = str(Path(store.path).resolve())
+        paths += [database, f"{database}-wal", f"{database}-shm"]  # SQLite's journal files hold records too
+    return paths
+
+
+@dataclass
+class Running:
+    """A launched app: its address, and `close()` to stop it and remove every file it kept."""
+
+    app: WebApp
+    url: str
+    previous_temp_dir: str | None = None
+
+    def close(self) -> None:
+        self.app.sweeper.stop()
+        self.app.blocks.close()
+        shutil.rmtree(self.app.cache, ignore_errors=True)
+        if self.previous_temp_dir is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = self.previous_temp_dir
+
+
+def launch(engine: ChatEngine, config: WebConfig | None = None, store=None, block: bool = True) -> Running:
+    """Serve the app. With `block`, until Ctrl+C or SIGTERM, then everything is cleaned up; else returns at once."""
+    config = config or WebConfig()
+    previous = os.environ.get("GRADIO_TEMP_DIR")  # before build_app replaces it
+    running = Running(build_app(engine, config, store), "", previous)
+    try:
+        running.url = _serve(running.app, private_paths(engine, store))
+    except BaseException:  # Ctrl+C during start-up, a port in use: no private directory is left behind
+        running.close()
+        raise
+    if not block:
+        return running
+    try:
+        with _interrupt_on_sigterm():
+            running.app.blocks.block_thread()  # returns on Ctrl+C
+    finally:
+        running.close()
+    return running
+
+
+def _serve(app: WebApp, blocked: list[str]) -> str:
+    config = app.config
+    app.blocks.queue(max_size=config.queue_size, default_concurrency_limit=1)
+    if warning := exposure_warning(config):
+        print(warning, file=sys.stderr)
+    os.environ["GRADIO_TEMP_DIR"] = str(app.cache)  # the server reads it when launched (build_app set it too)
+    options = launch_options(config)
+    options["blocked_paths"] += blocked
+    _, url, _ = app.blocks.launch(**options, prevent_thread_lock=True)
+    print(f"SkinGPT-4 web app at {url}", file=sys.stderr)
+    return url
+
+
+@contextmanager
+def _interrupt_on_sigterm():
+    """Treat SIGTERM (a service manager's stop) as Ctrl+C, so the cache with its summaries is removed either way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
