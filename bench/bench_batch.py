@@ -73,20 +73,31 @@ def main() -> None:
     rows = []
     for batch_size in sorted(BATCHES):
         seconds = median(times[batch_size])
-        rows.append([f"batch {batch_size}", f"{seconds:.2f}", spread(times[batch_size]), f"{IMAGES / seconds:.2f}",
-                     f"{IMAGES / seconds / base:.2f}x"])  # fmt: skip
+        rows.append(
+            [
+                f"batch {batch_size}",
+                f"{seconds:.2f}",
+                spread(times[batch_size]),
+                f"{IMAGES / seconds:.2f}",
+                f"{IMAGES / seconds / base:.2f}x",
+            ]
+        )
     mismatches = sum(answers[1][key] != answers[8][key] for key in answers[1])
     print("\n".join(notes))
-    print(f"{IMAGES} images, 1 question, greedy, {NEW_TOKENS} new tokens, {REPEAT} repeats (median), "
-          f"torch threads {torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"{IMAGES} images, 1 question, greedy, {NEW_TOKENS} new tokens, {REPEAT} repeats (median), "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print_table(
         "diagnose throughput, bench model on CPU",
         ["run", "median s", "min..max s", "images/s", "vs batch 1"],
         rows,
     )
     empty = sum(not answer for answer in answers[1].values())
-    print(f"answers differing between batch 8 and batch 1: {mismatches} of {len(answers[1])} "
-          f"({len(set(answers[1].values()))} distinct answers, {empty} empty)")  # fmt: skip
+    print(
+        f"answers differing between batch 8 and batch 1: {mismatches} of {len(answers[1])} "
+        f"({len(set(answers[1].values()))} distinct answers, {empty} empty)"
+    )
     print_table(
         "Where the time goes: one batch, per image (median of 3)",
         ["stage", "batch 1 s/image", "batch 8 s/image", "batch 8 gain"],

@@ -43,15 +43,41 @@ from lavis_reference import TinyDims, make_eva_vit_state_dict, make_qformer_chec
 GB = 10**9
 NEEDED_BYTES = 36 * GB  # sources ~16 GB + the converted folder ~16 GB + slack
 LLAMA_SHARD_BYTES = 9_976_576_152  # model-00001-of-00002.safetensors of Llama-2-7b-hf
-REAL = TinyDims(vit_width=1408, vit_depth=39, vit_heads=16, vit_mlp=6144, image_size=224, qformer_width=768,
-                qformer_depth=12, qformer_heads=12, qformer_ffn=3072, llm_width=4096, t5_width=4096)  # fmt: skip
+REAL = TinyDims(
+    vit_width=1408,
+    vit_depth=39,
+    vit_heads=16,
+    vit_mlp=6144,
+    image_size=224,
+    qformer_width=768,
+    qformer_depth=12,
+    qformer_heads=12,
+    qformer_ffn=3072,
+    llm_width=4096,
+    t5_width=4096,
+)
 LLAMA_2_7B = {
-    "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
-    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 4096,
-    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
-    "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False,
-    "torch_dtype": "float16", "transformers_version": "4.31.0.dev0", "use_cache": True, "vocab_size": 32000,
-}  # fmt: skip
+    "architectures": ["LlamaForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 11008,
+    "max_position_embeddings": 4096,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 32,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "transformers_version": "4.31.0.dev0",
+    "use_cache": True,
+    "vocab_size": 32000,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -61,13 +87,28 @@ LLAMA_2_7B = {
 def write_vit(path: Path) -> None:
     """eva_vit_g.pth: the key layout of `make_eva_vit_state_dict` (checked on tiny dims), zeros, float16."""
     d, m, p = REAL.vit_width, REAL.vit_mlp, REAL.patch_size
-    shapes = {"cls_token": (1, 1, d), "pos_embed": (1, REAL.num_tokens, d), "patch_embed.proj.weight": (d, 3, p, p),
-              "patch_embed.proj.bias": (d,)}  # fmt: skip
+    shapes = {
+        "cls_token": (1, 1, d),
+        "pos_embed": (1, REAL.num_tokens, d),
+        "patch_embed.proj.weight": (d, 3, p, p),
+        "patch_embed.proj.bias": (d,),
+    }
     for i in range(REAL.vit_depth + 1):  # 40 blocks, like the real file
-        block = {"norm1.weight": (d,), "norm1.bias": (d,), "attn.q_bias": (d,), "attn.v_bias": (d,),
-                 "attn.qkv.weight": (3 * d, d), "attn.proj.weight": (d, d), "attn.proj.bias": (d,),
-                 "norm2.weight": (d,), "norm2.bias": (d,), "mlp.fc1.weight": (m, d), "mlp.fc1.bias": (m,),
-                 "mlp.fc2.weight": (d, m), "mlp.fc2.bias": (d,)}  # fmt: skip
+        block = {
+            "norm1.weight": (d,),
+            "norm1.bias": (d,),
+            "attn.q_bias": (d,),
+            "attn.v_bias": (d,),
+            "attn.qkv.weight": (3 * d, d),
+            "attn.proj.weight": (d, d),
+            "attn.proj.bias": (d,),
+            "norm2.weight": (d,),
+            "norm2.bias": (d,),
+            "mlp.fc1.weight": (m, d),
+            "mlp.fc1.bias": (m,),
+            "mlp.fc2.weight": (d, m),
+            "mlp.fc2.bias": (d,),
+        }
         shapes.update({f"blocks.{i}.{k}": v for k, v in block.items()})
     tiny = make_eva_vit_state_dict(TinyDims(), torch.Generator().manual_seed(0))
     if set(tiny) != {k for k in shapes if not k.startswith("blocks.") or int(k.split(".")[1]) <= TinyDims().vit_depth}:
@@ -90,10 +131,17 @@ def llama_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     h, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     shapes = {"model.embed_tokens.weight": (v, h)}
     for i in range(config["num_hidden_layers"]):
-        for name, shape in (("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (h, h)), ("self_attn.v_proj", (h, h)),
-                            ("self_attn.o_proj", (h, h)), ("mlp.gate_proj", (f, h)), ("mlp.up_proj", (f, h)),
-                            ("mlp.down_proj", (h, f)), ("input_layernorm", (h,)),
-                            ("post_attention_layernorm", (h,))):  # fmt: skip
+        for name, shape in (
+            ("self_attn.q_proj", (h, h)),
+            ("self_attn.k_proj", (h, h)),
+            ("self_attn.v_proj", (h, h)),
+            ("self_attn.o_proj", (h, h)),
+            ("mlp.gate_proj", (f, h)),
+            ("mlp.up_proj", (f, h)),
+            ("mlp.down_proj", (h, f)),
+            ("input_layernorm", (h,)),
+            ("post_attention_layernorm", (h,)),
+        ):
             shapes[f"model.layers.{i}.{name}.weight"] = shape
     shapes["model.norm.weight"] = (h,)
     shapes["lm_head.weight"] = (v, h)
@@ -127,10 +175,21 @@ def write_tokenizer(folder: Path) -> None:
 
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TINY_CORPUS * 8), model_writer=buffer, vocab_size=512, model_type="bpe",
-        byte_fallback=True, split_digits=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(TINY_CORPUS * 8),
+        model_writer=buffer,
+        vocab_size=512,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
     proto = pb.ModelProto()
     proto.ParseFromString(buffer.getvalue())
     low = min(piece.score for piece in proto.pieces)
@@ -158,8 +217,10 @@ def write_llm(folder: Path) -> None:
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         write_safetensors_zeros(folder / name, shapes)
         weight_map.update(dict.fromkeys(shapes, name))
-    index = {"metadata": {"total_size": sum(2 * torch.Size(s).numel() for d in shards for s in d.values())},
-             "weight_map": weight_map}  # fmt: skip
+    index = {
+        "metadata": {"total_size": sum(2 * torch.Size(s).numel() for d in shards for s in d.values())},
+        "weight_map": weight_map,
+    }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -195,9 +256,22 @@ def rss_by_mapping(pid: int, root: Path) -> Counter:
 def run_convert(sources: dict[str, Path], out: Path) -> dict:
     """Run `python -m skingpt4 convert` in a child: its peak RSS (getrusage) and, sampled from smaps every 0.25 s,
     what was resident at the sampled peak."""
-    args = [sys.executable, "-m", "skingpt4", "convert", "--out", str(out), "--llm", str(sources["llm"]),
-            "--projection", str(sources["projection"]), "--vit", str(sources["vit"]),
-            "--qformer", str(sources["qformer"])]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "skingpt4",
+        "convert",
+        "--out",
+        str(out),
+        "--llm",
+        str(sources["llm"]),
+        "--projection",
+        str(sources["projection"]),
+        "--vit",
+        str(sources["vit"]),
+        "--qformer",
+        str(sources["qformer"]),
+    ]
     start = time.perf_counter()
     child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     samples: list[tuple[float, Counter]] = []
@@ -226,8 +300,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="skingpt4-convert-bench-", dir="/tmp"))
     try:
         started = time.perf_counter()
-        sources = {"vit": tmp / "eva_vit_g.pth", "qformer": tmp / "blip2_pretrained_flant5xxl.pth",
-                   "projection": tmp / "skingpt4_proj.pth", "llm": tmp / "Llama-2-7b-hf"}  # fmt: skip
+        sources = {
+            "vit": tmp / "eva_vit_g.pth",
+            "qformer": tmp / "blip2_pretrained_flant5xxl.pth",
+            "projection": tmp / "skingpt4_proj.pth",
+            "llm": tmp / "Llama-2-7b-hf",
+        }
         write_vit(sources["vit"])
         write_qformer(sources["qformer"])
         write_projection(sources["projection"])
@@ -250,9 +328,12 @@ def main() -> None:
         ["largest source file (baseline)", f"{largest / GB:.2f} GB", "1.00x"],
         ["total source size", f"{total / GB:.2f} GB", f"{total / largest:.2f}x"],
         ["peak RSS of convert (getrusage)", f"{result['peak'] / GB:.2f} GB", f"{result['peak'] / largest:.2f}x"],
-        [f"resident at the sampled peak ({result['when']:.0f} s):", f"{sum(at_peak.values()) / GB:.2f} GB",
-         f"{sum(at_peak.values()) / largest:.2f}x"],
-    ]  # fmt: skip
+        [
+            f"resident at the sampled peak ({result['when']:.0f} s):",
+            f"{sum(at_peak.values()) / GB:.2f} GB",
+            f"{sum(at_peak.values()) / largest:.2f}x",
+        ],
+    ]
     for name, size in at_peak.most_common():
         if size >= 0.01 * GB:
             rows.append([f"  {name}", f"{size / GB:.2f} GB", f"{size / largest:.2f}x"])

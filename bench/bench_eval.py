@@ -33,8 +33,8 @@ from common import (
     spread,
 )
 
-from skingpt4.evaluate import run as evaluate
 from skingpt4.chat import GenerationSettings
+from skingpt4.evaluate import run as evaluate
 from skingpt4.serve.diagnose import collect
 
 IMAGES = 16
@@ -66,8 +66,9 @@ def main() -> None:
             nonlocal runs
             runs += 1
             out = tmp / f"out-{runs}"
-            evaluate.run_eval(engine, items, out, mode=mode, settings=settings, batch_size=batch_size,
-                              n_boot=200, progress=False)  # fmt: skip
+            evaluate.run_eval(
+                engine, items, out, mode=mode, settings=settings, batch_size=batch_size, n_boot=200, progress=False
+            )
             records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
             return {r["image"]: r["prediction"] if mode == "choice" else r["answers"][0] for r in records}
 
@@ -84,18 +85,30 @@ def main() -> None:
             tables[mode] = (times, sum(answers[1][k] != answers[8][k] for k in answers[1]))
 
     print("\n".join(notes))
-    print(f"{IMAGES} images, {len(LABELS)} labels, greedy, {NEW_TOKENS} new tokens (open), {REPEAT} repeats (median), "
-          f"torch threads {torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"{IMAGES} images, {len(LABELS)} labels, greedy, {NEW_TOKENS} new tokens (open), {REPEAT} repeats (median), "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print(f"fixed cost per run (metrics.json + report with PNGs): median {median(finish_times):.2f} s")
     for mode, (times, mismatches) in tables.items():
         base = IMAGES / median(times[1])
         rows = []
         for batch_size in sorted(BATCHES):
             seconds = median(times[batch_size])
-            rows.append([f"batch {batch_size}", f"{seconds:.2f}", spread(times[batch_size]),
-                         f"{IMAGES / seconds:.2f}", f"{IMAGES / seconds / base:.2f}x"])  # fmt: skip
-        print_table(f"eval throughput, {mode} mode, bench model on CPU (whole run, report included)",
-                    ["run", "median s", "min..max s", "images/s", "vs batch 1"], rows)  # fmt: skip
+            rows.append(
+                [
+                    f"batch {batch_size}",
+                    f"{seconds:.2f}",
+                    spread(times[batch_size]),
+                    f"{IMAGES / seconds:.2f}",
+                    f"{IMAGES / seconds / base:.2f}x",
+                ]
+            )
+        print_table(
+            f"eval throughput, {mode} mode, bench model on CPU (whole run, report included)",
+            ["run", "median s", "min..max s", "images/s", "vs batch 1"],
+            rows,
+        )
         print(f"{mode}: outputs differing between batch 8 and batch 1: {mismatches} of {IMAGES}")
 
 

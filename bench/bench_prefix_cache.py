@@ -90,14 +90,18 @@ def run(engine, notes: list[str]) -> None:
                 seconds, *answers[label, reuse] = fifth_turn(reuse, new_tokens)
                 times[reuse].append(seconds)
         base, fast = median(times[False]), median(times[True])
-        rows.append([label, "recompute (cache=None)", f"{base:.3f}", spread(times[False]), answers[label, False][1],
-                     "1.00x"])  # fmt: skip
-        rows.append([label, "prefix reuse", f"{fast:.3f}", spread(times[True]), answers[label, True][1],
-                     f"{base / fast:.2f}x"])  # fmt: skip
+        rows.append(
+            [label, "recompute (cache=None)", f"{base:.3f}", spread(times[False]), answers[label, False][1], "1.00x"]
+        )
+        rows.append(
+            [label, "prefix reuse", f"{fast:.3f}", spread(times[True]), answers[label, True][1], f"{base / fast:.2f}x"]
+        )
 
     print("\n".join(notes))
-    print(f"history before the 5th question: {history_tokens} prompt tokens (image = 32); 5th-turn prompt: "
-          f"{turn5_tokens} tokens")  # fmt: skip
+    print(
+        f"history before the 5th question: {history_tokens} prompt tokens (image = 32); 5th-turn prompt: "
+        f"{turn5_tokens} tokens"
+    )
     print(f"medians of {REPEAT[32]} (full turn) and {REPEAT[1]} (first token) runs, the two modes interleaved")
     print_table(
         "Prefix reuse vs recompute, bench model on CPU (greedy)",
@@ -105,8 +109,10 @@ def run(engine, notes: list[str]) -> None:
         rows,
     )
     decode = [float(rows[i][2]) - float(rows[i + 2][2]) for i in (0, 1)]
-    print(f"the 31 decode steps after the first token take {decode[0]:.3f} s (recompute) / {decode[1]:.3f} s (reuse): "
-          "prefix reuse only shortens the prefill before the first token")  # fmt: skip
+    print(
+        f"the 31 decode steps after the first token take {decode[0]:.3f} s (recompute) / {decode[1]:.3f} s (reuse): "
+        "prefix reuse only shortens the prefill before the first token"
+    )
     full = "5th turn, 32 new tokens"
     same = answers[full, True][0] == answers[full, False][0]
     print(f"answers identical (reuse vs recompute, 32 tokens): {same}")

@@ -50,9 +50,20 @@ def write_data(folder: Path) -> Path:
 
 
 def run(model: Path, data: Path, out: Path, steps: int, workers: int) -> dict:
-    overrides = dict(model=str(model), data=str(data), output_dir=str(out), batch_size=BATCH, epochs=1,
-                     iters_per_epoch=steps, warmup_steps=0, num_workers=workers, checkpoint_every=10_000,
-                     val_every=10_000, export_folder=False, export_pth=False)  # fmt: skip
+    overrides = dict(
+        model=str(model),
+        data=str(data),
+        output_dir=str(out),
+        batch_size=BATCH,
+        epochs=1,
+        iters_per_epoch=steps,
+        warmup_steps=0,
+        num_workers=workers,
+        checkpoint_every=10_000,
+        val_every=10_000,
+        export_folder=False,
+        export_pth=False,
+    )
     train(load_config(None, overrides), progress=False)
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][1:]
     seconds = sum(line["seconds"] for line in lines)
@@ -78,11 +89,21 @@ def main() -> None:
         for workers in WORKERS:
             runs = results[name, workers]
             rate = median([r["samples_s"] for r in runs])
-            rows.append([name, str(workers), f"{median([r['s_step'] for r in runs]):.3f}", f"{rate:.1f}",
-                         spread([r["samples_s"] for r in runs]), f"{100 * median([r['wait'] for r in runs]):.1f}",
-                         f"{rate / base:.2f}x"])  # fmt: skip
-    print(f"{IMAGES} JPEGs of 512 x 512, batch {BATCH}, projection only, CPU float32, torch threads "
-          f"{torch.get_num_threads()}; timed steps {STEPS}, median of {REPEAT} interleaved runs")  # fmt: skip
+            rows.append(
+                [
+                    name,
+                    str(workers),
+                    f"{median([r['s_step'] for r in runs]):.3f}",
+                    f"{rate:.1f}",
+                    spread([r["samples_s"] for r in runs]),
+                    f"{100 * median([r['wait'] for r in runs]):.1f}",
+                    f"{rate / base:.2f}x",
+                ]
+            )
+    print(
+        f"{IMAGES} JPEGs of 512 x 512, batch {BATCH}, projection only, CPU float32, torch threads "
+        f"{torch.get_num_threads()}; timed steps {STEPS}, median of {REPEAT} interleaved runs"
+    )
     print_table(
         "training throughput on CPU (baseline: num_workers 0, same model, same run)",
         ["model", "workers", "s/step", "samples/s", "min..max", "data wait %", "vs workers 0"],

@@ -28,8 +28,9 @@ def bench_sizes() -> tuple[dict, dict, dict]:
     vision = vision_config(width=384, depth=12, heads=6, mlp=1536)
     qformer = qformer_config(width=256, depth=4, heads=4, ffn=1024, encoder_width=384)
     _, _, text = tiny_configs(vocab_size=32000)
-    text.update(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                num_key_value_heads=8)  # fmt: skip
+    text.update(
+        hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8
+    )
     return vision, qformer, text
 
 

@@ -80,10 +80,18 @@ def llm_dir(tmp_path_factory, dims) -> Path:
 
     tokenizer = build_tiny_tokenizer(with_image_token=False)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=dims.llm_width, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-6,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=dims.llm_width,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(1)
     folder = tmp_path_factory.mktemp("llm") / "tiny-llama"
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -96,7 +104,11 @@ def converted_dir(tmp_path_factory, lavis_files, llm_dir) -> Path:
     from skingpt4.convert import ConvertOptions, convert
 
     options = ConvertOptions(
-        llm=str(llm_dir), projection=lavis_files["proj"], vit=lavis_files["vit"], qformer=lavis_files["qformer"],
-        vit_heads=TinyDims().vit_heads, qformer_heads=TinyDims().qformer_heads,
-    )  # fmt: skip
+        llm=str(llm_dir),
+        projection=lavis_files["proj"],
+        vit=lavis_files["vit"],
+        qformer=lavis_files["qformer"],
+        vit_heads=TinyDims().vit_heads,
+        qformer_heads=TinyDims().qformer_heads,
+    )
     return convert(options, tmp_path_factory.mktemp("converted") / "skingpt4-tiny")

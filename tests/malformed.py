@@ -30,8 +30,17 @@ from skingpt4.images import DEFAULT_LIMITS, ImageRejected
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
 CATEGORIES = (
-    "bomb", "truncated", "wrong-type", "mode", "animated", "geometry", "metadata", "heic-avif", "polyglot", "base64",
-)  # fmt: skip
+    "bomb",
+    "truncated",
+    "wrong-type",
+    "mode",
+    "animated",
+    "geometry",
+    "metadata",
+    "heic-avif",
+    "polyglot",
+    "base64",
+)
 
 
 @dataclass(frozen=True)
@@ -77,9 +86,11 @@ def png_header_only(width: int, height: int) -> bytes:
     """IHDR claims width x height, IDAT holds 64 bytes: a size rejection proves the check ran before decoding."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return (
-        PNG_SIGNATURE + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        PNG_SIGNATURE
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
         + png_chunk(b"IEND", b"")
-    )  # fmt: skip
+    )
 
 
 def png_insert(png: bytes, *chunks: bytes) -> bytes:
@@ -253,17 +264,19 @@ def oriented(original: Image.Image, orientation: int) -> Callable[[Image.Image],
 
 def _bombs() -> list[Case]:
     animated_webp = encode(
-        Image.new("RGB", (16, 16), RED), "WEBP", save_all=True, lossless=True,
-        append_images=[Image.new("RGB", (16, 16), (i % 2 * 255, 0, 255)) for i in range(299)], duration=10,
-    )  # fmt: skip
+        Image.new("RGB", (16, 16), RED),
+        "WEBP",
+        save_all=True,
+        lossless=True,
+        append_images=[Image.new("RGB", (16, 16), (i % 2 * 255, 0, 255)) for i in range(299)],
+        duration=10,
+    )
     return [
         Case("png-bomb-9k", "bomb", png_zero(9000, 9000), None, "reject", "81 Mpx in ~10 KiB: over the 40 Mpx cap"),
         Case("png-bomb-10k", "bomb", png_zero(10000, 10000), None, "reject", "100 Mpx: Pillow's bomb warning"),
         Case("png-bomb-14k", "bomb", png_zero(14000, 14000), None, "reject", "196 Mpx: Pillow's bomb error"),
         Case("gif-10000-frames", "bomb", gif_many_frames(10_000), None, "reject", "GIF is not allowed at all"),
-        Case(
-            "webp-300-frames", "bomb", animated_webp, None, "accept", "only frame 0 is decoded", solid(RED)
-        ),  # fmt: skip
+        Case("webp-300-frames", "bomb", animated_webp, None, "accept", "only frame 0 is decoded", solid(RED)),
         Case(
             "png-huge-text-chunk",
             "bomb",
@@ -272,7 +285,7 @@ def _bombs() -> list[Case]:
             "accept",
             "a 4 MB tEXt chunk: parsed (Pillow caps only the total, 64 MiB), then dropped",
             solid(BLACK),
-        ),  # fmt: skip
+        ),
         Case(
             "png-ztxt-bomb",
             "bomb",
@@ -282,7 +295,7 @@ def _bombs() -> list[Case]:
             None,
             "reject",
             "20 MB of text in 20 KiB: Pillow stops inflating at MAX_TEXT_CHUNK (1 MiB) and raises",
-        ),  # fmt: skip
+        ),
         Case("tiff-5000-ifds", "bomb", tiff_chain(5000), None, "accept", "first page only", _tiff_ramp_check()),
         Case("tiff-ifd-loop", "bomb", tiff_chain(3, loop=True), None, "accept", "IFD chain loops", _tiff_ramp_check()),
     ]
@@ -318,7 +331,7 @@ def _truncated() -> list[Case]:
             "accept",
             "all pixels present, only the end marker missing: the pixels are exact",
             same_as(noise((64, 48), seed=1)),
-        ),  # fmt: skip
+        ),
         Case("webp-truncated-50pct", "truncated", _half(encode(noise(), "WEBP", quality=90)), None, "reject", ""),
         Case("tiff-truncated-50pct", "truncated", _half(encode(noise(), "TIFF")), None, "reject", "strip cut short"),
         Case("bmp-truncated-50pct", "truncated", _half(encode(noise(), "BMP")), None, "reject", ""),
@@ -360,7 +373,7 @@ def _wrong_type() -> list[Case]:
             "accept",
             "parser chosen from magic bytes, never from the name; TIFF is allowed",
             solid(GREEN),
-        ),  # fmt: skip
+        ),
         *(Case(name, "wrong-type", data, None, "reject", note) for name, data, note in reject),
     ]
 
@@ -387,7 +400,7 @@ def _modes() -> list[Case]:
             "accept",
             "transparent red must not show: composited over white",
             pixels((16, 16), {(2, 2): BLUE, (12, 2): WHITE}),
-        ),  # fmt: skip
+        ),
         Case("la-transparent", "mode", encode(la, "PNG"), None, "accept", "transparent grey -> white", solid(WHITE)),
         Case(
             "p-with-transparency",
@@ -397,7 +410,7 @@ def _modes() -> list[Case]:
             "accept",
             "transparent palette entry (red) -> white",
             solid(WHITE),
-        ),  # fmt: skip
+        ),
         Case(
             "i16-png",
             "mode",
@@ -406,7 +419,7 @@ def _modes() -> list[Case]:
             "accept",
             "16-bit 30000/65535 -> 117, not clipped to white",
             solid((117, 117, 117)),
-        ),  # fmt: skip
+        ),
         Case(
             "i16-png-trns",
             "mode",
@@ -415,7 +428,7 @@ def _modes() -> list[Case]:
             "accept",
             "16-bit grey with a tRNS colour: value 30000 is transparent -> white, like P/L/RGB with tRNS; 1000 -> 4",
             pixels((16, 16), {(2, 2): (4, 4, 4), (12, 2): WHITE}),
-        ),  # fmt: skip
+        ),
         Case(
             "i16b-tiff",
             "mode",
@@ -424,7 +437,7 @@ def _modes() -> list[Case]:
             "accept",
             "",
             solid((117,) * 3),
-        ),  # fmt: skip
+        ),
         Case(
             "i32-tiff",
             "mode",
@@ -433,7 +446,7 @@ def _modes() -> list[Case]:
             "accept",
             "mode I is treated as 16-bit data",
             solid((117, 117, 117)),
-        ),  # fmt: skip
+        ),
         Case(
             "f-tiff",
             "mode",
@@ -451,7 +464,7 @@ def _modes() -> list[Case]:
             "accept",
             "NaN -> 0, +inf -> 255, -inf -> 0",
             pixels((8, 16), {(0, 0): BLACK, (2, 0): WHITE, (4, 0): BLACK, (6, 0): (128,) * 3, (0, 12): (64,) * 3}),
-        ),  # fmt: skip
+        ),
         Case(
             "cmyk-jpeg",
             "mode",
@@ -460,7 +473,7 @@ def _modes() -> list[Case]:
             "accept",
             "cyan/magenta/yellow/black -> RGB (no ICC)",
             solid(RED, tolerance=8),
-        ),  # fmt: skip
+        ),
         Case(
             "cmyk-tiff",
             "mode",
@@ -469,7 +482,7 @@ def _modes() -> list[Case]:
             "accept",
             "",
             solid(RED),
-        ),  # fmt: skip
+        ),
         Case(
             "one-bit-png",
             "mode",
@@ -478,7 +491,7 @@ def _modes() -> list[Case]:
             "accept",
             "",
             pixels((16, 16), {(0, 0): BLACK, (15, 15): WHITE}),
-        ),  # fmt: skip
+        ),
         Case(
             "one-bit-tiff-g4",
             "mode",
@@ -487,7 +500,7 @@ def _modes() -> list[Case]:
             "accept",
             "fax",
             pixels((16, 16), {(0, 0): BLACK, (15, 15): WHITE}),
-        ),  # fmt: skip
+        ),
         Case(
             "rgba-webp-transparent",
             "mode",
@@ -496,7 +509,7 @@ def _modes() -> list[Case]:
             "accept",
             "",
             pixels((16, 16), {(2, 2): BLUE, (12, 2): WHITE}),
-        ),  # fmt: skip
+        ),
     ]
 
 
@@ -514,7 +527,7 @@ def _animated() -> list[Case]:
             "accept",
             "frame 0 (red)",
             solid(RED),
-        ),  # fmt: skip
+        ),
         Case(
             "tiff-multipage",
             "animated",
@@ -523,7 +536,7 @@ def _animated() -> list[Case]:
             "accept",
             "page 0 (red)",
             solid(RED),
-        ),  # fmt: skip
+        ),
     ]
 
 
@@ -546,7 +559,7 @@ def _geometry() -> list[Case]:
             None,
             "reject",
             "131k pixels, under the pixel cap, but one side over 16,384 px; rejected before decoding",
-        ),  # fmt: skip
+        ),
         Case("png-zero-width", "geometry", png_header_only(0, 16), None, "reject", "IHDR declares width 0"),
         Case("png-zero-height", "geometry", png_header_only(16, 0), None, "reject", "IHDR declares height 0"),
         Case("png-declared-2^31", "geometry", png_header_only(2**31 - 1, 2**31 - 1), None, "reject", "absurd header"),
@@ -558,7 +571,7 @@ def _geometry() -> list[Case]:
             "accept",
             "negative height = top-down rows",
             pixels((8, 8), {(0, 0): RED, (0, 7): BLUE}),
-        ),  # fmt: skip
+        ),
     ]
 
 
@@ -590,7 +603,7 @@ def _metadata() -> list[Case]:
             "accept",
             "GPS, Make, Model, DateTime all dropped",
             solid(RED, tolerance=4),
-        ),  # fmt: skip
+        ),
         Case(
             "jpeg-huge-exif",
             "metadata",
@@ -599,7 +612,7 @@ def _metadata() -> list[Case]:
             "accept",
             "a 60 KB UserComment (APP1 holds at most 64 KiB)",
             solid(RED, tolerance=4),
-        ),  # fmt: skip
+        ),
         Case(
             "png-huge-exif",
             "metadata",
@@ -608,7 +621,7 @@ def _metadata() -> list[Case]:
             "accept",
             "a 2 MB eXIf chunk",
             solid(RED),
-        ),  # fmt: skip
+        ),
         *(
             Case(
                 f"jpeg-orientation-{o}",
@@ -618,7 +631,7 @@ def _metadata() -> list[Case]:
                 "accept",
                 "orientation applied before EXIF is dropped",
                 oriented(quad, o),
-            )  # fmt: skip
+            )
             for o in range(2, 9)
         ),
         Case(
@@ -629,7 +642,7 @@ def _metadata() -> list[Case]:
             "accept",
             "eXIf chunk orientation, lossless",
             same_as(quad.transpose(ORIENTATION[6])),
-        ),  # fmt: skip
+        ),
         Case(
             "jpeg-orientation-invalid-9",
             "metadata",
@@ -638,7 +651,7 @@ def _metadata() -> list[Case]:
             "accept",
             "out-of-range orientation is ignored",
             oriented(quad, 9),
-        ),  # fmt: skip
+        ),
         Case(
             "jpeg-embedded-thumbnail",
             "metadata",
@@ -647,7 +660,7 @@ def _metadata() -> list[Case]:
             "accept",
             "IFD1 thumbnail (green) is neither shown nor kept",
             solid(RED, tolerance=4),
-        ),  # fmt: skip
+        ),
         Case(
             "jpeg-xmp",
             "metadata",
@@ -656,7 +669,7 @@ def _metadata() -> list[Case]:
             "accept",
             "",
             solid(RED, tolerance=4),
-        ),  # fmt: skip
+        ),
         Case(
             "jpeg-comment",
             "metadata",
@@ -665,7 +678,7 @@ def _metadata() -> list[Case]:
             "accept",
             "COM segment",
             solid(RED, tolerance=4),
-        ),  # fmt: skip
+        ),
         Case(
             "jpeg-icc",
             "metadata",
@@ -674,7 +687,7 @@ def _metadata() -> list[Case]:
             "accept",
             "ICC dropped, pixels taken as sRGB",
             solid(RED, tolerance=4),
-        ),  # fmt: skip
+        ),
         Case(
             "png-icc-and-text",
             "metadata",
@@ -683,7 +696,7 @@ def _metadata() -> list[Case]:
             "accept",
             "iCCP, tEXt, zTXt, iTXt (XMP), tIME",
             solid(RED),
-        ),  # fmt: skip
+        ),
         Case(
             "webp-exif-icc-xmp",
             "metadata",
@@ -692,7 +705,7 @@ def _metadata() -> list[Case]:
             "accept",
             "",
             solid(RED),
-        ),  # fmt: skip
+        ),
         Case("tiff-gps-exif", "metadata", encode(red, "TIFF", exif=gps_exif()), None, "accept", "", solid(RED)),
     ]
 
@@ -729,7 +742,7 @@ def _polyglot() -> list[Case]:
             "accept",
             "appended zip is not kept",
             solid(RED, tolerance=4),
-        ),  # fmt: skip
+        ),
         Case("png-plus-html", "polyglot", png + html, None, "accept", "bytes after IEND are not kept", solid(BLUE)),
         Case(
             "png-html-in-text-chunk",
@@ -739,7 +752,7 @@ def _polyglot() -> list[Case]:
             "accept",
             "",
             solid(BLUE),
-        ),  # fmt: skip
+        ),
         Case("html-then-png", "polyglot", html + png, None, "reject", "magic bytes are not at offset 0"),
         Case("zip-containing-png", "polyglot", _zip_with(png), None, "reject", "a zip is not an image"),
     ]
@@ -767,7 +780,7 @@ def _data_urls() -> list[Case]:
             f"data:image/png;base64,{b64[:-2]}A",
             "reject",
             "'==' replaced by one character: length not a multiple of 4",
-        ),  # fmt: skip
+        ),
         Case(
             "data-url-missing-padding",
             "base64",
@@ -775,7 +788,7 @@ def _data_urls() -> list[Case]:
             f"data:image/png;base64,{b64[:-2]}",
             "reject",
             "strict decoding: padding is required",
-        ),  # fmt: skip
+        ),
         Case(
             "data-url-png-labelled-jpeg",
             "base64",
@@ -784,7 +797,7 @@ def _data_urls() -> list[Case]:
             "accept",
             "an image/* MIME that does not match: the content decides, as for file names",
             solid(GREEN),
-        ),  # fmt: skip
+        ),
         Case(
             "data-url-text-html-mime",
             "base64",
@@ -792,7 +805,7 @@ def _data_urls() -> list[Case]:
             f"data:text/html;base64,{b64}",
             "reject",
             "valid PNG bytes, but not an image/* MIME",
-        ),  # fmt: skip
+        ),
         Case(
             "data-url-non-base64-chars",
             "base64",
@@ -800,7 +813,7 @@ def _data_urls() -> list[Case]:
             f"data:image/png;base64,{b64[:40]}*$%{b64[40:]}",
             "reject",
             "characters outside the base64 alphabet",
-        ),  # fmt: skip
+        ),
         Case(
             "data-url-over-long",
             "base64",
@@ -808,7 +821,7 @@ def _data_urls() -> list[Case]:
             "data:image/png;base64," + "A" * over,
             "reject",
             f"decodes to more than {DEFAULT_LIMITS.max_bytes:,} bytes: refused from the length alone",
-        ),  # fmt: skip
+        ),
         Case(
             "data-url-not-base64",
             "base64",
@@ -816,7 +829,7 @@ def _data_urls() -> list[Case]:
             "data:image/png," + png.decode("latin-1"),
             "reject",
             "no ;base64 marker",
-        ),  # fmt: skip
+        ),
         Case("data-url-no-scheme", "base64", None, b64, "reject", "bare base64 without data: prefix"),
     ]
 
@@ -844,9 +857,17 @@ def decode_data_url(url: str, max_bytes: int = DEFAULT_LIMITS.max_bytes) -> byte
 @functools.cache
 def all_cases() -> tuple[Case, ...]:
     cases = (
-        _bombs() + _truncated() + _wrong_type() + _modes() + _animated() + _geometry() + _metadata() + _heic_avif()
-        + _polyglot() + _data_urls()
-    )  # fmt: skip
+        _bombs()
+        + _truncated()
+        + _wrong_type()
+        + _modes()
+        + _animated()
+        + _geometry()
+        + _metadata()
+        + _heic_avif()
+        + _polyglot()
+        + _data_urls()
+    )
     names = [c.name for c in cases]
     assert len(set(names)) == len(names), "case names must be unique"
     assert {c.category for c in cases} == set(CATEGORIES)

@@ -18,8 +18,8 @@ import pytest
 import uvicorn
 from conftest import endless, image_bytes
 
-from skingpt4.serve.api import ServeConfig, create_app
 from skingpt4.images import load_image
+from skingpt4.serve.api import ServeConfig, create_app
 from skingpt4.serve.records import RecordStore
 from skingpt4.serve.safety import DISCLAIMER
 
@@ -196,8 +196,9 @@ def test_queue_full_means_503_with_retry_after(loaded):
     body = {"model": "m", "messages": [user("hi", image_bytes())], "max_tokens": 1}
     try:
         with ThreadPoolExecutor(20) as pool:
-            futures = [pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=body, timeout=5)
-                       for _ in range(20)]  # fmt: skip
+            futures = [
+                pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=body, timeout=5) for _ in range(20)
+            ]
             deadline = time.monotonic() + 5
             while sum(f.done() for f in futures) < 17 and time.monotonic() < deadline:
                 time.sleep(0.05)

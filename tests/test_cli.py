@@ -75,9 +75,20 @@ def test_terminal_chat_ends_at_eof(loaded):
 
 
 def test_convert_command(tmp_path, lavis_files, llm_dir, dims, capsys):
-    common = ["--vit", str(lavis_files["vit"]), "--qformer", str(lavis_files["qformer"]), "--llm", str(llm_dir),
-              "--projection", str(lavis_files["proj"]), "--vit-heads", str(dims.vit_heads),
-              "--qformer-heads", str(dims.qformer_heads)]  # fmt: skip
+    common = [
+        "--vit",
+        str(lavis_files["vit"]),
+        "--qformer",
+        str(lavis_files["qformer"]),
+        "--llm",
+        str(llm_dir),
+        "--projection",
+        str(lavis_files["proj"]),
+        "--vit-heads",
+        str(dims.vit_heads),
+        "--qformer-heads",
+        str(dims.qformer_heads),
+    ]
     assert main(["convert", *common, "--out", str(tmp_path / "m"), "--shard-size-gb", "0.00005"]) == 0
     assert "converted into" in capsys.readouterr().out
     assert len(list((tmp_path / "m").glob("model-*.safetensors"))) > 1
@@ -90,8 +101,10 @@ def test_records_commands(tmp_path, capsys):
 
     db = tmp_path / "records.sqlite"
     with RecordStore(db) as store:
-        ids = [store.save({"surface": "chat", "model_id": "m", "turns": [{"role": "user", "text": f"q{i}"}]})
-               for i in range(3)]  # fmt: skip
+        ids = [
+            store.save({"surface": "chat", "model_id": "m", "turns": [{"role": "user", "text": f"q{i}"}]})
+            for i in range(3)
+        ]
     assert main(["records", "list", "--records", str(db)]) == 0
     listed = capsys.readouterr().out
     assert all(i in listed for i in ids) and "1 turns" in listed
@@ -150,8 +163,19 @@ def test_serve_finishes_in_flight_work_on_sigterm_and_logs_no_patient_text(tiny_
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "SKINGPT4_API_KEY": "k"}
-    cmd = [sys.executable, "-m", "skingpt4", "serve", "--model", str(tiny_dir), "--port", str(port), "--record",
-           "--records", str(tmp_path / "r.sqlite")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "skingpt4",
+        "serve",
+        "--model",
+        str(tiny_dir),
+        "--port",
+        str(port),
+        "--record",
+        "--records",
+        str(tmp_path / "r.sqlite"),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -165,8 +189,9 @@ def test_serve_finishes_in_flight_work_on_sigterm_and_logs_no_patient_text(tiny_
         photo = "data:image/png;base64," + __import__("base64").b64encode(image_bytes()).decode()
         content = [{"type": "image_url", "image_url": {"url": photo}}, {"type": "text", "text": "zebracanary77 ok?"}]
         body = {"messages": [{"role": "user", "content": content}], "stream": True, "max_tokens": 200}
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"},
-                          timeout=30) as response:  # fmt: skip
+        with httpx.stream(
+            "POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"}, timeout=30
+        ) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
             proc.send_signal(signal.SIGTERM)  # mid-answer

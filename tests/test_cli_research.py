@@ -57,8 +57,20 @@ def labelled_set(tmp_path) -> str:
 def test_eval_then_review_the_clinical_transcripts(tiny_dir, tmp_path, capsys):
     data = labelled_set(tmp_path)
     out = tmp_path / "choice"
-    argv = ["eval", "--model", str(tiny_dir), "--data", data, "--out", str(out), "--mode", "choice", "--bootstrap",
-            "50", "--no-progress"]  # fmt: skip
+    argv = [
+        "eval",
+        "--model",
+        str(tiny_dir),
+        "--data",
+        data,
+        "--out",
+        str(out),
+        "--mode",
+        "choice",
+        "--bootstrap",
+        "50",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     assert "4 answered" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
@@ -66,8 +78,22 @@ def test_eval_then_review_the_clinical_transcripts(tiny_dir, tmp_path, capsys):
     assert (out / "report.html").is_file() and (out / "confusion.png").is_file()
 
     clinical = tmp_path / "clinical"
-    argv = ["eval", "--model", str(tiny_dir), "--data", data, "--out", str(clinical), "--protocol", "clinical",
-            "--max-new-tokens", "2", "--bootstrap", "50", "--no-progress"]  # fmt: skip
+    argv = [
+        "eval",
+        "--model",
+        str(tiny_dir),
+        "--data",
+        data,
+        "--out",
+        str(clinical),
+        "--protocol",
+        "clinical",
+        "--max-new-tokens",
+        "2",
+        "--bootstrap",
+        "50",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     from skingpt4.review.page import load_cases
 

@@ -9,9 +9,9 @@ from conftest import endless, image_bytes
 from PIL import Image, ImageDraw
 
 from skingpt4.chat import GenerationSettings
-from skingpt4.serve.consult import MAX_QUESTION_CHARS, Consultation
 from skingpt4.errors import InputError
 from skingpt4.images import load_image
+from skingpt4.serve.consult import MAX_QUESTION_CHARS, Consultation
 from skingpt4.serve.records import RecordStore
 from skingpt4.serve.safety import DISCLAIMER, REFERRAL_PROMPT
 

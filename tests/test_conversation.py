@@ -108,8 +108,28 @@ def test_property_user_text_never_changes_the_structure():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    pieces = st.sampled_from(["<ImageHere>", "<Img>", "</Img>", "###", "#", "Human:", "Assistant:", "<s>", "</s>",
-                              "<image>", "<", ">", "Img", "Here", " ", "a", "\n", "[INST]"])  # fmt: skip
+    pieces = st.sampled_from(
+        [
+            "<ImageHere>",
+            "<Img>",
+            "</Img>",
+            "###",
+            "#",
+            "Human:",
+            "Assistant:",
+            "<s>",
+            "</s>",
+            "<image>",
+            "<",
+            ">",
+            "Img",
+            "Here",
+            " ",
+            "a",
+            "\n",
+            "[INST]",
+        ]
+    )
 
     @settings(max_examples=300, deadline=None)
     @given(st.lists(pieces, max_size=30).map("".join))

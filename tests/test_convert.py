@@ -19,9 +19,13 @@ from skingpt4.model import META_FILE, ModelMeta
 
 def options(lavis_files, llm_dir, dims, **overrides) -> ConvertOptions:
     base = dict(
-        llm=str(llm_dir), projection=lavis_files["proj"], vit=lavis_files["vit"], qformer=lavis_files["qformer"],
-        vit_heads=dims.vit_heads, qformer_heads=dims.qformer_heads,
-    )  # fmt: skip
+        llm=str(llm_dir),
+        projection=lavis_files["proj"],
+        vit=lavis_files["vit"],
+        qformer=lavis_files["qformer"],
+        vit_heads=dims.vit_heads,
+        qformer_heads=dims.qformer_heads,
+    )
     return ConvertOptions(**{**base, **overrides})
 
 
@@ -101,12 +105,14 @@ def hf_blip2_flan_t5_folder(folder: Path, dims) -> dict[str, torch.Tensor]:
     from skingpt4.model import qformer_config, vision_config
 
     vision = vision_config(dims.vit_width, dims.vit_depth, dims.vit_heads, dims.vit_mlp, dims.image_size)
-    qformer = qformer_config(dims.qformer_width, dims.qformer_depth, dims.qformer_heads, dims.qformer_ffn,
-                             dims.vit_width)  # fmt: skip
+    qformer = qformer_config(
+        dims.qformer_width, dims.qformer_depth, dims.qformer_heads, dims.qformer_ffn, dims.vit_width
+    )
     t5 = T5Config(vocab_size=32, d_model=4096, d_kv=8, d_ff=8, num_layers=1, num_decoder_layers=1, num_heads=1)
     torch.manual_seed(3)
-    model = Blip2ForConditionalGeneration(Blip2Config(vision_config=vision, qformer_config=qformer,
-                                                      text_config=t5.to_dict(), num_query_tokens=32))  # fmt: skip
+    model = Blip2ForConditionalGeneration(
+        Blip2Config(vision_config=vision, qformer_config=qformer, text_config=t5.to_dict(), num_query_tokens=32)
+    )
     model.save_pretrained(folder)
     return model.state_dict()
 
@@ -136,9 +142,12 @@ def test_blip2_folder_route(tmp_path, lavis_files, llm_dir, dims):
 
 @pytest.mark.parametrize(
     ("source", "key"),
-    [("vit", "blocks.0.attn.relative_position_bias_table"), ("qformer", "Qformer.bert.pooler.dense.weight"),
-     ("proj", "visual_encoder.cls_token")],
-)  # fmt: skip
+    [
+        ("vit", "blocks.0.attn.relative_position_bias_table"),
+        ("qformer", "Qformer.bert.pooler.dense.weight"),
+        ("proj", "visual_encoder.cls_token"),
+    ],
+)
 def test_unknown_key_stops_and_names_it(tmp_path, lavis_files, llm_dir, dims, source, key):
     def add(data):
         (data["model"] if "model" in data else data)[key] = torch.ones(2)
@@ -152,9 +161,12 @@ def test_unknown_key_stops_and_names_it(tmp_path, lavis_files, llm_dir, dims, so
 
 @pytest.mark.parametrize(
     ("shape", "message"),
-    [((5120, 768), "made for a 13B LLM, but --llm is 7B"), ((4096, 768), "made for a 7B LLM, but --llm is 13B"),
-     ((4096, 5632), "MiniGPT-4's Llama-2 variant without a Q-Former")],
-)  # fmt: skip
+    [
+        ((5120, 768), "made for a 13B LLM, but --llm is 7B"),
+        ((4096, 768), "made for a 7B LLM, but --llm is 13B"),
+        ((4096, 5632), "MiniGPT-4's Llama-2 variant without a Q-Former"),
+    ],
+)
 def test_classic_projection_mistakes(shape, message):
     llm_width = 4096 if shape[0] == 5120 else 5120 if shape == (4096, 768) else 4096
     with pytest.raises(ConversionError, match=message):
@@ -225,8 +237,15 @@ def test_vit_g_needs_its_40_blocks_and_missing_keys_are_named(tmp_path, lavis_fi
 
     blocks = {f"blocks.{i}.norm1.weight": torch.ones(1) for i in range(39)}
     with pytest.raises(ConversionError, match="has 39 blocks; eva_vit_g.pth has 40"):
-        map_vit({"cls_token": torch.ones(1, 1, 1408), "pos_embed": torch.ones(1), "patch_embed.proj.weight": 0,
-                 "patch_embed.proj.bias": 0, **blocks})  # fmt: skip
+        map_vit(
+            {
+                "cls_token": torch.ones(1, 1, 1408),
+                "pos_embed": torch.ones(1),
+                "patch_embed.proj.weight": 0,
+                "patch_embed.proj.bias": 0,
+                **blocks,
+            }
+        )
     no_pos = resave(lavis_files["vit"], lambda sd: sd.pop("pos_embed"))
     with pytest.raises(ConversionError, match="--vit file lacks 'pos_embed'"):
         convert(options({**lavis_files, "vit": no_pos}, llm_dir, dims), tmp_path / "o")

@@ -15,8 +15,8 @@ from PIL import Image
 
 from skingpt4.data import adapters
 from skingpt4.data.prepare import assign_splits, prepare, read_minigpt4
-from skingpt4.serve.diagnose import read_manifest
 from skingpt4.errors import InputError
+from skingpt4.serve.diagnose import read_manifest
 
 CONCEPTS = "This is a skin disease image with the following medical features (clinical concepts): "
 NOT_AN_IMAGE = "not an image file, or an unsupported image format; allowed: JPEG, PNG, WebP, BMP, TIFF"
@@ -45,8 +45,10 @@ def names(records: list[dict]) -> list[str]:
 
 def skincon_csv(path: Path, marked: dict[str, list[str]], do_not_consider: set[str] = frozenset()) -> Path:
     header = ["", "ImageID", *adapters.SKINCON_CONCEPTS, "Do not consider this image"]
-    rows = [[i, image, *(int(c in concepts) for c in adapters.SKINCON_CONCEPTS), int(image in do_not_consider)]
-            for i, (image, concepts) in enumerate(marked.items())]  # fmt: skip
+    rows = [
+        [i, image, *(int(c in concepts) for c in adapters.SKINCON_CONCEPTS), int(image in do_not_consider)]
+        for i, (image, concepts) in enumerate(marked.items())
+    ]
     return table(path, header, rows)
 
 
@@ -56,8 +58,12 @@ def skincon_csv(path: Path, marked: dict[str, list[str]], do_not_consider: set[s
 
 def test_skincon_step1_captions(tmp_path):
     # Concepts are ticked out of column order on purpose: captions list them in the CSV's (SKINCON's) order.
-    marked = {"a.jpg": ["Erythema", "Scale", "Plaque"], "b.jpg": ["Xerosis", "Fissure", "Induration"],
-              "c.jpg": ["Papule"], "d.jpg": []}  # fmt: skip
+    marked = {
+        "a.jpg": ["Erythema", "Scale", "Plaque"],
+        "b.jpg": ["Xerosis", "Fissure", "Induration"],
+        "c.jpg": ["Papule"],
+        "d.jpg": [],
+    }
     csv_path = skincon_csv(tmp_path / "skincon.csv", marked, do_not_consider={"c.jpg"})
     for n, image in enumerate(marked):
         picture(tmp_path / "images" / image, n)
@@ -67,8 +73,12 @@ def test_skincon_step1_captions(tmp_path):
         "This is a skin disease image with the following medical features (clinical concepts): "
         "Fissure, Induration, Xerosis.",
     ]
-    assert [r.get("exclude") for r in records] == [None, None, "marked 'Do not consider this image'",
-                                                   "no concept marked"]  # fmt: skip
+    assert [r.get("exclude") for r in records] == [
+        None,
+        None,
+        "marked 'Do not consider this image'",
+        "no concept marked",
+    ]
     assert records[0]["source"] == "skincon" and "CC BY-NC-SA 3.0" in records[0]["license"]
 
     report = prepare("skincon", csv_path, tmp_path / "out" / "step1.jsonl", images=tmp_path / "images")
@@ -142,8 +152,17 @@ def test_concept_prefix_and_regroup(tmp_path):
 
 
 def test_fitzpatrick17k_adapter(tmp_path):
-    header = ["md5hash", "fitzpatrick_scale", "fitzpatrick_centaur", "label", "nine_partition_label",
-              "three_partition_label", "qc", "url", "url_alphanum"]  # fmt: skip
+    header = [
+        "md5hash",
+        "fitzpatrick_scale",
+        "fitzpatrick_centaur",
+        "label",
+        "nine_partition_label",
+        "three_partition_label",
+        "qc",
+        "url",
+        "url_alphanum",
+    ]
     rows = [
         ["5e82a45b", 3, 3, "psoriasis", "inflammatory", "non-neoplastic", "", "https://x/1.jpg", "x1.jpg"],
         ["9bc21ae9", -1, -1, "melanoma", "malignant melanoma", "malignant", "1 Diagnostic", "u", "x2.jpg"],
@@ -163,25 +182,31 @@ def test_fitzpatrick17k_adapter(tmp_path):
 
 
 def test_ddi_adapter(tmp_path):
-    rows = [[1, "000001.png", 56, True, "melanoma-in-situ"], [2, "000002.png", 12, False, "verruca-vulgaris"],
-            [3, "000003.png", 34, False, "seborrheic-keratosis"]]  # fmt: skip
+    rows = [
+        [1, "000001.png", 56, True, "melanoma-in-situ"],
+        [2, "000002.png", 12, False, "verruca-vulgaris"],
+        [3, "000003.png", 34, False, "seborrheic-keratosis"],
+    ]
     csv_path = table(tmp_path / "ddi_metadata.csv", ["DDI_ID", "DDI_file", "skin_tone", "malignant", "disease"], rows)
     for n, row in enumerate(rows):
         picture(tmp_path / row[1], n, "PNG")
     records = adapters.ddi(csv_path, tmp_path)
     assert [(r["fitzpatrick_group"], r["malignant"], r["label"]) for r in records] == [
-        ("V-VI", True, "melanoma-in-situ"), ("I-II", False, "verruca-vulgaris"),
+        ("V-VI", True, "melanoma-in-situ"),
+        ("I-II", False, "verruca-vulgaris"),
         ("III-IV", False, "seborrheic-keratosis"),
-    ]  # fmt: skip
+    ]
     assert records[0]["caption"] == "This could be a skin disease image of melanoma-in-situ."
     assert records[0]["source"] == "ddi" and "research use" in records[0]["license"]
 
 
 def test_ham10000_adapter_finds_both_image_parts(tmp_path):
     header = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
-    rows = [["HAM_0000118", "ISIC_0027419", "bkl", "histo", "80.0", "male", "scalp"],
-            ["HAM_0000118", "ISIC_0025030", "bkl", "histo", "80.0", "male", "scalp"],
-            ["HAM_0002730", "ISIC_0026769", "mel", "histo", "75.0", "female", "back"]]  # fmt: skip
+    rows = [
+        ["HAM_0000118", "ISIC_0027419", "bkl", "histo", "80.0", "male", "scalp"],
+        ["HAM_0000118", "ISIC_0025030", "bkl", "histo", "80.0", "male", "scalp"],
+        ["HAM_0002730", "ISIC_0026769", "mel", "histo", "75.0", "female", "back"],
+    ]
     csv_path = table(tmp_path / "HAM10000_metadata.csv", header, rows)
     picture(tmp_path / "HAM10000_images_part_1" / "ISIC_0027419.jpg", 1)
     picture(tmp_path / "HAM10000_images_part_2" / "ISIC_0025030.jpg", 2)
@@ -192,20 +217,38 @@ def test_ham10000_adapter_finds_both_image_parts(tmp_path):
     assert records[2]["caption"] == "This could be a skin disease image of melanoma."
     assert records[0]["label"] == "benign keratosis-like lesions" and records[0]["dx"] == "bkl"
     assert (records[0]["patient_id"], records[0]["localization"], records[0]["license"]) == (
-        "HAM_0000118", "scalp", "CC BY-NC 4.0")  # fmt: skip
+        "HAM_0000118",
+        "scalp",
+        "CC BY-NC 4.0",
+    )
 
 
 def test_pad_ufes_20_adapter(tmp_path):
-    header = ["patient_id", "lesion_id", "smoke", "age", "gender", "fitspatrick", "region", "diameter_1",
-              "diagnostic", "img_id", "biopsed"]  # fmt: skip
-    rows = [["PAT_46", 881, "False", 55, "FEMALE", "3.0", "NECK", "6.0", "BCC", "PAT_46_881_939.png", "True"],
-            ["PAT_46", 882, "False", 55, "FEMALE", "", "FACE", "", "ACK", "PAT_46_882_14.png", "False"]]  # fmt: skip
+    header = [
+        "patient_id",
+        "lesion_id",
+        "smoke",
+        "age",
+        "gender",
+        "fitspatrick",
+        "region",
+        "diameter_1",
+        "diagnostic",
+        "img_id",
+        "biopsed",
+    ]
+    rows = [
+        ["PAT_46", 881, "False", 55, "FEMALE", "3.0", "NECK", "6.0", "BCC", "PAT_46_881_939.png", "True"],
+        ["PAT_46", 882, "False", 55, "FEMALE", "", "FACE", "", "ACK", "PAT_46_882_14.png", "False"],
+    ]
     csv_path = table(tmp_path / "metadata.csv", header, rows)
     picture(tmp_path / "images" / "imgs_part_1" / "PAT_46_881_939.png", 1, "PNG")
     picture(tmp_path / "images" / "imgs_part_2" / "PAT_46_882_14.png", 2, "PNG")
     records = adapters.pad_ufes_20(csv_path, tmp_path / "images")
-    assert [r["caption"] for r in records] == ["This could be a skin disease image of basal cell carcinoma.",
-                                               "This could be a skin disease image of actinic keratosis."]  # fmt: skip
+    assert [r["caption"] for r in records] == [
+        "This could be a skin disease image of basal cell carcinoma.",
+        "This could be a skin disease image of actinic keratosis.",
+    ]
     assert [(r.get("fitzpatrick"), r.get("fitzpatrick_group")) for r in records] == [(3, "III-IV"), (None, None)]
     ids = [(r["patient_id"], r["lesion_id"], r["region"]) for r in records]
     assert ids == [("PAT_46", "881", "NECK"), ("PAT_46", "882", "FACE")]
@@ -219,8 +262,11 @@ def test_pad_ufes_20_adapter(tmp_path):
 def patients(n_patients: int = 120, seed: int = 7) -> list[dict]:
     """Synthetic records: patients with 1-4 images each, plus 30 images with no patient id."""
     rng = random.Random(seed)
-    records = [{"image": f"/d/p{p}_{i}.jpg", "patient_id": f"P{p}", "source_sha256": f"{p}-{i}"}
-               for p in range(n_patients) for i in range(rng.randint(1, 4))]  # fmt: skip
+    records = [
+        {"image": f"/d/p{p}_{i}.jpg", "patient_id": f"P{p}", "source_sha256": f"{p}-{i}"}
+        for p in range(n_patients)
+        for i in range(rng.randint(1, 4))
+    ]
     return records + [{"image": f"/d/solo{i}.jpg", "source_sha256": f"solo{i}"} for i in range(30)]
 
 
@@ -263,13 +309,16 @@ def test_split_keeps_duplicates_together_end_to_end(tmp_path):
             n += 1
     rows.append(["HAM_9999999", "ISIC_9999999", "nv"])
     (tmp_path / "HAM10000_images_part_1" / "ISIC_9999999.jpg").write_bytes(
-        (tmp_path / "HAM10000_images_part_1" / "ISIC_0000000.jpg").read_bytes())  # fmt: skip
+        (tmp_path / "HAM10000_images_part_1" / "ISIC_0000000.jpg").read_bytes()
+    )
     csv_path = table(tmp_path / "HAM10000_metadata.csv", ["lesion_id", "image_id", "dx"], rows)
     out = tmp_path / "ham.jsonl"
     report = prepare("ham10000", csv_path, out, seed=5)
     assert (report.patients_across_splits, report.duplicates_across_splits) == (0, 0)
     assert len(report.duplicates) == 1 and sorted(names([{"image": i} for i in report.duplicates[0]])) == [
-        "ISIC_0000000.jpg", "ISIC_9999999.jpg"]  # fmt: skip
+        "ISIC_0000000.jpg",
+        "ISIC_9999999.jpg",
+    ]
     written = {Path(r["image"]).name: r for r in map(json.loads, out.read_text().splitlines())}
     assert written["ISIC_0000000.jpg"]["split"] == written["ISIC_9999999.jpg"]["split"]
     assert sum(report.splits.values()) == n + 1 == report.written
@@ -283,9 +332,17 @@ def test_split_keeps_duplicates_together_end_to_end(tmp_path):
 def test_integrity_report_counts(tmp_path):
     images = tmp_path / "images"
     header = ["md5hash", "fitzpatrick_scale", "label"]
-    rows = [["h1", 1, "psoriasis"], ["h2", 2, "psoriasis"], ["h3", 3, "eczema"], ["h4", 5, "eczema"],
-            ["h5", -1, "melanoma"], ["h6", 4, "psoriasis"], ["h7", 2, "eczema"], ["h8", 6, "eczema"],
-            ["h9", 1, "melanoma"]]  # fmt: skip
+    rows = [
+        ["h1", 1, "psoriasis"],
+        ["h2", 2, "psoriasis"],
+        ["h3", 3, "eczema"],
+        ["h4", 5, "eczema"],
+        ["h5", -1, "melanoma"],
+        ["h6", 4, "psoriasis"],
+        ["h7", 2, "eczema"],
+        ["h8", 6, "eczema"],
+        ["h9", 1, "melanoma"],
+    ]
     csv_path = table(tmp_path / "fitzpatrick17k.csv", header, rows)
     for n in range(1, 6):
         picture(images / f"h{n}.jpg", n)
@@ -351,14 +408,17 @@ def test_minigpt4_round_trip_without_exif(tmp_path):
     assert report.written == 3 and sorted(p.name for p in out.iterdir()) == ["manifest.jsonl", "train"]
 
     cap = json.loads((out / "train" / "filter_cap.json").read_text())
-    assert cap == {"annotations": [
-        {"image_id": "m1", "caption": "This could be a skin disease image of Melanoma."},
-        {"image_id": "m2", "caption": "This could be a skin disease image of Melanoma."},
-        {"image_id": "phone_photo", "caption": "This could be a skin disease image of Nevus."},
-    ]}  # fmt: skip
+    assert cap == {
+        "annotations": [
+            {"image_id": "m1", "caption": "This could be a skin disease image of Melanoma."},
+            {"image_id": "m2", "caption": "This could be a skin disease image of Melanoma."},
+            {"image_id": "phone_photo", "caption": "This could be a skin disease image of Nevus."},
+        ]
+    }
     records = read_minigpt4(out / "train")
     assert [(r["image"], r["caption"]) for r in records] == [
-        (f"image/{a['image_id']}.jpg", a["caption"]) for a in cap["annotations"]]  # fmt: skip
+        (f"image/{a['image_id']}.jpg", a["caption"]) for a in cap["annotations"]
+    ]
     for record in records:
         path = out / "train" / record["image"]
         with Image.open(path) as img:
@@ -397,18 +457,20 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         (("ham10000", tmp_path / "nope.csv", tmp_path / "o.jsonl"), {}, "ham10000 CSV: no such file: "),
         (("ham10000", ham, tmp_path / "o.jsonl"), {}, "ham10000 CSV ham.csv: missing column(s) image_id, dx"),
         (("skincon", ham, tmp_path / "o.jsonl"), {}, "skincon CSV ham.csv: missing column ImageID (or DDI_file)"),
-        (("fitzpatrick17k", fitz, tmp_path / "o.jsonl"), {"images": tmp_path / "images"},
-         "no usable images from "),
+        (("fitzpatrick17k", fitz, tmp_path / "o.jsonl"), {"images": tmp_path / "images"}, "no usable images from "),
         (("folder", tmp_path / "images", tmp_path / "o.jsonl"), {}, "no usable images from "),
         (("folder", tmp_path / "absent", tmp_path / "o.jsonl"), {}, "folder: not a folder: "),
         (("folder", tmp_path, tmp_path / "o.json"), {}, "a manifest must be a .jsonl file, got "),
-        (("folder", tmp_path, tmp_path / "o.jsonl"), {"fractions": (0.8, 0.3, 0.1)},
-         "fractions (train, val, test) must be >= 0, sum to 1, train > 0; got (0.8, 0.3, 0.1)"),
+        (
+            ("folder", tmp_path, tmp_path / "o.jsonl"),
+            {"fractions": (0.8, 0.3, 0.1)},
+            "fractions (train, val, test) must be >= 0, sum to 1, train > 0; got (0.8, 0.3, 0.1)",
+        ),
         (("folder", tmp_path, tmp_path / "o.jsonl"), {"layout": "tar"}, "unknown layout 'tar'"),
         (("skincon", ham, tmp_path / "o.jsonl"), {"mapping": ham}, "skincon captions are concepts only"),
         (("minigpt4", mgpt, tmp_path / "o.jsonl"), {}, "annotation 1: needs an image_id and a caption"),
         (("minigpt4", tmp_path, tmp_path / "o.jsonl"), {}, "not a MiniGPT-4 caption folder (no filter_cap.json)"),
-    ]  # fmt: skip
+    ]
     for args, options, message in cases:
         with pytest.raises(InputError) as caught:
             prepare(*args, **options)

@@ -10,8 +10,8 @@ from conftest import image_bytes
 
 from skingpt4.chat import GenerationSettings
 from skingpt4.conversation import CLINICAL_PROMPTS, DEFAULT_QUESTION
-from skingpt4.serve.diagnose import RecordFile, collect, diagnose
 from skingpt4.errors import InputError
+from skingpt4.serve.diagnose import RecordFile, collect, diagnose
 
 GREEDY = GenerationSettings.greedy(max_new_tokens=6)
 
@@ -114,8 +114,23 @@ def test_sigkill_then_rerun_processes_each_image_exactly_once(tiny_dir, tmp_path
     for i in range(20):
         (folder / f"img{i:02d}.png").write_bytes(image_bytes(noise_seed=i, size=(32, 32)))
     out = tmp_path / "r.jsonl"
-    cmd = [sys.executable, "-m", "skingpt4", "diagnose", "--model", str(tiny_dir), str(folder), "--out", str(out),
-           "--greedy", "--max-new-tokens", "16", "--batch-size", "1", "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "skingpt4",
+        "diagnose",
+        "--model",
+        str(tiny_dir),
+        str(folder),
+        "--out",
+        str(out),
+        "--greedy",
+        "--max-new-tokens",
+        "16",
+        "--batch-size",
+        "1",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while (

@@ -12,10 +12,10 @@ from conftest import image_bytes
 
 from skingpt4.chat import ChatEngine, GenerationSettings
 from skingpt4.conversation import CLINICAL_PROMPTS
-from skingpt4.serve.diagnose import collect
 from skingpt4.errors import InputError
 from skingpt4.evaluate.run import PredictionFile, canonical, run_eval
 from skingpt4.evaluate.scoring import ANSWER_FORMAT, score_labels, spoken
+from skingpt4.serve.diagnose import collect
 
 GREEDY = GenerationSettings.greedy(max_new_tokens=4)
 LABELS = ["eczema", "psoriasis", "melanoma"]
@@ -166,8 +166,9 @@ def test_repeats_give_consistency(loaded, tmp_path):
     items = write_set(tmp_path / "data", n=3)
     script = {sha256(i): "Consistent with eczema." for i in items}
     sampling = GenerationSettings(max_new_tokens=4)
-    result = run_eval(Scripted(loaded, script), items, tmp_path / "out", settings=sampling, repeats=3, n_boot=20,
-                      progress=False)  # fmt: skip
+    result = run_eval(
+        Scripted(loaded, script), items, tmp_path / "out", settings=sampling, repeats=3, n_boot=20, progress=False
+    )
     records = lines(tmp_path / "out" / "predictions.jsonl")
     assert sorted((r["case"], r["repeat"]) for r in records) == [(f"img{i}", r) for i in range(3) for r in range(3)]
     assert result["metrics"]["consistency"]["ratio"]["value"] == 1.0
@@ -223,8 +224,9 @@ def test_a_rerun_scores_the_manifest_as_it_is_now(loaded, tmp_path):
         row["fitzpatrick_group"] = "V-VI"
         del row["fitzpatrick"]
     (tmp_path / "data" / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = run_eval(engine, collect([str(tmp_path / "data" / "set.jsonl")]), out, labels=LABELS, mode="choice",
-                      **FAST)  # fmt: skip
+    result = run_eval(
+        engine, collect([str(tmp_path / "data" / "set.jsonl")]), out, labels=LABELS, mode="choice", **FAST
+    )
     metrics = result["metrics"]
     assert result["done"] == 0 and metrics["n"] == 2
     assert metrics["per_class"]["melanoma"]["support"] == 1 and metrics["per_class"]["eczema"]["support"] == 0

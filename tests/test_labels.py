@@ -18,8 +18,12 @@ U = "unmatched"
 # (answer, label set, expected label or "unmatched"): answers in the style SkinGPT-4 / MiniGPT-4 write.
 CASES = [
     # the trained sentence, with the step-1 concepts sentence before it
-    ("This is a skin disease image with the following clinical concepts: Plaque, Scale, Erythema. This could be a "
-     "skin disease image of psoriasis.", SMALL, "psoriasis"),
+    (
+        "This is a skin disease image with the following clinical concepts: Plaque, Scale, Erythema. This could be a "
+        "skin disease image of psoriasis.",
+        SMALL,
+        "psoriasis",
+    ),
     ("This could be a skin disease image of epidermal cyst.", PAPER, "Benign tumors"),
     ("This could be a skin disease image of actinic keratosis.", PAPER, "Malignant lesions"),
     ("This could be a skin disease image of actinic keratosis.", HAM, "akiec"),
@@ -51,18 +55,28 @@ CASES = [
     ("This could be a skin disease image of Behçet's disease.", FITZ, "behcets disease"),
     ("This could be a skin disease image of Hailey-Hailey disease.", FITZ, "hailey hailey disease"),
     ("This could be a skin disease image of halo nevi.", FITZ, "halo nevus"),
-    ("This could be a skin disease image of superficial spreading melanoma.", FITZ,
-     "superficial spreading melanoma ssm"),
+    (
+        "This could be a skin disease image of superficial spreading melanoma.",
+        FITZ,
+        "superficial spreading melanoma ssm",
+    ),
     ("This could be a skin disease image of nodular melanoma.", DDI, "nodular-melanoma-(nm)"),
     ("This could be a skin disease image of a keratoacanthoma.", DDI, "squamous-cell-carcinoma-keratoacanthoma"),
     ("This could be a skin disease image of a skin tag.", DDI, "acrochordon"),
     ("This could be a skin disease image of common warts.", DDI, "verruca-vulgaris"),  # both DDI labels: first
     ("This could be a skin disease image of warts.", DDI, "wart"),  # a label's own name comes first
     # cues other than the trained sentence, with hedges
-    ("The lesion is an erythematous, scaly plaque on the elbow. These findings are consistent with psoriasis.",
-     SMALL, "psoriasis"),
-    ("The image shows a pigmented lesion with irregular borders and variegated colour, which is suggestive of "
-     "melanoma. Please see a dermatologist.", SMALL, "melanoma"),
+    (
+        "The lesion is an erythematous, scaly plaque on the elbow. These findings are consistent with psoriasis.",
+        SMALL,
+        "psoriasis",
+    ),
+    (
+        "The image shows a pigmented lesion with irregular borders and variegated colour, which is suggestive of "
+        "melanoma. Please see a dermatologist.",
+        SMALL,
+        "melanoma",
+    ),
     ("Diagnosis: eczema. The skin is dry, red and itchy.", SMALL, "eczema"),
     ("The most likely diagnosis is atopic dermatitis, a chronic inflammatory condition.", SMALL, "eczema"),
     ("Based on the appearance, it is likely a basal cell carcinoma. It grows slowly.", HAM, "bcc"),
@@ -76,8 +90,11 @@ CASES = [
     # broader group words do not stop the search for the named disease
     ("It is a type of skin cancer called melanoma.", HAM, "mel"),
     ("It is a benign lesion, most likely a seborrheic keratosis.", HAM, "bkl"),
-    ("This could be a skin disease image of a malignant tumor, likely squamous cell carcinoma.", PAPER,
-     "Malignant lesions"),
+    (
+        "This could be a skin disease image of a malignant tumor, likely squamous cell carcinoma.",
+        PAPER,
+        "Malignant lesions",
+    ),
     ("This could be a skin disease image of basal cell carcinoma.", FITZ3, "malignant"),
     ("This could be a skin disease image of psoriasis.", FITZ3, "non-neoplastic"),
     ("This could be a skin disease image of a dermatofibroma.", FITZ3, "benign"),
@@ -97,8 +114,11 @@ CASES = [
     ("This could be a skin disease image of psoriasis.", HAM, U),
     ("The lesion is consistent with nevus sebaceous.", HAM, U),
     # other mentions when no cue names a disease
-    ("The skin shows thickened red plaques with silvery scale. Psoriasis often appears on elbows and knees.",
-     SMALL, "psoriasis"),
+    (
+        "The skin shows thickened red plaques with silvery scale. Psoriasis often appears on elbows and knees.",
+        SMALL,
+        "psoriasis",
+    ),
     ("Treatment options for eczema include emollients and topical steroids.", SMALL, "eczema"),
     # fuzzy fallback for misspellings in a diagnostic phrase
     ("This could be a skin disease image of psoriais.", SMALL, "psoriasis"),
@@ -111,7 +131,7 @@ CASES = [
     ("in <\ufffd\ufffd random tokens ###", SMALL, U),
     # labels unknown to the table still match their own name
     ("This could be a skin disease image of frobnitz syndrome.", ["frobnitz syndrome", "eczema"], "frobnitz syndrome"),
-]  # fmt: skip
+]
 
 
 def test_table_has_at_least_60_cases():

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from skingpt4.serve import web_launch
 from skingpt4.cli.legacy import main, model_folder, read_model_section
 from skingpt4.model import home_dir
+from skingpt4.serve import web_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,10 +24,13 @@ def test_committed_yaml_parses_and_names_the_original_assets():
 
 def test_original_assets_are_converted_once_then_reused(tmp_path, lavis_files, llm_dir, dims, monkeypatch):
     section = {
-        "ckpt": str(lavis_files["proj"]), "llm_model": str(llm_dir), "vit_model": str(lavis_files["vit"]),
-        "q_former_model": str(lavis_files["qformer"]), "vit_heads": dims.vit_heads,
+        "ckpt": str(lavis_files["proj"]),
+        "llm_model": str(llm_dir),
+        "vit_model": str(lavis_files["vit"]),
+        "q_former_model": str(lavis_files["qformer"]),
+        "vit_heads": dims.vit_heads,
         "qformer_heads": dims.qformer_heads,
-    }  # fmt: skip
+    }
     first = model_folder(section)
     assert first.parent == home_dir() / "converted" and (first / "config.json").is_file()
     stamp = (first / "config.json").stat().st_mtime_ns

@@ -210,8 +210,12 @@ def test_export_jsonl(store, tmp_path):
     assert stream.getvalue() == ""  # nothing half-written
     with pytest.raises(InputError, match="directory"):
         store.export(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.jsonl", "records.sqlite", "records.sqlite-shm",
-                                                          "records.sqlite-wal"]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "export.jsonl",
+        "records.sqlite",
+        "records.sqlite-shm",
+        "records.sqlite-wal",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -337,8 +341,9 @@ def record_for(record_id: str, version: int) -> dict:
 def kill_writer_once(script: Path, db: Path, prefix: str, delay: float, err: Path) -> tuple[list[str], bool]:
     """Start a writer, let it write for `delay` s after its first acknowledgement, SIGKILL it; its ack lines."""
     with err.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, str(script), str(db), prefix], stdout=subprocess.PIPE,
-                                stderr=stderr, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(db), prefix], stdout=subprocess.PIPE, stderr=stderr, text=True
+        )
     try:
         first = proc.stdout.readline()
         assert first, f"writer failed to start: {err.read_text()[-2000:]}"

@@ -28,12 +28,14 @@ def synthetic_rows(n: int = 120, seed: int = 0, probs: bool = True) -> list[dict
         p[truth] += 0.6 * rng.random()
         p /= p.sum()
         answer = LABELS[int(p.argmax())] if i % 17 else None  # a few unmatched answers
-        rows.append({
-            "label": LABELS[truth],
-            "prediction": answer,
-            "probs": dict(zip(LABELS, p.tolist())) if probs else None,
-            "fitzpatrick": None if i % 9 == 0 else int(rng.integers(1, 7)),
-        })  # fmt: skip
+        rows.append(
+            {
+                "label": LABELS[truth],
+                "prediction": answer,
+                "probs": dict(zip(LABELS, p.tolist())) if probs else None,
+                "fitzpatrick": None if i % 9 == 0 else int(rng.integers(1, 7)),
+            }
+        )
     return rows
 
 
@@ -97,8 +99,12 @@ def test_writes_every_file(rendered):
     _, paths = rendered
     assert set(paths) == {"html", "markdown", "confusion", "skin_tone", "calibration"}
     assert {p.name for p in paths.values()} == {
-        "report.html", "report.md", "confusion.png", "skin_tone.png", "calibration.png",
-    }  # fmt: skip
+        "report.html",
+        "report.md",
+        "confusion.png",
+        "skin_tone.png",
+        "calibration.png",
+    }
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths.values())
 
 
@@ -151,8 +157,10 @@ def test_pngs_are_valid_sized_and_not_blank(rendered, name, size):
         pixels = np.asarray(img.convert("L"), dtype=float)
     assert pixels.var() > 0
     assert (pixels < 128).mean() > 0.005  # some ink: text, bars, cells
-    print(f"\n{name}.png: {img.size[0]}x{img.size[1]}, mean grey {pixels.mean():.0f}, dark share "
-          f"{(pixels < 128).mean():.3f}")  # fmt: skip
+    print(
+        f"\n{name}.png: {img.size[0]}x{img.size[1]}, mean grey {pixels.mean():.0f}, dark share "
+        f"{(pixels < 128).mean():.3f}"
+    )
 
 
 def test_output_is_deterministic(rendered, tmp_path):
@@ -177,7 +185,15 @@ def test_open_mode_has_no_calibration_plot(tmp_path):
 def test_sections_present(rendered):
     _, paths = rendered
     md_text = paths["markdown"].read_text(encoding="utf-8")
-    for heading in ("Run", "Overall", "Per class", "Confusion matrix", "By Fitzpatrick skin type", "Calibration",
-                    "Consistency", "Seconds per image (batch time / images answered)"):  # fmt: skip
+    for heading in (
+        "Run",
+        "Overall",
+        "Per class",
+        "Confusion matrix",
+        "By Fitzpatrick skin type",
+        "Calibration",
+        "Consistency",
+        "Seconds per image (batch time / images answered)",
+    ):
         assert f"\n## {heading}\n" in md_text
     assert "| p95 | 2.29 |" in md_text  # 0.8, 0.9, 1.1, 2.5: position 2.85 -> 1.1 + 0.85 * 1.4 = 2.29

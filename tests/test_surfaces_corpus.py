@@ -15,10 +15,10 @@ from collections import Counter
 import pytest
 from malformed import all_cases, data_url_cases, has_metadata, image_cases
 
-from skingpt4.serve.api import ServeConfig, create_app
 from skingpt4.chat import ChatEngine
-from skingpt4.serve.diagnose import RecordFile, collect, diagnose
 from skingpt4.generation import GenerationSettings
+from skingpt4.serve.api import ServeConfig, create_app
+from skingpt4.serve.diagnose import RecordFile, collect, diagnose
 from skingpt4.serve.records import RecordStore
 
 HANG_GUARD_S = 5.0

@@ -23,8 +23,8 @@ from skingpt4.errors import InputError
 from skingpt4.generation import GenerationSettings
 from skingpt4.model import load_model
 from skingpt4.processing import prompt_ids
-from skingpt4.train.loop import TrainConfig, load_config, lr_at, make_trainable, train
 from skingpt4.train.data import Collate, TrainDataset, TrainOrder, load_prompts, read_records
+from skingpt4.train.loop import TrainConfig, load_config, lr_at, make_trainable, train
 
 CLASSES = {"psoriasis": (200, 40, 40), "eczema": (40, 170, 60), "melanoma": (40, 60, 200), "acne": (220, 200, 40)}
 CAPTION = "This could be a skin disease image of {}."
@@ -63,9 +63,21 @@ def manifest(tmp_path_factory) -> Path:
 
 def config(model, data, out, **overrides) -> TrainConfig:
     """A small CPU run: 4 samples per step, no workers, no warmup surprises."""
-    base = dict(model=str(model), data=str(data), output_dir=str(out), batch_size=4, epochs=1, iters_per_epoch=4,
-                warmup_steps=1, init_lr=1e-3, min_lr=1e-4, warmup_lr=1e-4, num_workers=0, checkpoint_every=100,
-                val_every=100)  # fmt: skip
+    base = dict(
+        model=str(model),
+        data=str(data),
+        output_dir=str(out),
+        batch_size=4,
+        epochs=1,
+        iters_per_epoch=4,
+        warmup_steps=1,
+        init_lr=1e-3,
+        min_lr=1e-4,
+        warmup_lr=1e-4,
+        num_workers=0,
+        checkpoint_every=100,
+        val_every=100,
+    )
     return load_config(None, {**base, **overrides})
 
 
@@ -96,8 +108,12 @@ def test_sample_has_the_original_token_layout(loaded, manifest):
     sample = data[(0, 0, 0)]
     words = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
     target = words(records[0].caption + "###")
-    prompt = [tok.bos_token_id, *words("###Human: <Img>"), *[loaded.image_token_id] * 32,
-              *words("</Img> What's wrong with my skin? ###Assistant: ")]  # fmt: skip
+    prompt = [
+        tok.bos_token_id,
+        *words("###Human: <Img>"),
+        *[loaded.image_token_id] * 32,
+        *words("</Img> What's wrong with my skin? ###Assistant: "),
+    ]
     assert prompt == prompt_ids(tok, prompts[0], loaded.image_token_id)
     assert sample["input_ids"] == prompt + target
     assert sample["labels"] == [-100] * len(prompt) + target
@@ -114,8 +130,9 @@ def test_sample_has_the_original_token_layout(loaded, manifest):
         loss = net(**batch).loss
         engine = ChatEngine(loaded)
         features = net.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
-        logits = net.language_model(inputs_embeds=engine.embed(batch["input_ids"], features),
-                                    attention_mask=batch["attention_mask"]).logits  # fmt: skip
+        logits = net.language_model(
+            inputs_embeds=engine.embed(batch["input_ids"], features), attention_mask=batch["attention_mask"]
+        ).logits
         expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
     assert torch.allclose(loss, expected, atol=1e-6), (loss, expected)
 
@@ -172,10 +189,23 @@ def test_tiny_model_learns_colours_to_words(tiny_dir, manifest, tmp_path):
     samples (about 20-30 s); held-out accuracy 20/20 through `Session` (chance: 25%); 60 steps at lr 3e-2 gave
     only 10/20. Asserted: a drop >= 50% and accuracy >= 80%.
     """
-    cfg = config(tiny_dir, manifest, tmp_path / "run", batch_size=8, iters_per_epoch=80, warmup_steps=5,
-                 init_lr=2e-2, min_lr=1e-2, lora=True, lora_targets=["q_proj", "v_proj", "lm_head"], lora_r=16,
-                 lora_alpha=32, lora_dropout=0.0, prompt_template=SYSTEM + "###Human: {}###Assistant:",
-                 val_every=40)  # fmt: skip
+    cfg = config(
+        tiny_dir,
+        manifest,
+        tmp_path / "run",
+        batch_size=8,
+        iters_per_epoch=80,
+        warmup_steps=5,
+        init_lr=2e-2,
+        min_lr=1e-2,
+        lora=True,
+        lora_targets=["q_proj", "v_proj", "lm_head"],
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        prompt_template=SYSTEM + "###Human: {}###Assistant:",
+        val_every=40,
+    )
     result = train(cfg, progress=False)
     first, last = np.mean(result.losses[:5]), np.mean(result.losses[-5:])
     assert result.steps == 80 and len(result.losses) == 80
@@ -214,7 +244,9 @@ def test_projection_only_changes_only_the_projection(tiny_dir, manifest, tmp_pat
     result = train(config(tiny_dir, manifest, tmp_path / "run", iters_per_epoch=3), progress=False)
     assert set(load_file(result.trainable)) == {"language_projection.weight", "language_projection.bias"}
     assert changed_keys(tensors(tiny_dir), tensors(result.model_dir)) == {
-        "language_projection.weight", "language_projection.bias"}  # fmt: skip
+        "language_projection.weight",
+        "language_projection.bias",
+    }
     for name in ("config.json", "tokenizer.json", "generation_config.json"):  # copied byte for byte
         assert (result.model_dir / name).read_bytes() == (tiny_dir / name).read_bytes()
     loaded = load_model(result.model_dir, device="cpu")
@@ -235,8 +267,10 @@ def test_resume_continues_exactly(tiny_dir, manifest, tmp_path):
     rest = train(config(tiny_dir, manifest, tmp_path / "b", num_workers=1, **common), resume=True, progress=False)
     assert first.losses == straight.losses[:4]
     assert rest.losses == straight.losses[4:], (rest.losses, straight.losses[4:])  # bitwise
-    assert torch.equal(load_file(rest.trainable)["language_projection.weight"],
-                       load_file(straight.trainable)["language_projection.weight"])  # fmt: skip
+    assert torch.equal(
+        load_file(rest.trainable)["language_projection.weight"],
+        load_file(straight.trainable)["language_projection.weight"],
+    )
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
 
@@ -276,8 +310,14 @@ def test_exported_pth_reimports_through_convert(converted_dir, lavis_files, llm_
     assert set(data) == {"model"} and set(data["model"]) == {"llama_proj.weight", "llama_proj.bias"}
     mapped = map_projection(state_dict(load_pth(result.pth)))
     assert all(torch.equal(mapped[k], trained[k]) for k in trained)
-    options = ConvertOptions(llm=str(llm_dir), projection=result.pth, vit=lavis_files["vit"],
-                             qformer=lavis_files["qformer"], vit_heads=4, qformer_heads=4)  # fmt: skip
+    options = ConvertOptions(
+        llm=str(llm_dir),
+        projection=result.pth,
+        vit=lavis_files["vit"],
+        qformer=lavis_files["qformer"],
+        vit_heads=4,
+        qformer_heads=4,
+    )
     rebuilt = convert(options, tmp_path / "reconverted")
     assert changed_keys(tensors(rebuilt), tensors(result.model_dir)) == set()
     assert changed_keys(tensors(converted_dir), tensors(result.model_dir)) == set(trained)

@@ -27,10 +27,10 @@ from gradio_client import Client, handle_file
 from PIL import ExifTags, Image
 
 from skingpt4.chat import ChatEngine
-from skingpt4.serve.consult import Consultation
 from skingpt4.conversation import CLINICAL_PROMPTS
 from skingpt4.errors import InputError
 from skingpt4.generation import GenerationSettings
+from skingpt4.serve.consult import Consultation
 from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
 from skingpt4.serve.web import WebConfig, take_upload
 from skingpt4.serve.web_launch import (

@@ -80,8 +80,14 @@ def map_vit(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
         "vision_model.embeddings.patch_embedding.weight": sd.pop("patch_embed.proj.weight"),
         "vision_model.embeddings.patch_embedding.bias": sd.pop("patch_embed.proj.bias"),
     }
-    names = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.projection",
-             "attn.qkv": "self_attn.qkv", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}  # fmt: skip
+    names = {
+        "norm1": "layer_norm1",
+        "norm2": "layer_norm2",
+        "attn.proj": "self_attn.projection",
+        "attn.qkv": "self_attn.qkv",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
     for i in range(depth):
         src, dst = f"blocks.{i}.", f"vision_model.encoder.layers.{i}."
         _require(sd, [src + "attn.q_bias", src + "attn.v_bias"], "--vit")
@@ -101,8 +107,11 @@ def map_qformer(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """blip2_pretrained_flant5xxl.pth['model'] -> query_tokens, qformer.*, vision_model.post_layernorm.*."""
     if "query_tokens" not in sd:
         raise ConversionError("the --qformer file has no query_tokens: is it blip2_pretrained_flant5xxl.pth?")
-    _require(sd, [f"{n}.{p}" for n in ("ln_vision", "Qformer.bert.embeddings.LayerNorm") for p in ("weight", "bias")],
-             "--qformer")  # fmt: skip
+    _require(
+        sd,
+        [f"{n}.{p}" for n in ("ln_vision", "Qformer.bert.embeddings.LayerNorm") for p in ("weight", "bias")],
+        "--qformer",
+    )
     out = {"query_tokens": sd.pop("query_tokens")}
     for part in ("weight", "bias"):
         out[f"vision_model.post_layernorm.{part}"] = sd.pop(f"ln_vision.{part}")

@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
 def launch(cfg_path: Path, gpu_id: int, host: str = "127.0.0.1", port: int = 5905) -> int:
     import torch
 
-    from skingpt4.serve import web_launch
     from skingpt4.chat import ChatEngine
     from skingpt4.model import load_model
+    from skingpt4.serve import web_launch
     from skingpt4.serve.safety import INTENDED_USE
 
     section = read_model_section(cfg_path)

@@ -1,13 +1,11 @@
-"""The research commands of `skingpt4`: prepare-data, train, eval, review. Thin layers over the library, as in cli.py.
-
-`add_commands` registers them on cli.py's parser; each `cmd_*` parses nothing itself and calls one function.
-"""
+"""The research commands: `prepare-data`, `train`, `eval` and `review`; each calls one library function."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+from skingpt4.cli import flags
 from skingpt4.errors import InputError
 
 EXAMPLES = {
@@ -32,11 +30,13 @@ EXAMPLES = {
 
 
 def add_commands(command) -> None:
-    """`command(name, help, run, example)` makes a subparser (cli.py's factory)."""
-    from skingpt4.cli.main import _model_flags
-
-    data = command("prepare-data", "turn a public dermatology set or a class folder into a training manifest",
-                   cmd_prepare_data, EXAMPLES["prepare-data"])  # fmt: skip
+    """`command(name, help, run, example)` makes a subparser (main.py's factory)."""
+    data = command(
+        "prepare-data",
+        "turn a public dermatology set or a class folder into a training manifest",
+        cmd_prepare_data,
+        EXAMPLES["prepare-data"],
+    )
     data.add_argument("format", help="skincon, folder, dermnet, fitzpatrick17k, ddi, ham10000, pad-ufes-20, minigpt4")
     data.add_argument("source", help="the set's metadata CSV, or its folder (folder, dermnet, minigpt4)")
     data.add_argument("--out", required=True, help="manifest.jsonl to write, or a folder with --layout minigpt4")
@@ -50,25 +50,48 @@ def add_commands(command) -> None:
     data.add_argument("--drop-duplicates", action="store_true", help="keep one copy of identical images")
     data.add_argument("--overwrite", action="store_true")
 
-    tr = command("train", "the two-step recipe on your data: train the projection (optionally LoRA); resumable",
-                 cmd_train, EXAMPLES["train"])  # fmt: skip
+    tr = command(
+        "train",
+        "the two-step recipe on your data: train the projection (optionally LoRA); resumable",
+        cmd_train,
+        EXAMPLES["train"],
+    )
     tr.add_argument("--config", required=True, help="YAML of settings (configs/train/*.yaml are the recipe's)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     tr.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
     tr.add_argument("--no-progress", action="store_true")
 
-    ev = command("eval", "measure diagnostic accuracy on a labelled set (by skin type, with intervals); resumable",
-                 cmd_eval, EXAMPLES["eval"])  # fmt: skip
-    _model_flags(ev)
-    ev.add_argument("--data", required=True, action="append", help="manifest (.jsonl/.csv with image, label), "
-                    "folder or image; repeatable")  # fmt: skip
+    ev = command(
+        "eval",
+        "measure diagnostic accuracy on a labelled set (by skin type, with intervals); resumable",
+        cmd_eval,
+        EXAMPLES["eval"],
+    )
+    flags.model_flags(ev)
+    ev.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="manifest (.jsonl/.csv with image, label), folder or image; repeatable",
+    )
     ev.add_argument("--out", required=True, help="folder for predictions.jsonl, metrics.json and report.html")
-    ev.add_argument("--mode", choices=["open", "choice"], default="open",
-                    help="open: match the free answer to a label; choice: rank every label by likelihood")  # fmt: skip
-    ev.add_argument("--protocol", choices=["diagnosis", "clinical"], default="diagnosis",
-                    help="clinical: the paper's four prompts per case, transcripts for `skingpt4 review`")  # fmt: skip
-    ev.add_argument("--labels", help="comma-separated label set, or paper15, ham10000, fitzpatrick17k(-3/-9), ddi "
-                    "(default: the manifest's labels)")  # fmt: skip
+    ev.add_argument(
+        "--mode",
+        choices=["open", "choice"],
+        default="open",
+        help="open: match the free answer to a label; choice: rank every label by likelihood",
+    )
+    ev.add_argument(
+        "--protocol",
+        choices=["diagnosis", "clinical"],
+        default="diagnosis",
+        help="clinical: the paper's four prompts per case, transcripts for `skingpt4 review`",
+    )
+    ev.add_argument(
+        "--labels",
+        help="comma-separated label set, or paper15, ham10000, fitzpatrick17k(-3/-9), ddi "
+        "(default: the manifest's labels)",
+    )
     ev.add_argument("--repeats", type=int, default=1, help="K sampled runs per case: the consistency ratio")
     ev.add_argument("--question", help="the question asked (default: the demo's first question)")
     ev.add_argument("--batch-size", type=int, default=8)
@@ -79,8 +102,12 @@ def add_commands(command) -> None:
     ev.add_argument("--top-p", type=float)
     ev.add_argument("--no-progress", action="store_true")
 
-    review = command("review", "rate clinical transcripts as a dermatologist (local web page), or summarise ratings",
-                     cmd_review, EXAMPLES["review"])  # fmt: skip
+    review = command(
+        "review",
+        "rate clinical transcripts as a dermatologist (local web page), or summarise ratings",
+        cmd_review,
+        EXAMPLES["review"],
+    )
     review.add_argument("transcripts", help="transcripts.jsonl from `skingpt4 eval --protocol clinical`, or `summary`")
     review.add_argument("--store", help="ratings database (default: ratings.sqlite beside the transcripts)")
     review.add_argument("--references", help="the clinician's own answers (.csv or .jsonl with case, answer)")
@@ -99,10 +126,19 @@ def cmd_prepare_data(args) -> int:
     if len(fractions) != 3:
         raise InputError("--split takes three fractions, e.g. 0.8,0.1,0.1")
     report = prepare(
-        args.format, Path(args.source), Path(args.out), images=_path(args.images), concepts=_path(args.concepts),
-        mapping=_path(args.mapping), fractions=fractions, seed=args.seed, layout=args.layout,
-        check_images=not args.no_image_check, drop_duplicates=args.drop_duplicates, overwrite=args.overwrite,
-    )  # fmt: skip
+        args.format,
+        Path(args.source),
+        Path(args.out),
+        images=flags.optional_path(args.images),
+        concepts=flags.optional_path(args.concepts),
+        mapping=flags.optional_path(args.mapping),
+        fractions=fractions,
+        seed=args.seed,
+        layout=args.layout,
+        check_images=not args.no_image_check,
+        drop_duplicates=args.drop_duplicates,
+        overwrite=args.overwrite,
+    )
     print(report.text())
     return 0
 
@@ -130,10 +166,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from skingpt4.cli.main import _announce, _engine
     from skingpt4.conversation import DEFAULT_QUESTION
-    from skingpt4.serve.diagnose import collect
     from skingpt4.evaluate.run import run_eval
+    from skingpt4.serve.diagnose import collect
 
     if args.batch_size < 1 or args.repeats < 1:
         raise InputError("--batch-size and --repeats must be at least 1")
@@ -142,13 +177,23 @@ def cmd_eval(args) -> int:
         labels = [label.strip() for label in labels.split(",") if label.strip()]
     items = collect(args.data)
     settings = _eval_settings(args)
-    engine = _engine(args)
-    _announce(engine)
+    engine = flags.engine(args)
+    flags.announce(engine)
     result = run_eval(
-        engine, items, Path(args.out), labels=labels, mode=args.mode, settings=settings, seed=args.seed,
-        batch_size=args.batch_size, repeats=args.repeats, protocol=args.protocol,
-        question=args.question or DEFAULT_QUESTION, n_boot=args.bootstrap, progress=not args.no_progress,
-    )  # fmt: skip
+        engine,
+        items,
+        Path(args.out),
+        labels=labels,
+        mode=args.mode,
+        settings=settings,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        protocol=args.protocol,
+        question=args.question or DEFAULT_QUESTION,
+        n_boot=args.bootstrap,
+        progress=not args.no_progress,
+    )
     metrics = result.get("metrics") or {}
     accuracy = (metrics.get("accuracy") or {}).get("value")
     line = f"{result['done']} answered, {result['failed']} failed, {result['skipped']} already done -> {args.out}"
@@ -172,19 +217,17 @@ def cmd_review(args) -> int:
 
         if not args.store:
             raise InputError("review summary needs --store (the ratings database)")
-        print(format_summary(summary(Path(args.store), _path(args.out))))
+        print(format_summary(summary(Path(args.store), flags.optional_path(args.out))))
         return 0
     from skingpt4.review.page import serve_review
 
     transcripts = Path(args.transcripts)
     store = Path(args.store) if args.store else transcripts.parent / "ratings.sqlite"
     try:
-        serve_review(transcripts, store, host=args.host, port=args.port, references=_path(args.references))
+        serve_review(
+            transcripts, store, host=args.host, port=args.port, references=flags.optional_path(args.references)
+        )
     except KeyboardInterrupt:  # the server stops on Ctrl+C or SIGTERM; the ratings are already saved
         pass
     print(f"ratings are in {store}", file=sys.stderr)
     return 0
-
-
-def _path(value: str | None) -> Path | None:
-    return Path(value) if value else None

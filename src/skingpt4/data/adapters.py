@@ -51,20 +51,75 @@ DIAGNOSIS_SENTENCE = "This could be a skin disease image of {}."
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 SKINCON_CONCEPTS = (
-    "Vesicle", "Papule", "Macule", "Plaque", "Abscess", "Pustule", "Bulla", "Patch", "Nodule", "Ulcer", "Crust",
-    "Erosion", "Excoriation", "Atrophy", "Exudate", "Purpura/Petechiae", "Fissure", "Induration", "Xerosis",
-    "Telangiectasia", "Scale", "Scar", "Friable", "Sclerosis", "Pedunculated", "Exophytic/Fungating",
-    "Warty/Papillomatous", "Dome-shaped", "Flat topped", "Brown(Hyperpigmentation)", "Translucent",
-    "White(Hypopigmentation)", "Purple", "Yellow", "Black", "Erythema", "Comedo", "Lichenification", "Blue",
-    "Umbilicated", "Poikiloderma", "Salmon", "Wheal", "Acuminate", "Burrow", "Gray", "Pigmented", "Cyst",
-)  # fmt: skip
+    "Vesicle",
+    "Papule",
+    "Macule",
+    "Plaque",
+    "Abscess",
+    "Pustule",
+    "Bulla",
+    "Patch",
+    "Nodule",
+    "Ulcer",
+    "Crust",
+    "Erosion",
+    "Excoriation",
+    "Atrophy",
+    "Exudate",
+    "Purpura/Petechiae",
+    "Fissure",
+    "Induration",
+    "Xerosis",
+    "Telangiectasia",
+    "Scale",
+    "Scar",
+    "Friable",
+    "Sclerosis",
+    "Pedunculated",
+    "Exophytic/Fungating",
+    "Warty/Papillomatous",
+    "Dome-shaped",
+    "Flat topped",
+    "Brown(Hyperpigmentation)",
+    "Translucent",
+    "White(Hypopigmentation)",
+    "Purple",
+    "Yellow",
+    "Black",
+    "Erythema",
+    "Comedo",
+    "Lichenification",
+    "Blue",
+    "Umbilicated",
+    "Poikiloderma",
+    "Salmon",
+    "Wheal",
+    "Acuminate",
+    "Burrow",
+    "Gray",
+    "Pigmented",
+    "Cyst",
+)
 SKINCON_EXCLUDE = "Do not consider this image"
 
 PAPER_GROUPS = (
-    "Acne and rosacea", "Malignant lesions", "Dermatitis", "Bullous", "Bacterial infections", "Light diseases",
-    "Connective tissue", "Benign tumors", "Melanoma, nevi and moles", "Fungal", "Psoriasis and lichen planus",
-    "Infestations and bites", "Urticaria", "Vascular tumors", "Herpes", "Others",
-)  # fmt: skip
+    "Acne and rosacea",
+    "Malignant lesions",
+    "Dermatitis",
+    "Bullous",
+    "Bacterial infections",
+    "Light diseases",
+    "Connective tissue",
+    "Benign tumors",
+    "Melanoma, nevi and moles",
+    "Fungal",
+    "Psoriasis and lichen planus",
+    "Infestations and bites",
+    "Urticaria",
+    "Vascular tumors",
+    "Herpes",
+    "Others",
+)
 
 LICENSES = {
     "skincon": "SKINCON annotations over Fitzpatrick17k (CC BY-NC-SA 3.0) and DDI images (DDI terms); "
@@ -77,14 +132,22 @@ LICENSES = {
 }
 
 HAM10000_NAMES = {
-    "akiec": "actinic keratoses and intraepithelial carcinoma", "bcc": "basal cell carcinoma",
-    "bkl": "benign keratosis-like lesions", "df": "dermatofibroma", "mel": "melanoma", "nv": "melanocytic nevi",
+    "akiec": "actinic keratoses and intraepithelial carcinoma",
+    "bcc": "basal cell carcinoma",
+    "bkl": "benign keratosis-like lesions",
+    "df": "dermatofibroma",
+    "mel": "melanoma",
+    "nv": "melanocytic nevi",
     "vasc": "vascular lesions",
-}  # fmt: skip
+}
 PAD_UFES_NAMES = {
-    "ACK": "actinic keratosis", "BCC": "basal cell carcinoma", "MEL": "melanoma", "NEV": "nevus",
-    "SCC": "squamous cell carcinoma", "SEK": "seborrheic keratosis",
-}  # fmt: skip
+    "ACK": "actinic keratosis",
+    "BCC": "basal cell carcinoma",
+    "MEL": "melanoma",
+    "NEV": "nevus",
+    "SCC": "squamous cell carcinoma",
+    "SEK": "seborrheic keratosis",
+}
 DDI_TONES = {"12": "I-II", "34": "III-IV", "56": "V-VI"}
 
 
@@ -235,8 +298,14 @@ def fitzpatrick17k(csv_path: Path, images: Path) -> list[dict]:
     for row in read_csv(csv_path, "fitzpatrick17k CSV", ["md5hash", "fitzpatrick_scale", "label"])[1]:
         fitz = _fitzpatrick(row["fitzpatrick_scale"])
         extra = {k: row[k] for k in ("three_partition_label", "nine_partition_label", "qc") if row.get(k)}
-        record = _record(index.find(row["md5hash"]), "fitzpatrick17k", label=row["label"], fitzpatrick=fitz,
-                         fitzpatrick_group=_skin_group(fitz), **extra)  # fmt: skip
+        record = _record(
+            index.find(row["md5hash"]),
+            "fitzpatrick17k",
+            label=row["label"],
+            fitzpatrick=fitz,
+            fitzpatrick_group=_skin_group(fitz),
+            **extra,
+        )
         if row.get("qc", "").startswith("3"):
             record["exclude"] = "qc: wrongly labelled"
         records.append(record)
@@ -247,8 +316,15 @@ def ddi(csv_path: Path, images: Path) -> list[dict]:
     index, records = ImageIndex(images), []
     for row in read_csv(csv_path, "ddi CSV", ["DDI_file", "skin_tone", "disease"])[1]:
         extra = {"malignant": _truthy(row["malignant"])} if row.get("malignant") else {}
-        records.append(_record(index.find(row["DDI_file"]), "ddi", label=row["disease"],
-                               fitzpatrick_group=DDI_TONES.get(row["skin_tone"]), **extra))  # fmt: skip
+        records.append(
+            _record(
+                index.find(row["DDI_file"]),
+                "ddi",
+                label=row["disease"],
+                fitzpatrick_group=DDI_TONES.get(row["skin_tone"]),
+                **extra,
+            )
+        )
     return records
 
 
@@ -257,8 +333,17 @@ def ham10000(csv_path: Path, images: Path) -> list[dict]:
     for row in read_csv(csv_path, "ham10000 CSV", ["lesion_id", "image_id", "dx"])[1]:
         extra = {k: row[k] for k in ("dx_type", "age", "sex", "localization") if row.get(k)}
         label = HAM10000_NAMES.get(row["dx"], row["dx"])
-        records.append(_record(index.find(row["image_id"]), "ham10000", label=label, dx=row["dx"],
-                               patient_id=row["lesion_id"], lesion_id=row["lesion_id"], **extra))  # fmt: skip
+        records.append(
+            _record(
+                index.find(row["image_id"]),
+                "ham10000",
+                label=label,
+                dx=row["dx"],
+                patient_id=row["lesion_id"],
+                lesion_id=row["lesion_id"],
+                **extra,
+            )
+        )
     return records
 
 
@@ -268,16 +353,31 @@ def pad_ufes_20(csv_path: Path, images: Path) -> list[dict]:
         fitz = _fitzpatrick(row.get("fitspatrick", ""))
         extra = {k: row[k] for k in ("region", "age", "gender", "biopsed") if row.get(k)}
         label = PAD_UFES_NAMES.get(row["diagnostic"], row["diagnostic"])
-        records.append(_record(index.find(row["img_id"], ".png"), "pad-ufes-20", label=label, dx=row["diagnostic"],
-                               fitzpatrick=fitz, fitzpatrick_group=_skin_group(fitz), patient_id=row["patient_id"],
-                               lesion_id=row["lesion_id"], **extra))  # fmt: skip
+        records.append(
+            _record(
+                index.find(row["img_id"], ".png"),
+                "pad-ufes-20",
+                label=label,
+                dx=row["diagnostic"],
+                fitzpatrick=fitz,
+                fitzpatrick_group=_skin_group(fitz),
+                patient_id=row["patient_id"],
+                lesion_id=row["lesion_id"],
+                **extra,
+            )
+        )
     return records
 
 
 ADAPTERS: dict[str, Callable[..., list[dict]]] = {
-    "skincon": skincon, "folder": folder, "dermnet": dermnet, "fitzpatrick17k": fitzpatrick17k, "ddi": ddi,
-    "ham10000": ham10000, "pad-ufes-20": pad_ufes_20,
-}  # fmt: skip
+    "skincon": skincon,
+    "folder": folder,
+    "dermnet": dermnet,
+    "fitzpatrick17k": fitzpatrick17k,
+    "ddi": ddi,
+    "ham10000": ham10000,
+    "pad-ufes-20": pad_ufes_20,
+}
 
 
 def finish_captions(records: list[dict]) -> None:

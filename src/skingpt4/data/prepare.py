@@ -76,8 +76,10 @@ class Report:
         for reason, n in self.unreadable_reasons().items():
             lines.append(f"unreadable: {n} ({reason})")
         extra = sum(len(g) - 1 for g in self.duplicates)
-        lines.append(f"duplicates: {len(self.duplicates)} groups, {extra} extra images; "
-                     f"across splits: {self.duplicates_across_splits}")  # fmt: skip
+        lines.append(
+            f"duplicates: {len(self.duplicates)} groups, {extra} extra images; "
+            f"across splits: {self.duplicates_across_splits}"
+        )
         lines.append(f"patients across splits: {self.patients_across_splits}")
         if self.concepts_matched is not None:
             lines.append(f"concept sentence added: {self.concepts_matched} images")
@@ -88,8 +90,10 @@ class Report:
         labels = sorted({label for counts in self.classes.values() for label in counts})
         if labels:
             lines.append("class counts (" + " / ".join(self.splits) + "):")
-            lines += [f"  {label}: " + " / ".join(str(self.classes[s].get(label, 0)) for s in self.splits)
-                      for label in labels]  # fmt: skip
+            lines += [
+                f"  {label}: " + " / ".join(str(self.classes[s].get(label, 0)) for s in self.splits)
+                for label in labels
+            ]
         return "\n".join(lines)
 
 
@@ -164,8 +168,12 @@ def _check_options(format, layout, fractions, out, overwrite, concepts, mapping)
 
 
 def _why_empty(report: Report) -> str:
-    parts = [f"{report.read} listed", f"{sum(report.excluded.values())} excluded", f"{len(report.missing)} missing",
-             f"{len(report.unreadable)} unreadable"]  # fmt: skip
+    parts = [
+        f"{report.read} listed",
+        f"{sum(report.excluded.values())} excluded",
+        f"{len(report.missing)} missing",
+        f"{len(report.unreadable)} unreadable",
+    ]
     return ", ".join(parts)
 
 
@@ -266,8 +274,9 @@ def summarise(records: list[dict], report: Report) -> None:
     """Per-split image, class and skin-type counts, and the leakage check: ids and hashes in two splits."""
     present = [s for s in SPLITS if any(r.get("split") == s for r in records)]
     report.splits = {s: sum(r.get("split") == s for r in records) for s in present}
-    report.classes = {s: dict(Counter(r["label"] for r in records if r.get("split") == s and r.get("label")))
-                      for s in present}  # fmt: skip
+    report.classes = {
+        s: dict(Counter(r["label"] for r in records if r.get("split") == s and r.get("label"))) for s in present
+    }
     report.skin_types = {s: dict(Counter(skin_type(r) for r in records if r.get("split") == s)) for s in present}
     report.patients_across_splits = _spanning(records, "patient_id")
     report.duplicates_across_splits = _spanning(records, "source_sha256")
@@ -361,8 +370,9 @@ def read_minigpt4(folder: Path) -> list[dict]:
         if not isinstance(item, dict) or not item.get("image_id") or not isinstance(item.get("caption"), str):
             raise InputError(f"{path.name} annotation {number}: needs an image_id and a caption")
         image_id = str(item["image_id"])
-        records.append({"image": f"image/{image_id}.jpg", "caption": item["caption"], "image_id": image_id,
-                        "source": "minigpt4"})  # fmt: skip
+        records.append(
+            {"image": f"image/{image_id}.jpg", "caption": item["caption"], "image_id": image_id, "source": "minigpt4"}
+        )
     return records
 
 

@@ -43,9 +43,19 @@ OUTSIDE = "outside"
 
 # --- normalisation ------------------------------------------------------------------------------------------------
 
-_IRREGULAR = {"nevi": "nevus", "naevi": "nevus", "naevus": "nevus", "tumour": "tumor", "tumours": "tumor",
-              "colour": "color", "lentigines": "lentigo", "milium": "milia", "striae": "striae",
-              "telangiectasia": "telangiectases", "telangiectasis": "telangiectases"}  # fmt: skip
+_IRREGULAR = {
+    "nevi": "nevus",
+    "naevi": "nevus",
+    "naevus": "nevus",
+    "tumour": "tumor",
+    "tumours": "tumor",
+    "colour": "color",
+    "lentigines": "lentigo",
+    "milium": "milia",
+    "striae": "striae",
+    "telangiectasia": "telangiectases",
+    "telangiectasis": "telangiectases",
+}
 _CLAUSE = re.compile(r"[,;:!?\n]|\.(?=\s|$)|\s[-\u2013\u2014]\s|\bbut\b|\bwhereas\b|\bhowever\b", re.IGNORECASE)
 
 
@@ -110,7 +120,9 @@ def table() -> Table:
     """The shipped synonym table, with the ISIC hierarchy from `isic-metadata` merged in when it is installed."""
     import yaml
 
-    data = yaml.safe_load(resources.files("skingpt4.evaluate").joinpath("label_synonyms.yaml").read_text(encoding="utf-8"))
+    data = yaml.safe_load(
+        resources.files("skingpt4.evaluate").joinpath("label_synonyms.yaml").read_text(encoding="utf-8")
+    )
     entries = [(name, spec.get("also", []), spec.get("in", [])) for name, spec in data["concepts"].items()]
     built = build_table(entries, data["sets"], isic_entries())
     for name, spec in data["concepts"].items():
@@ -275,14 +287,56 @@ def index(labels: tuple[str, ...]) -> LabelIndex:
 
 # --- negation -----------------------------------------------------------------------------------------------------
 
-_BEFORE = [tokens(c) for c in ("not", "no", "never", "without", "rule out", "ruled out", "rules out",
-           "ruling out", "exclude", "excluded", "excluding", "unlikely", "less likely", "rather than", "instead of",
-           "absence of", "negative for", "free of", "r o", "isn't", "don't", "doesn't", "aren't", "wasn't",
-           "weren't", "didn't")]  # fmt: skip
+_BEFORE = [
+    tokens(c)
+    for c in (
+        "not",
+        "no",
+        "never",
+        "without",
+        "rule out",
+        "ruled out",
+        "rules out",
+        "ruling out",
+        "exclude",
+        "excluded",
+        "excluding",
+        "unlikely",
+        "less likely",
+        "rather than",
+        "instead of",
+        "absence of",
+        "negative for",
+        "free of",
+        "r o",
+        "isn't",
+        "don't",
+        "doesn't",
+        "aren't",
+        "wasn't",
+        "weren't",
+        "didn't",
+    )
+]
 _RIGHT_BEFORE = [tokens("non")]  # "non-melanoma skin cancer" negates; "non-pigmented basal cell carcinoma" does not
-_AFTER = [tokens(c) for c in ("is unlikely", "unlikely", "is ruled out", "was ruled out", "can be ruled out",
-          "ruled out", "is excluded", "was excluded", "can be excluded", "is not likely", "is less likely",
-          "seems unlikely", "is not the diagnosis")]  # fmt: skip
+_AFTER = [
+    tokens(c)
+    for c in (
+        "is unlikely",
+        "unlikely",
+        "is ruled out",
+        "was ruled out",
+        "can be ruled out",
+        "ruled out",
+        "is excluded",
+        "was excluded",
+        "can be excluded",
+        "is not likely",
+        "is less likely",
+        "seems unlikely",
+        "is not the diagnosis",
+    )
+]
 _NOT_NEGATION = [tokens(c) for c in ("no doubt", "not only", "no question")]
 WINDOW = 4  # words before a name that a cue may stand in ("unlikely to be a melanoma")
 

@@ -146,7 +146,7 @@ def _calibration_blocks(calib: dict | None, images: dict) -> list[tuple]:
             "p",
             f"Confidence is the top probability. Expected calibration error: {fmt(calib['ece'])} over "
             f"{calib['n']} cases.",
-        ),  # fmt: skip
+        ),
         ("img", images["calibration"], "Reliability diagram"),
         ("table", ["Confidence bin", "Cases", "Mean confidence", "Accuracy"], rows),
     ]
@@ -162,8 +162,12 @@ def _consistency_blocks(c: dict | None, ci_name: str) -> list[tuple]:
     ]
     runs = c["runs_per_case"]
     intro = f"{c['n_cases']} cases, {runs if isinstance(runs, int) else '-'.join(map(str, runs))} runs each."
-    return [("h2", "Consistency"), ("p", intro), ("table", ["Measure", f"Value ({ci_name})"], rows),
-            ("p", f"Definition: {c['definition']}.")]  # fmt: skip
+    return [
+        ("h2", "Consistency"),
+        ("p", intro),
+        ("table", ["Measure", f"Value ({ci_name})"], rows),
+        ("p", f"Definition: {c['definition']}."),
+    ]
 
 
 def _latency_blocks(lat: dict | None) -> list[tuple]:
@@ -309,8 +313,13 @@ def plot_calibration(calib: dict) -> bytes:
     width = bins[0]["hi"] - bins[0]["lo"]
     filled = [b for b in bins if b["n"]]
     top.plot([0, 1], [0, 1], "--", color="grey", label="Perfect calibration")
-    top.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "o-", color="#c44e52",
-             label="Accuracy at the bin's mean confidence")  # fmt: skip
+    top.plot(
+        [b["confidence"] for b in filled],
+        [b["accuracy"] for b in filled],
+        "o-",
+        color="#c44e52",
+        label="Accuracy at the bin's mean confidence",
+    )
     top.set_xlim(0, 1)
     top.set_ylim(0, 1.02)
     top.set_ylabel("Accuracy")

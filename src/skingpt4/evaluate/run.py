@@ -33,14 +33,14 @@ from pathlib import Path
 
 import torch
 
-from skingpt4.evaluate import labels as L
 from skingpt4.chat import ChatEngine
 from skingpt4.conversation import CLINICAL_PROMPTS, DEFAULT_QUESTION
-from skingpt4.serve.diagnose import RETRY, Item, RecordFile, load_batch
 from skingpt4.errors import InputError, first_line
-from skingpt4.generation import GenerationSettings
-from skingpt4.evaluate.scoring import ANSWER_FORMAT, score_labels
+from skingpt4.evaluate import labels as L
 from skingpt4.evaluate.metrics import SKIN_GROUPS
+from skingpt4.evaluate.scoring import ANSWER_FORMAT, score_labels
+from skingpt4.generation import GenerationSettings
+from skingpt4.serve.diagnose import RETRY, Item, RecordFile, load_batch
 
 SKIN_GROUP_NAMES = tuple(SKIN_GROUPS)
 MODES = ("open", "choice")
@@ -173,10 +173,16 @@ def run_eval(
     prompts = list(CLINICAL_PROMPTS) if protocol == "clinical" else [question]
     out = Path(out_dir)
     config = {
-        "model": engine.loaded.model_id, "mode": mode, "protocol": protocol, "labels": label_set, "prompts": prompts,
-        "settings": asdict(settings), "seed": seed, "repeats": repeats,
+        "model": engine.loaded.model_id,
+        "mode": mode,
+        "protocol": protocol,
+        "labels": label_set,
+        "prompts": prompts,
+        "settings": asdict(settings),
+        "seed": seed,
+        "repeats": repeats,
         "answer_format": ANSWER_FORMAT if mode == "choice" else None,
-    }  # fmt: skip
+    }
     check_run(out, config)
     file = PredictionFile(out / "predictions.jsonl")
     context = Context(engine, label_set, truth, prompts, mode, settings, case_ids(items))
@@ -275,11 +281,23 @@ def _blank(ctx: Context, item: Item, repeat: int) -> dict:
     manifest, loaded = item.manifest, ctx.engine.loaded
     case = ctx.cases[item.key]
     return {
-        "image": item.key, "repeat": repeat, "case": str(case), "image_sha256": None, "label": ctx.truth.get(item.key),
-        "fitzpatrick": skin_type(manifest), "prompts": ctx.prompts, "answers": [],
-        "prediction": None, "match": None, "phrase": None, "probs": None, "seconds": None, "error": None,
-        "model": loaded.model_id, "untrained": loaded.meta.untrained,
-    }  # fmt: skip
+        "image": item.key,
+        "repeat": repeat,
+        "case": str(case),
+        "image_sha256": None,
+        "label": ctx.truth.get(item.key),
+        "fitzpatrick": skin_type(manifest),
+        "prompts": ctx.prompts,
+        "answers": [],
+        "prediction": None,
+        "match": None,
+        "phrase": None,
+        "probs": None,
+        "seconds": None,
+        "error": None,
+        "model": loaded.model_id,
+        "untrained": loaded.meta.untrained,
+    }
 
 
 def skin_type(manifest: dict) -> int | str | None:
@@ -394,8 +412,17 @@ def write_transcripts(out: Path, records: dict[tuple[str, int], dict]) -> dict[s
         turns = []
         for prompt, answer in zip(r["prompts"], r["answers"]):
             turns += [{"role": "user", "text": prompt}, {"role": "assistant", "text": answer}]
-        cases.append({"case": r["case"], "image": r["image"], "image_sha256": r["image_sha256"], "label": r["label"],
-                      "model": r["model"], "untrained": r["untrained"], "turns": turns})  # fmt: skip
+        cases.append(
+            {
+                "case": r["case"],
+                "image": r["image"],
+                "image_sha256": r["image_sha256"],
+                "label": r["label"],
+                "model": r["model"],
+                "untrained": r["untrained"],
+                "turns": turns,
+            }
+        )
     jsonl, md = out / "transcripts.jsonl", out / "transcripts.md"
     jsonl.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in cases), encoding="utf-8")
     md.write_text(_markdown(cases), encoding="utf-8")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from skingpt4.evaluate import labels as L
 from skingpt4.chat import ChatEngine
+from skingpt4.evaluate import labels as L
 from skingpt4.generation import GenerationSettings
 
 ANSWER_FORMAT = "This could be a skin disease image of {}."  # the step-2 training target (reference.md 3.4)

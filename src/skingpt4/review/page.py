@@ -32,7 +32,16 @@ from starlette.concurrency import run_in_threadpool
 from skingpt4.errors import InputError, first_line
 from skingpt4.net import is_loopback
 from skingpt4.review.cases import ROLES, Case, CaseImages, load_cases
-from skingpt4.review.store import ANSWER_LABELS, ANSWERS, MAX_COMMENT, MAX_RATER, STATEMENTS, Rating, ReviewStore, clean_rater
+from skingpt4.review.store import (
+    ANSWER_LABELS,
+    ANSWERS,
+    MAX_COMMENT,
+    MAX_RATER,
+    STATEMENTS,
+    Rating,
+    ReviewStore,
+    clean_rater,
+)
 
 COOKIE = "skingpt4_rater"
 COOKIE_MAX_AGE_S = 30 * 24 * 3600  # "entered once": the name survives a browser restart for a month

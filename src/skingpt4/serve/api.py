@@ -21,12 +21,12 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from skingpt4.serve.api_schema import ChatRequest, ImageFetcher, check_sizes, load_turns, settings_for
 from skingpt4.chat import ChatEngine
-from skingpt4.serve.consult import Consultation, check_question
 from skingpt4.errors import Cancelled, SkinGPT4Error, first_line
 from skingpt4.generation import GenerationSettings
 from skingpt4.images import ImageRejected
+from skingpt4.serve.api_schema import ChatRequest, ImageFetcher, check_sizes, load_turns, settings_for
+from skingpt4.serve.consult import Consultation, check_question
 from skingpt4.serve.limits import Admission, BodyLimit, error_body
 from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
 
@@ -104,8 +104,14 @@ def create_app(engine: ChatEngine, config: ServeConfig | None = None, store=None
             return
         given = request.headers.get("authorization", "")
         if not secrets.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
-            raise _Refused(failure(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key",
-                                   {"WWW-Authenticate": "Bearer"}))  # fmt: skip
+            raise _Refused(
+                failure(
+                    401,
+                    "missing or wrong API key (Authorization: Bearer ...)",
+                    "invalid_api_key",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+            )
 
     @app.exception_handler(_Refused)
     async def refused(request, exc: _Refused):
@@ -128,8 +134,9 @@ def create_app(engine: ChatEngine, config: ServeConfig | None = None, store=None
         except SkinGPT4Error as exc:
             return failure(400, str(exc), "invalid_request_error")
         if not admission.enter():
-            return failure(503, "the server is busy; retry later", "server_busy",
-                           {"Retry-After": str(config.retry_after_s)})  # fmt: skip
+            return failure(
+                503, "the server is busy; retry later", "server_busy", {"Retry-After": str(config.retry_after_s)}
+            )
         consultation = Consultation(engine, "api", store=store, decode=decode)
         job = Job(lambda cancel: turn(consultation, body, settings, fetch, cancel), admission.leave, request)
         first = await job.next_event()
@@ -226,14 +233,23 @@ class Reply:
     def completion(self, text: str) -> dict:
         message = {"role": "assistant", "content": text}
         return {
-            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
             "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason(), "logprobs": None}],
-            "usage": self.usage(), "skingpt4": self.safety(),
-        }  # fmt: skip
+            "usage": self.usage(),
+            "skingpt4": self.safety(),
+        }
 
     def chunk(self, delta: dict, finish: str | None = None, usage: dict | None = None, choices=True) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else []}  # fmt: skip
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else [],
+        }
         if usage is not None:
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
@@ -297,5 +313,11 @@ def serve(engine: ChatEngine, config: ServeConfig, store=None) -> None:
     # handler that does nothing lets the command end normally (exit 0), as a process supervisor expects.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     app = create_app(engine, config, store)
-    uvicorn.run(app, host=config.host, port=config.port, access_log=False, log_level="warning",
-                timeout_graceful_shutdown=config.shutdown_timeout_s)  # fmt: skip
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=config.shutdown_timeout_s,
+    )

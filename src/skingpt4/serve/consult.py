@@ -81,10 +81,15 @@ class Consultation:
             raise
         tail, verdict = guard.finish()
         self.turns.append({"role": "user", "text": asked})
-        self.turns.append({
-            "role": "assistant", "text": verdict.text, "level": verdict.level, "triggers": list(verdict.triggers),
-            "seconds": round(time.perf_counter() - start, 3),
-        })  # fmt: skip
+        self.turns.append(
+            {
+                "role": "assistant",
+                "text": verdict.text,
+                "level": verdict.level,
+                "triggers": list(verdict.triggers),
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        )
         self.settings = settings
         self._save()
         if tail:
@@ -158,8 +163,10 @@ class Consultation:
             who = "Question" if turn["role"] == "user" else "Answer"
             parts.append(f"<h3>{who}</h3><div class='turn'>{esc(turn['text'])}</div>")
         settings = asdict(self.settings) if self.settings else {}
-        parts.append(f"<h2>Model and settings</h2><p>Model: {esc(loaded.model_id)}<br>Settings: {esc(str(settings))}"
-                     f"<br>Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}</p>")  # fmt: skip
+        parts.append(
+            f"<h2>Model and settings</h2><p>Model: {esc(loaded.model_id)}<br>Settings: {esc(str(settings))}"
+            f"<br>Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}</p>"
+        )
         return "\n".join(parts) + "\n"
 
 

@@ -28,8 +28,22 @@ from skingpt4.serve.safety import DISCLAIMER, LEVELS, review
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 RETRY = "generation failed"  # errors worth another try on a rerun
-CSV_FIELDS = ["image", "image_sha256", "model", "untrained", "prompts", "answers", "answer", "referral", "triggers",
-              "seconds", "error", "settings", "disclaimer", "manifest"]  # fmt: skip
+CSV_FIELDS = [
+    "image",
+    "image_sha256",
+    "model",
+    "untrained",
+    "prompts",
+    "answers",
+    "answer",
+    "referral",
+    "triggers",
+    "seconds",
+    "error",
+    "settings",
+    "disclaimer",
+    "manifest",
+]
 
 
 @dataclass
@@ -287,12 +301,16 @@ def _keep(engine: ChatEngine, store, done: list[tuple[dict, object]], settings) 
         turns = []
         for prompt, answer in zip(record["prompts"], record["answers"]):
             turns += [{"role": "user", "text": prompt}, {"role": "assistant", "text": f"{answer}\n\n{DISCLAIMER}"}]
-        store.save({
-            "surface": "diagnose", "model_id": engine.loaded.model_id,
-            "model_sha256": model_sha256(str(path)) if path else "",
-            "images": [{"sha256": record["image_sha256"], "png": png_bytes(image) if store.keep_images else None}],
-            "turns": turns, "settings": asdict(settings),
-        })  # fmt: skip
+        store.save(
+            {
+                "surface": "diagnose",
+                "model_id": engine.loaded.model_id,
+                "model_sha256": model_sha256(str(path)) if path else "",
+                "images": [{"sha256": record["image_sha256"], "png": png_bytes(image) if store.keep_images else None}],
+                "turns": turns,
+                "settings": asdict(settings),
+            }
+        )
 
 
 def _blank_record(engine: ChatEngine, item: Item, prompts: list[str], settings) -> dict:

@@ -130,9 +130,11 @@ def _start(limits: ImageLimits, timeout: float, memory_mb: int) -> tuple[subproc
     args = [str(theirs.fileno()), json.dumps(asdict(limits)), str(timeout), str(memory_mb)]
     try:
         process = subprocess.Popen(
-            [sys.executable, "-c", code, *args], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+            [sys.executable, "-c", code, *args],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
     finally:
         theirs.close()
     return process, Connection(ours.detach())

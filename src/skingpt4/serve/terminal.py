@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import TextIO
 
 from skingpt4.chat import ChatEngine, GenerationSettings
-from skingpt4.serve.consult import Consultation
 from skingpt4.errors import SkinGPT4Error, first_line
 from skingpt4.images import ImageRejected, load_image
+from skingpt4.serve.consult import Consultation
 from skingpt4.serve.safety import INTENDED_USE
 
 HELP = "commands: /image PATH  add a photo | /reset  new consultation | /save FILE  save transcript | /quit"

@@ -36,11 +36,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from skingpt4.chat import ChatEngine
-from skingpt4.serve.consult import Consultation, png_bytes
 from skingpt4.conversation import CLINICAL_PROMPTS
 from skingpt4.errors import Cancelled, InputError, SkinGPT4Error, first_line
 from skingpt4.generation import GenerationSettings
 from skingpt4.images import ImageRejected
+from skingpt4.serve.consult import Consultation, png_bytes
 from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before Gradio is imported: it reads this at several points
@@ -268,10 +268,15 @@ class WebApp:
         locked = gr.update(interactive=False)
         fresh = self.new_visit()
         return [
-            fresh, [], self.thumbnails(fresh),
-            gr.update(interactive=False, value=""), locked, *[locked] * len(CLINICAL_PROMPTS),  # question, send, ...
-            gr.update(value=None, interactive=False), _text("New consultation: add a photo."),
-        ]  # fmt: skip
+            fresh,
+            [],
+            self.thumbnails(fresh),
+            gr.update(interactive=False, value=""),
+            locked,
+            *[locked] * len(CLINICAL_PROMPTS),  # question, send, ...
+            gr.update(value=None, interactive=False),
+            _text("New consultation: add a photo."),
+        ]
 
     # -- rendering --------------------------------------------------------------------------------------------
 
@@ -353,13 +358,21 @@ class WebApp:
                 ui.download = gr.DownloadButton("Download summary", interactive=False, elem_id="download")
             with gr.Column(scale=2):
                 ui.chat = gr.Chatbot(
-                    [], label="SkinGPT-4", elem_id="chat", render_markdown=False, sanitize_html=True,
-                    allow_tags=False, feedback_options=None,
-                )  # fmt: skip
+                    [],
+                    label="SkinGPT-4",
+                    elem_id="chat",
+                    render_markdown=False,
+                    sanitize_html=True,
+                    allow_tags=False,
+                    feedback_options=None,
+                )
                 ui.question = gr.Textbox(
-                    placeholder="Add a photo and press Start chat", show_label=False, interactive=False,
-                    max_length=config.max_question_chars, elem_id="question",
-                )  # fmt: skip
+                    placeholder="Add a photo and press Start chat",
+                    show_label=False,
+                    interactive=False,
+                    max_length=config.max_question_chars,
+                    elem_id="question",
+                )
                 with gr.Row():
                     ui.send = gr.Button("Send", variant="primary", interactive=False, elem_id="send")
                     ui.stop = gr.Button("Stop", elem_id="stop")
@@ -378,9 +391,13 @@ class WebApp:
         knobs = [ui.beams, ui.temperature, ui.greedy, ui.state]
         shown = [ui.chat, ui.question, ui.download, ui.status, ui.state]
         adding = ui.upload.upload(
-            self.add_photos, [ui.upload, ui.state], [ui.state, ui.photos, ui.status, ui.download],
-            preprocess=False, api_name="add_photos", **model,
-        )  # fmt: skip
+            self.add_photos,
+            [ui.upload, ui.state],
+            [ui.state, ui.photos, ui.status, ui.download],
+            preprocess=False,
+            api_name="add_photos",
+            **model,
+        )
         ui.start.click(
             self.start, [ui.state], [ui.question, ui.send, *ui.clinical, ui.status], api_name="start", **cheap
         )

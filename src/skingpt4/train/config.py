@@ -80,8 +80,18 @@ class TrainConfig:
     def __post_init__(self):
         for f in fields(self):
             setattr(self, f.name, _typed(f.name, f.type, getattr(self, f.name)))
-        positive = ("max_txt_len", "batch_size", "grad_accum", "epochs", "iters_per_epoch", "lora_r", "lora_alpha",
-                    "checkpoint_every", "val_every", "keep_checkpoints")  # fmt: skip
+        positive = (
+            "max_txt_len",
+            "batch_size",
+            "grad_accum",
+            "epochs",
+            "iters_per_epoch",
+            "lora_r",
+            "lora_alpha",
+            "checkpoint_every",
+            "val_every",
+            "keep_checkpoints",
+        )
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InputError(f"config {name} must be a positive integer, got {getattr(self, name)!r}")

@@ -22,11 +22,11 @@ import torch
 
 from skingpt4.conversation import IMAGE_PLACEHOLDER
 from skingpt4.data.prepare import read_minigpt4
-from skingpt4.serve.diagnose import read_manifest
 from skingpt4.errors import InputError
 from skingpt4.images import ImageRejected, load_image
 from skingpt4.pixels import eval_transform, train_transform
 from skingpt4.processing import prompt_ids
+from skingpt4.serve.diagnose import read_manifest
 
 
 @dataclass(frozen=True)

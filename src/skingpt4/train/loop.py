@@ -105,8 +105,15 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> T
         loss, waited = train_step(run, batches)
         step += 1
         seconds = time.perf_counter() - started
-        record = {"step": step, "epoch": (step - 1) // cfg.iters_per_epoch, "loss": loss, "lr": lr,
-                  "samples_per_s": samples / seconds, "seconds": seconds, "data_seconds": waited}  # fmt: skip
+        record = {
+            "step": step,
+            "epoch": (step - 1) // cfg.iters_per_epoch,
+            "loss": loss,
+            "lr": lr,
+            "samples_per_s": samples / seconds,
+            "seconds": seconds,
+            "data_seconds": waited,
+        }
         if run.val_set is not None and (step % cfg.val_every == 0 or step == end):
             record["val_loss"] = result.val_loss = validate(run)
         run.tracker.log(record)
@@ -223,8 +230,9 @@ def prepare(cfg: TrainConfig, resume: bool) -> Run:
     model, optimizer = accelerator.prepare(net, optimizer)
     if accelerator.is_main_process:
         tracker.write_config(cfg.to_dict())
-    return Run(cfg, out, accelerator, net, model, optimizer, scheduler, train_set, val_set, len(prompts), tracker,
-               loaded.path)  # fmt: skip
+    return Run(
+        cfg, out, accelerator, net, model, optimizer, scheduler, train_set, val_set, len(prompts), tracker, loaded.path
+    )
 
 
 def make_trainable(net: torch.nn.Module, cfg: TrainConfig) -> None:
@@ -247,8 +255,13 @@ def add_lora(net: torch.nn.Module, cfg: TrainConfig) -> None:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise InputError("lora: true needs peft: pip install 'skingpt4[train]'") from None
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        target_modules=list(cfg.lora_targets), bias="none")  # fmt: skip
+    config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets),
+        bias="none",
+    )
     try:
         inject_adapter_in_model(config, net.language_model)
     except ValueError as exc:  # peft: "Target modules ... not found in the base model"
@@ -312,8 +325,9 @@ def loader(run: Run, batches, val: bool = False) -> torch.utils.data.DataLoader:
 def train_order(run: Run, step: int) -> TrainOrder:
     acc, cfg = run.accelerator, run.cfg
     start = step * cfg.grad_accum  # micro-batches already consumed
-    return TrainOrder(len(run.train_set), cfg.batch_size, run.num_prompts, cfg.seed, start, acc.process_index,
-                      acc.num_processes)  # fmt: skip
+    return TrainOrder(
+        len(run.train_set), cfg.batch_size, run.num_prompts, cfg.seed, start, acc.process_index, acc.num_processes
+    )
 
 
 def to_device(batch: dict, net: torch.nn.Module) -> dict:

@@ -104,9 +104,15 @@ def save_checkpoint(out, step, net, optimizer, scheduler, accelerator, cfg, num_
     torch.save(rng_state(), folder / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "micro_batches": step * cfg.grad_accum, "num_train": num_train, "seed": cfg.seed,
-                 "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-                 "processes": accelerator.num_processes}  # fmt: skip
+        state = {
+            "step": step,
+            "micro_batches": step * cfg.grad_accum,
+            "num_train": num_train,
+            "seed": cfg.seed,
+            "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum,
+            "processes": accelerator.num_processes,
+        }
         (folder / "state.json").write_text(json.dumps(state, indent=2) + "\n")
         old = sorted((out / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
         for stale in old[: -cfg.keep_checkpoints]:
@@ -142,8 +148,11 @@ def check_same_run(state: dict, cfg, num_train: int) -> None:
 
 def rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}  # fmt: skip
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -209,8 +218,14 @@ def export_folder(base: Path, out: Path, net: torch.nn.Module, run_name: str) ->
         meta.description = f"{meta.description}; trained by skingpt4 train ({run_name})".strip("; ")
         trained = out.parent / "trainable.safetensors"
         if trained.is_file():
-            meta.sources.append({"role": "trained", "name": trained.name, "sha256": sha256_file(trained),
-                                 "bytes": trained.stat().st_size})  # fmt: skip
+            meta.sources.append(
+                {
+                    "role": "trained",
+                    "name": trained.name,
+                    "sha256": sha256_file(trained),
+                    "bytes": trained.stat().st_size,
+                }
+            )
         meta.save(tmp)
         if out.exists():
             shutil.rmtree(out)

@@ -1,0 +1,192 @@
+"""The consultation commands: `chat`, `demo`, `serve`, `diagnose` and `records`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from skingpt4.cli import flags
+from skingpt4.errors import InputError
+from skingpt4.net import is_loopback
+
+EXAMPLES = {
+    "chat": "skingpt4 chat --model ./skingpt4 --image lesion.jpg      (or --model tiny to try it offline)",
+    "diagnose": "skingpt4 diagnose --model ./skingpt4 photos/ manifest.jsonl --out results.jsonl --greedy",
+    "demo": "skingpt4 demo --model ./skingpt4      (then open http://127.0.0.1:7860; --model tiny to try it)",
+    "serve": (
+        "SKINGPT4_API_KEY=secret skingpt4 serve --model ./skingpt4 --port 8000\n"
+        "  then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='secret').chat.completions.create(...)"
+    ),
+    "records": "skingpt4 records list | skingpt4 records export --out all.jsonl | skingpt4 records delete --all",
+}
+
+
+def add_commands(command) -> None:
+    """`command(name, help, run, example)` makes a subparser (main.py's factory)."""
+    chat = command("chat", "chat in the terminal about skin photos", cmd_chat, EXAMPLES["chat"])
+    flags.model_flags(chat)
+    flags.generation_flags(chat)
+    chat.add_argument("--image", action="append", default=[], help="photo to start with (repeatable)")
+    flags.record_flags(chat)
+
+    diag = command(
+        "diagnose", "diagnose images in bulk: one record per image, resumable", cmd_diagnose, EXAMPLES["diagnose"]
+    )
+    flags.model_flags(diag)
+    flags.generation_flags(diag)
+    diag.add_argument("inputs", nargs="+", help="image files, folders, or manifests (.jsonl/.csv with 'image')")
+    diag.add_argument("--out", required=True, help="results file: .jsonl or .csv (appended to; reruns skip done)")
+    diag.add_argument("--prompt", action="append", help="question to ask (repeatable: asked in order)")
+    diag.add_argument("--clinical", action="store_true", help="ask the paper's four clinical prompts in order")
+    diag.add_argument("--batch-size", type=int, default=8)
+    diag.add_argument("--no-progress", action="store_true")
+    flags.record_flags(diag)
+
+    demo = command("demo", "the local web app (binds to 127.0.0.1 unless --host is given)", cmd_demo, EXAMPLES["demo"])
+    flags.model_flags(demo)
+    flags.generation_flags(demo)
+    demo.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--auth-file", help="file of user:password lines required to open the app (recommended)")
+    demo.add_argument("--auth", help="user:password (visible in the process list: prefer --auth-file)")
+    demo.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the model")
+    flags.record_flags(demo)
+
+    serve = command(
+        "serve",
+        "an OpenAI-compatible HTTP API (binds to 127.0.0.1 unless --host is given)",
+        cmd_serve,
+        EXAMPLES["serve"],
+    )
+    flags.model_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key-file", help="file holding the API key (or set SKINGPT4_API_KEY)")
+    serve.add_argument("--max-body-mb", type=float, help="largest request body (default 20)")
+    serve.add_argument("--max-image-mb", type=float, help="largest image (default 10)")
+    serve.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask (default 1024)")
+    serve.add_argument("--queue-size", type=int, help="requests that may wait; more get 503 (default 8)")
+    serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off: SSRF)")
+    serve.add_argument("--image-root", help="allow file:// image paths under this folder")
+    flags.record_flags(serve)
+
+    records = command("records", "list, export or delete consultation records", cmd_records, EXAMPLES["records"])
+    records.add_argument("action", choices=["list", "export", "delete"])
+    records.add_argument("--records", help="records database (default: in the user's data folder)")
+    records.add_argument("--id", action="append", default=[], help="consultation id (repeatable)")
+    records.add_argument("--all", action="store_true", help="delete: every record")
+    records.add_argument("--older-than", type=float, metavar="DAYS", help="delete: records not updated for DAYS")
+    records.add_argument("--out", help="export: JSON Lines file (default: standard output)")
+
+
+def cmd_chat(args) -> int:
+    from skingpt4.serve.terminal import run_chat
+
+    settings, engine = flags.settings(args), flags.engine(args)
+    with flags.records_store(args, engine) as store:
+        return run_chat(engine, settings, args.image, store=store)
+
+
+def cmd_demo(args) -> int:
+    from skingpt4.serve.web_launch import WebConfig, launch, parse_auth, read_auth_file
+
+    auth = [parse_auth(args.auth)] if args.auth else []
+    auth += read_auth_file(args.auth_file) if args.auth_file else []
+    config = WebConfig(
+        host=args.host, port=args.port, auth=auth or None, queue_size=args.queue_size, settings=flags.settings(args)
+    )
+    engine = flags.engine(args)
+    flags.announce(engine)
+    with flags.records_store(args, engine) as store:
+        launch(engine, config, store)  # prints the address; blocks until Ctrl+C or SIGTERM
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    from skingpt4.serve.api import ServeConfig, serve
+
+    key = os.environ.get("SKINGPT4_API_KEY")
+    if args.api_key_file:
+        key = Path(args.api_key_file).read_text().strip()
+        if not key:
+            raise InputError(f"{args.api_key_file} is empty")
+    options = {name: getattr(args, name) for name in ("max_body_mb", "max_image_mb", "max_tokens", "queue_size")}
+    config = ServeConfig(
+        host=args.host,
+        port=args.port,
+        api_key=key or None,
+        allow_remote_images=args.allow_remote_images,
+        image_root=args.image_root,
+        **{k: v for k, v in options.items() if v is not None},
+    )
+    engine = flags.engine(args)
+    flags.announce(engine)
+    if not is_loopback(config.host) and not config.api_key:
+        print(
+            f"WARNING: serving on {config.host} without an API key: anyone who can reach it can use it",
+            file=sys.stderr,
+        )
+    with flags.records_store(args, engine) as store:
+        print(f"serving {engine.loaded.model_id} on http://{config.host}:{config.port}/v1", file=sys.stderr)
+        serve(engine, config, store)
+    return 0
+
+
+def cmd_records(args) -> int:
+    from skingpt4.serve.records import RecordStore, default_records_path
+
+    path = Path(args.records) if args.records else default_records_path()
+    if not path.is_file():  # never create an empty database here: "deleted 0" would look like an erasure
+        raise InputError(f"no records database at {path} (records are kept with --record)")
+    with RecordStore(path) as store:
+        if args.action == "list":
+            for row in store.list():
+                print(
+                    f"{row['id']}  {row['updated']}  {row['surface']:<8} {row['model_id']}  "
+                    f"{row['images']} images, {row['turns']} turns"
+                )
+        elif args.action == "export":
+            count = store.export(args.out or sys.stdout, args.id or None)
+            print(f"exported {count} records" + (f" to {args.out}" if args.out else ""), file=sys.stderr)
+        else:
+            print(f"deleted {_delete(store, args)} records")
+    return 0
+
+
+def _delete(store, args) -> int:
+    chosen = [bool(args.id), args.all, args.older_than is not None]
+    if sum(chosen) != 1:
+        raise InputError("delete needs exactly one of --id, --all or --older-than DAYS")
+    if args.all:
+        return store.delete_all()
+    if args.older_than is not None:
+        return store.purge_older_than(args.older_than)
+    return store.delete(args.id)
+
+
+def cmd_diagnose(args) -> int:
+    from skingpt4.conversation import CLINICAL_PROMPTS
+    from skingpt4.serve.diagnose import RecordFile, collect, diagnose
+
+    if args.batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    if args.clinical and args.prompt:
+        raise InputError("use either --clinical or --prompt, not both")
+    settings = flags.settings(args)
+    items = collect(args.inputs)
+    out = RecordFile(args.out)
+    engine = flags.engine(args)
+    flags.announce(engine)
+    prompts = list(CLINICAL_PROMPTS) if args.clinical else args.prompt
+    with flags.records_store(args, engine) as store:
+        summary = diagnose(engine, items, out, prompts, settings, args.batch_size, not args.no_progress, store)
+    print(f"{summary.done} diagnosed, {summary.failed} failed, {summary.skipped} already done -> {args.out}")
+    if summary.stale:
+        print(
+            f"note: {summary.stale} of the images already done were answered by another model or other prompts; "
+            "they were kept as they are (write to a new --out to redo them)",
+            file=sys.stderr,
+        )
+    return 1 if out.failures({item.key for item in items}) else 0  # earlier runs' failures count too

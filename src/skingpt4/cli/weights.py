@@ -1,0 +1,63 @@
+"""The model-folder commands: `create-tiny-model` and `convert`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+EXAMPLES = {
+    "create-tiny-model": "skingpt4 create-tiny-model ./tiny",
+    "convert": (
+        "skingpt4 convert --vit eva_vit_g.pth --qformer blip2_pretrained_flant5xxl.pth \\\n"
+        "    --llm ./Llama-2-13b-chat-hf --projection skingpt4_llama2_13bchat_base_pretrain_stage2.pth \\\n"
+        "    --out ./skingpt4"
+    ),
+}
+
+
+def add_commands(command) -> None:
+    """`command(name, help, run, example)` makes a subparser (main.py's factory)."""
+    help = "write a random, UNTRAINED tiny model folder (for trying the software)"
+    tiny = command("create-tiny-model", help, cmd_create_tiny, EXAMPLES["create-tiny-model"])
+    tiny.add_argument("out", help="folder to create")
+    tiny.add_argument("--seed", type=int, default=0)
+
+    conv = command(
+        "convert", "convert the original checkpoints into one model folder", cmd_convert, EXAMPLES["convert"]
+    )
+    conv.add_argument("--out", required=True, help="folder to create")
+    conv.add_argument("--llm", required=True, help="Llama-family model folder or hub id (Llama-2-13b-chat, Vicuna)")
+    conv.add_argument("--projection", required=True, help="SkinGPT-4 / MiniGPT-4 .pth with llama_proj.*")
+    conv.add_argument("--vit", help="LAVIS eva_vit_g.pth")
+    conv.add_argument("--qformer", help="LAVIS blip2_pretrained_flant5xxl.pth")
+    conv.add_argument("--blip2", help="instead of --vit/--qformer: HF folder or id like Salesforce/blip2-flan-t5-xxl")
+    conv.add_argument("--vit-heads", type=int, help="attention heads of the ViT (EVA ViT-g: 16)")
+    conv.add_argument("--qformer-heads", type=int, help="attention heads of the Q-Former (BERT-base: 12)")
+    conv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast weights (default: keep)")
+    conv.add_argument("--shard-size-gb", type=float, help="largest output shard (default 2 GB)")
+    conv.add_argument("--template", help="prompt template recorded in the folder (default skingpt4)")
+
+
+def cmd_create_tiny(args) -> int:
+    from skingpt4.model import create_tiny_model
+
+    out = create_tiny_model(args.out, seed=args.seed)
+    print(f"wrote an UNTRAINED tiny random model to {out} (for trying the software; its answers are noise)")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from skingpt4.convert import ConvertOptions, convert
+
+    optional = {name: getattr(args, name) for name in ("vit_heads", "qformer_heads", "dtype", "template")}
+    if args.shard_size_gb is not None:
+        optional["max_shard_bytes"] = int(args.shard_size_gb * 2**30)
+    options = ConvertOptions(
+        llm=args.llm,
+        projection=Path(args.projection),
+        vit=Path(args.vit) if args.vit else None,
+        qformer=Path(args.qformer) if args.qformer else None,
+        blip2=args.blip2,
+        **{name: value for name, value in optional.items() if value is not None},
+    )
+    print(f"converted into {convert(options, args.out)}")
+    return 0
