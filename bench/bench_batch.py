@@ -33,7 +33,8 @@ from common import (
 
 from skingpt4.chat import GenerationSettings
 from skingpt4.conversation import DEFAULT_QUESTION
-from skingpt4.serve.diagnose import RecordFile, collect, diagnose
+from skingpt4.data.manifest import collect
+from skingpt4.serve.diagnose import diagnose, results_file
 
 IMAGES = 16
 NEW_TOKENS = 32
@@ -55,7 +56,7 @@ def main() -> None:
         def run(batch_size: int) -> dict[str, str]:
             nonlocal runs
             runs += 1
-            out = RecordFile(tmp / f"out-{runs}.jsonl")
+            out = results_file(tmp / f"out-{runs}.jsonl")
             diagnose(engine, items, out, [DEFAULT_QUESTION], settings, batch_size=batch_size, progress=False)
             return {r["image"]: r["answer"] if r["error"] is None else f"ERROR {r['error']}" for r in out.records()}
 

@@ -34,8 +34,8 @@ from common import (
 )
 
 from skingpt4.chat import GenerationSettings
+from skingpt4.data.manifest import collect
 from skingpt4.evaluate import run as evaluate
-from skingpt4.serve.diagnose import collect
 
 IMAGES = 16
 NEW_TOKENS = 16

@@ -1,7 +1,7 @@
 """Independent plain-PyTorch reference of the original SkinGPT-4 / MiniGPT-4 v1 image path.
 
 This module is a *test oracle*. It works straight from state dicts in the ORIGINAL key layout of the
-LAVIS / SkinGPT-4 files and recomputes ``encode_img`` (reference.md section 1.3) with nothing but
+LAVIS / SkinGPT-4 files and recomputes ``encode_img`` (docs/reference.md §1.3) with nothing but
 ``torch`` and ``torch.nn.functional``:
 
     EVA ViT-g (first ``depth`` blocks, no final norm)  ->  ln_vision (LayerNorm, eps 1e-5)

@@ -298,7 +298,7 @@ def test_sixteen_sessions_five_turns_no_cross_talk(server, store):
         cross_talk += len(owners) != 1
         n = int(owners.pop().removeprefix("canary")) if len(owners) == 1 else -1
         photo = image_bytes(noise_seed=100 + n)
-        from skingpt4.chat import sha256_bytes
+        from skingpt4.images import sha256_bytes
 
         cross_talk += [i["sha256"] for i in record["images"]] != [sha256_bytes(photo)]
     assert cross_talk == 0

@@ -61,7 +61,7 @@ def test_folder_layout_and_provenance(converted_dir, lavis_files, llm_dir):
 
 
 def test_key_map_values(converted_dir, lavis_files, dims):
-    """Spot-check the map of reference.md 2.3 on values, including the q/zero/v bias and dropped block."""
+    """Spot-check the map of docs/reference.md §2.3 on values, including the q/zero/v bias and dropped block."""
     vit = torch.load(lavis_files["vit"], weights_only=True)
     qf = torch.load(lavis_files["qformer"], weights_only=True)["model"]
     out = all_tensors(converted_dir)

@@ -14,9 +14,9 @@ from malformed import gps_exif
 from PIL import Image
 
 from skingpt4.data import adapters
+from skingpt4.data.manifest import read_manifest
 from skingpt4.data.prepare import assign_splits, prepare, read_minigpt4
 from skingpt4.errors import InputError
-from skingpt4.serve.diagnose import read_manifest
 
 CONCEPTS = "This is a skin disease image with the following medical features (clinical concepts): "
 NOT_AN_IMAGE = "not an image file, or an unsupported image format; allowed: JPEG, PNG, WebP, BMP, TIFF"

@@ -10,8 +10,9 @@ from conftest import image_bytes
 
 from skingpt4.chat import GenerationSettings
 from skingpt4.conversation import CLINICAL_PROMPTS, DEFAULT_QUESTION
+from skingpt4.data.manifest import collect
 from skingpt4.errors import InputError
-from skingpt4.serve.diagnose import RecordFile, collect, diagnose
+from skingpt4.serve.diagnose import diagnose, results_file
 
 GREEDY = GenerationSettings.greedy(max_new_tokens=6)
 
@@ -54,7 +55,7 @@ def test_collect_folders_files_and_manifests(photos, tmp_path):
 def test_records_errors_and_resume(engine, photos, tmp_path):
     out_path = tmp_path / "out" / "results.jsonl"
     items = collect([str(photos)])
-    summary = diagnose(engine, items, RecordFile(out_path), settings=GREEDY, batch_size=2, progress=False)
+    summary = diagnose(engine, items, results_file(out_path), settings=GREEDY, batch_size=2, progress=False)
     assert (summary.done, summary.failed, summary.skipped) == (4, 1, 0)
     records = [json.loads(line) for line in out_path.read_text().splitlines()]
     by_name = {r["image"].rsplit("/", 1)[-1]: r for r in records}
@@ -64,15 +65,15 @@ def test_records_errors_and_resume(engine, photos, tmp_path):
     assert good["model"] == engine.loaded.model_id and good["untrained"] is True
     assert len(good["image_sha256"]) == 64 and good["seconds"] > 0 and good["settings"]["do_sample"] is False
 
-    again = diagnose(engine, items, RecordFile(out_path), settings=GREEDY, progress=False)
+    again = diagnose(engine, items, results_file(out_path), settings=GREEDY, progress=False)
     assert (again.done, again.failed, again.skipped, again.stale) == (0, 0, 5, 0)
-    other = diagnose(engine, items, RecordFile(out_path), ["Other question?"], GREEDY, progress=False)
+    other = diagnose(engine, items, results_file(out_path), ["Other question?"], GREEDY, progress=False)
     assert (other.done, other.skipped, other.stale) == (0, 5, 5)
 
     # A kill mid-write leaves half a line: the next run cuts it and redoes only that image.
     lines = out_path.read_text().splitlines(keepends=True)
     out_path.write_text("".join(lines[:2]) + lines[2][:25])
-    resumed = diagnose(engine, items, RecordFile(out_path), settings=GREEDY, progress=False)
+    resumed = diagnose(engine, items, results_file(out_path), settings=GREEDY, progress=False)
     assert resumed.skipped == 2 and resumed.done + resumed.failed == 3
     final = [json.loads(line) for line in out_path.read_text().splitlines()]
     assert sorted(r["image"] for r in final) == sorted(r["image"] for r in records)
@@ -84,7 +85,7 @@ def test_batched_equals_single_and_clinical_conversation(engine, photos, tmp_pat
     runs = {}
     for batch in (1, 3):
         out = tmp_path / f"b{batch}.jsonl"
-        diagnose(engine, items, RecordFile(out), list(CLINICAL_PROMPTS), GREEDY, batch_size=batch, progress=False)
+        diagnose(engine, items, results_file(out), list(CLINICAL_PROMPTS), GREEDY, batch_size=batch, progress=False)
         runs[batch] = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["answers"] for r in runs[1]] == [r["answers"] for r in runs[3]]
     assert all(len(r["answers"]) == 4 and r["prompts"] == list(CLINICAL_PROMPTS) for r in runs[3])
@@ -93,12 +94,12 @@ def test_batched_equals_single_and_clinical_conversation(engine, photos, tmp_pat
 def test_csv_output_and_resume(engine, photos, tmp_path):
     out = tmp_path / "results.csv"
     items = collect([str(photos)])
-    diagnose(engine, items, RecordFile(out), settings=GREEDY, progress=False)
+    diagnose(engine, items, results_file(out), settings=GREEDY, progress=False)
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 5 and json.loads(rows[0]["prompts"]) == [DEFAULT_QUESTION]
-    assert diagnose(engine, items, RecordFile(out), settings=GREEDY, progress=False).skipped == 5
+    assert diagnose(engine, items, results_file(out), settings=GREEDY, progress=False).skipped == 5
     with pytest.raises(InputError, match="--out must end in .jsonl or .csv"):
-        RecordFile(tmp_path / "results.txt")
+        results_file(tmp_path / "results.txt")
 
 
 def test_sigkill_then_rerun_processes_each_image_exactly_once(tiny_dir, tmp_path):
@@ -154,19 +155,19 @@ def test_failed_generations_are_retried_and_csv_records_stay_one_line(engine, ph
         raise RuntimeError("out of memory (simulated)\nsecond line")
 
     monkeypatch.setattr(engine, "_run", out_of_memory)
-    first = diagnose(engine, items, RecordFile(out), settings=GREEDY, progress=False)
-    assert first.failed == 3 and RecordFile(out).failures({i.key for i in items}) == 3
+    first = diagnose(engine, items, results_file(out), settings=GREEDY, progress=False)
+    assert first.failed == 3 and results_file(out).failures({i.key for i in items}) == 3
     monkeypatch.undo()
-    second = diagnose(engine, items, RecordFile(out), settings=GREEDY, progress=False)
-    assert (second.done, second.skipped) == (3, 0) and RecordFile(out).failures({i.key for i in items}) == 0
+    second = diagnose(engine, items, results_file(out), settings=GREEDY, progress=False)
+    assert (second.done, second.skipped) == (3, 0) and results_file(out).failures({i.key for i in items}) == 0
 
-    record_file = RecordFile(out)
+    record_file = results_file(out)
     record_file.append({"image": "x.jpg", "answer": "line one\nline two", "error": None})
     text = out.read_text()
     assert text.count("\n") == 1 + 3 + 3 + 1  # header, 3 failures, 3 answers, and the new record: one line each
     assert list(csv.DictReader(out.open()))[-1]["answer"] == "line one\\nline two"
     out.write_text(text[:-10])  # a kill cuts the last record short
-    assert "x.jpg" not in RecordFile(out).done
+    assert "x.jpg" not in results_file(out).done
 
 
 def test_unwritable_output_is_one_line(tiny_dir, photos, tmp_path, capsys):
@@ -186,7 +187,7 @@ def test_answers_pass_the_safety_rails_and_records_keep_no_file_names(engine, ph
     monkeypatch.setattr(engine, "generate", lambda sessions, settings: [said] * len(sessions))
     items = [i for i in collect([str(photos)]) if i.path.suffix == ".jpg"]
     store = RecordStore(tmp_path / "records.sqlite", keep_images=False)
-    diagnose(engine, items, RecordFile(tmp_path / "out.jsonl"), None, GREEDY, progress=False, store=store)
+    diagnose(engine, items, results_file(tmp_path / "out.jsonl"), None, GREEDY, progress=False, store=store)
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     for record in records:
         assert record["referral"] == "prompt" and {"malignancy", "reassurance"} <= set(record["triggers"])

@@ -12,10 +12,10 @@ from conftest import image_bytes
 
 from skingpt4.chat import ChatEngine, GenerationSettings
 from skingpt4.conversation import CLINICAL_PROMPTS
+from skingpt4.data.manifest import collect
 from skingpt4.errors import InputError
 from skingpt4.evaluate.run import PredictionFile, canonical, run_eval
 from skingpt4.evaluate.scoring import ANSWER_FORMAT, score_labels, spoken
-from skingpt4.serve.diagnose import collect
 
 GREEDY = GenerationSettings.greedy(max_new_tokens=4)
 LABELS = ["eczema", "psoriasis", "melanoma"]

@@ -1,5 +1,5 @@
 """Consultation records: round trips, upserts, privacy (no pixels unless asked, 0600/0700), retention, export,
-threads, bad files, and durability under SIGKILL (reliability.md T-6: no acknowledged record may be lost)."""
+threads, bad files, and durability under SIGKILL (docs/reliability.md T-6: no acknowledged record may be lost)."""
 
 from __future__ import annotations
 

@@ -16,9 +16,10 @@ import pytest
 from malformed import all_cases, data_url_cases, has_metadata, image_cases
 
 from skingpt4.chat import ChatEngine
+from skingpt4.data.manifest import collect
 from skingpt4.generation import GenerationSettings
 from skingpt4.serve.api import ServeConfig, create_app
-from skingpt4.serve.diagnose import RecordFile, collect, diagnose
+from skingpt4.serve.diagnose import diagnose, results_file
 from skingpt4.serve.records import RecordStore
 
 HANG_GUARD_S = 5.0
@@ -66,7 +67,7 @@ def test_every_case_through_diagnose_and_records(engine, tmp_path):
     cases = {c.name: c for c in image_cases()}
     for name, case in cases.items():
         (folder / f"{name}.png").write_bytes(case.data)
-    out = RecordFile(tmp_path / "out.jsonl")
+    out = results_file(tmp_path / "out.jsonl")
     start = time.perf_counter()
     with RecordStore(tmp_path / "records.sqlite", keep_images=True) as store:
         settings = GenerationSettings.greedy(max_new_tokens=1)

@@ -8,7 +8,6 @@ its output is the same as recomputing from scratch. Several sessions can be answ
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import re
 import threading
@@ -22,7 +21,7 @@ import torch
 from skingpt4.conversation import Conversation, get_template, postprocess
 from skingpt4.errors import Cancelled, InputError
 from skingpt4.generation import GenerationSettings
-from skingpt4.images import DEFAULT_LIMITS, load_image, read_source
+from skingpt4.images import DEFAULT_LIMITS, load_image, read_source, sha256_bytes
 from skingpt4.model import LoadedModel
 from skingpt4.pixels import eval_transform
 from skingpt4.processing import common_prefix, image_keys, prompt_ids, truncate_left
@@ -357,7 +356,3 @@ def cut_at(text: str, stops) -> str:
     for stop in stops:
         text = text.split(stop)[0]
     return text
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -61,7 +61,7 @@ DROP = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Key maps (reference.md 2.3)
+# Key maps (docs/reference.md §2.3)
 
 
 def map_vit(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:

@@ -20,6 +20,8 @@ timeout is `sandbox.py`'s job; the web app and the HTTP API decode uploads there
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import os
 import stat
@@ -31,7 +33,18 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ALLOWED_FORMATS", "DEFAULT_LIMITS", "ImageLimits", "ImageRejected", "load_image", "read_source"]
+__all__ = [
+    "ALLOWED_FORMATS",
+    "DEFAULT_LIMITS",
+    "ImageLimits",
+    "ImageRejected",
+    "load_image",
+    "png_bytes",
+    "png_data_uri",
+    "read_source",
+    "sha256_bytes",
+    "thumbnail",
+]
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
 
@@ -287,3 +300,30 @@ def _sniff(head: bytes) -> tuple[str | None, bool]:
     if text.startswith(b"<?xml"):
         return "XML", False
     return None, False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoded pixels out: re-encoded, never the uploaded bytes
+
+
+def thumbnail(image: Image.Image, side: int = 256) -> Image.Image:
+    """A copy at most `side` pixels on its longer side."""
+    small = image.copy()
+    small.thumbnail((side, side))
+    return small
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """PNG of the pixels alone (`load_image` left no metadata to carry over)."""
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def png_data_uri(image: Image.Image) -> str:
+    """An inline `data:` URI, so that a page shows the image without a file or a URL."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

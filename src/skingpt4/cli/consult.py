@@ -168,7 +168,8 @@ def _delete(store, args) -> int:
 
 def cmd_diagnose(args) -> int:
     from skingpt4.conversation import CLINICAL_PROMPTS
-    from skingpt4.serve.diagnose import RecordFile, collect, diagnose
+    from skingpt4.data.manifest import collect
+    from skingpt4.serve.diagnose import diagnose, results_file
 
     if args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
@@ -176,7 +177,7 @@ def cmd_diagnose(args) -> int:
         raise InputError("use either --clinical or --prompt, not both")
     settings = flags.settings(args)
     items = collect(args.inputs)
-    out = RecordFile(args.out)
+    out = results_file(args.out)
     engine = flags.engine(args)
     flags.announce(engine)
     prompts = list(CLINICAL_PROMPTS) if args.clinical else args.prompt

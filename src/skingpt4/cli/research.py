@@ -167,8 +167,8 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from skingpt4.conversation import DEFAULT_QUESTION
+    from skingpt4.data.manifest import collect
     from skingpt4.evaluate.run import run_eval
-    from skingpt4.serve.diagnose import collect
 
     if args.batch_size < 1 or args.repeats < 1:
         raise InputError("--batch-size and --repeats must be at least 1")

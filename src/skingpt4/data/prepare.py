@@ -13,7 +13,7 @@ Choices, and why:
   and duplicates found in more than one split, recomputed from the final records as a check.
 * Output is written to a temporary name and moved into place, so a killed run leaves no half-written output; an
   existing output is only replaced with ``overwrite``.
-* Layout ``manifest``: one JSON Lines file (architecture.md section 4), ``image`` relative to it, ``split`` set.
+* Layout ``manifest``: one JSON Lines file (docs/reference.md §7), ``image`` relative to it, ``split`` set.
   Layout ``minigpt4``: ``OUT/<split>/filter_cap.json`` + ``OUT/<split>/image/<image_id>.jpg`` (what MiniGPT-4's
   ``CCSBUAlignDataset`` reads), images re-encoded as metadata-free JPEG, plus ``OUT/manifest.jsonl`` with every
   field (the folder format itself only keeps the caption).
@@ -21,12 +21,8 @@ Choices, and why:
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
-import shutil
-import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,15 +30,14 @@ from hashlib import sha256
 from pathlib import Path
 
 from skingpt4.data import adapters
+from skingpt4.data.manifest import read_minigpt4, write_manifest, write_minigpt4
 from skingpt4.errors import InputError
 from skingpt4.images import DEFAULT_LIMITS, ImageRejected, load_image, read_source
-from skingpt4.private_files import write_private
 
 SPLITS = ("train", "val", "test")
 SKIN_TYPES = ("I-II", "III-IV", "V-VI", "unknown")
 FORMATS = (*adapters.ADAPTERS, "minigpt4")
 LAYOUTS = ("manifest", "minigpt4")
-JPEG_QUALITY = 95
 
 
 @dataclass
@@ -288,100 +283,3 @@ def _spanning(records: list[dict], key: str) -> int:
         if record.get(key) not in (None, ""):
             seen.setdefault(str(record[key]), set()).add(record.get("split"))
     return sum(len(splits) > 1 for splits in seen.values())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Writers and the MiniGPT-4 reader
-
-
-def write_manifest(records: list[dict], path: Path, *, overwrite: bool = False) -> None:
-    """JSON Lines, one record per image, ``image`` relative to the manifest's folder; written atomically."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists (--overwrite replaces it)")
-    base = path.parent.resolve()
-    lines = [json.dumps({**r, "image": _relative(r["image"], base)}, ensure_ascii=False) for r in records]
-    text = "".join(line + "\n" for line in lines)
-    write_private(path, lambda f: f.write(text))
-
-
-def _relative(image: str, base: Path) -> str:
-    """Both sides resolved alike: through a symlinked folder (/tmp on macOS) a mixed pair would point elsewhere."""
-    return Path(os.path.relpath(Path(image).resolve(), base)).as_posix()
-
-
-def write_minigpt4(records: list[dict], folder: Path, *, overwrite: bool = False) -> None:
-    """``folder/<split>/filter_cap.json`` + ``image/<image_id>.jpg`` per split, and ``folder/manifest.jsonl``."""
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise InputError(f"{folder} already exists (--overwrite replaces it)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        written = _write_minigpt4_tree(records, temp)
-        write_manifest(written, temp / "manifest.jsonl")
-        _swap_in(temp, folder)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _write_minigpt4_tree(records: list[dict], root: Path) -> list[dict]:
-    by_split: dict[str, list[dict]] = {}
-    used: set[str] = set()
-    written = []
-    for record in records:
-        split = record.get("split") or "train"
-        image_id = _unique_id(Path(record["image"]).stem, used)
-        target = root / split / "image" / f"{image_id}.jpg"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Re-encoded from the loader's pixels: EXIF (GPS), ICC and text chunks of the source never reach the copy.
-        load_image(record["image"]).save(target, "JPEG", quality=JPEG_QUALITY)
-        by_split.setdefault(split, []).append({"image_id": image_id, "caption": record["caption"]})
-        written.append({**record, "image": str(target), "image_id": image_id})
-    for split, captions in by_split.items():
-        text = json.dumps({"annotations": captions}, ensure_ascii=False, indent=1)
-        (root / split / "filter_cap.json").write_text(text, encoding="utf-8")
-    return written
-
-
-def _unique_id(stem: str, used: set[str]) -> str:
-    """A file-name-safe id; a clash (two `img1.jpg` in two class folders) gets a numbered suffix."""
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "image"
-    image_id, n = base, 1
-    while image_id in used:
-        n += 1
-        image_id = f"{base}_{n}"
-    used.add(image_id)
-    return image_id
-
-
-def read_minigpt4(folder: Path) -> list[dict]:
-    """Records from a MiniGPT-4 caption folder; ``image`` is relative to `folder` (``image/<image_id>.jpg``)."""
-    folder = Path(folder)
-    path = folder / "filter_cap.json"
-    if not path.is_file():
-        raise InputError(f"not a MiniGPT-4 caption folder (no filter_cap.json): {folder}")
-    try:
-        items = json.loads(path.read_text(encoding="utf-8"))["annotations"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise InputError(f'{path}: expected {{"annotations": [{{"image_id", "caption"}}]}}') from None
-    records = []
-    for number, item in enumerate(items, 1):
-        if not isinstance(item, dict) or not item.get("image_id") or not isinstance(item.get("caption"), str):
-            raise InputError(f"{path.name} annotation {number}: needs an image_id and a caption")
-        image_id = str(item["image_id"])
-        records.append(
-            {"image": f"image/{image_id}.jpg", "caption": item["caption"], "image_id": image_id, "source": "minigpt4"}
-        )
-    return records
-
-
-def _swap_in(temp: Path, folder: Path) -> None:
-    """Move the finished tree into place; an old one (overwrite) is moved aside first, then deleted."""
-    old = None
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        os.replace(folder, old)
-    os.replace(temp, folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -35,12 +35,13 @@ import torch
 
 from skingpt4.chat import ChatEngine
 from skingpt4.conversation import CLINICAL_PROMPTS, DEFAULT_QUESTION
+from skingpt4.data.manifest import Item, load_images
+from skingpt4.data.results import RETRY, RecordFile
 from skingpt4.errors import InputError, first_line
 from skingpt4.evaluate import labels as L
 from skingpt4.evaluate.metrics import SKIN_GROUPS
 from skingpt4.evaluate.scoring import ANSWER_FORMAT, score_labels
 from skingpt4.generation import GenerationSettings
-from skingpt4.serve.diagnose import RETRY, Item, RecordFile, load_batch
 
 SKIN_GROUP_NAMES = tuple(SKIN_GROUPS)
 MODES = ("open", "choice")
@@ -231,7 +232,7 @@ def _answer_all(ctx: Context, items: list[Item], repeats: int, batch_size: int, 
 def answer_batch(ctx: Context, batch: list[Item], repeat: int) -> list[dict]:
     """Read, encode and answer (or score) one batch; a bad image or a failed generation becomes an error record."""
     started = time.perf_counter()
-    records, good, images = load_batch(batch, lambda item: _blank(ctx, item, repeat))
+    records, good, images = load_images(batch, lambda item: _blank(ctx, item, repeat))
     if good:
         try:
             features = ctx.engine.encode_images(images)

@@ -13,7 +13,7 @@ from skingpt4.chat import ChatEngine
 from skingpt4.evaluate import labels as L
 from skingpt4.generation import GenerationSettings
 
-ANSWER_FORMAT = "This could be a skin disease image of {}."  # the step-2 training target (reference.md 3.4)
+ANSWER_FORMAT = "This could be a skin disease image of {}."  # the step-2 training target (docs/reference.md §3.4)
 ROWS_PER_FORWARD = 64  # (image, candidate) sequences per forward pass
 
 

@@ -5,7 +5,6 @@ optional reference answers, and each case's image decoded for display (a fresh P
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import threading
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from skingpt4.errors import InputError, first_line
-from skingpt4.images import DEFAULT_LIMITS, ImageRejected, load_image, read_source
+from skingpt4.images import DEFAULT_LIMITS, ImageRejected, load_image, png_bytes, read_source, sha256_bytes, thumbnail
 
 DISPLAY_MAX_SIDE = 2048  # a 12 Mpx photo as PNG would be ~20 MB per page view; 2048 px keeps lesion detail
 IMAGE_CACHE = 8  # decoded display PNGs kept: the case on screen and its neighbours
@@ -144,12 +143,9 @@ class CaseImages:
 def display_png(case: Case) -> tuple[bytes | None, str]:
     try:
         data = read_source(case.image, DEFAULT_LIMITS.max_bytes)
-        if case.image_sha256 and hashlib.sha256(data).hexdigest() != case.image_sha256.lower():
+        if case.image_sha256 and sha256_bytes(data) != case.image_sha256.lower():
             return None, "the file differs from the one the model saw (image_sha256 does not match)"
         image = load_image(data)
     except (ImageRejected, OSError) as exc:
         return None, first_line(exc)
-    image.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))
-    buf = io.BytesIO()
-    image.save(buf, "PNG")  # load_image left no metadata to carry over
-    return buf.getvalue(), ""
+    return png_bytes(thumbnail(image, DISPLAY_MAX_SIDE)), ""

@@ -1,11 +1,11 @@
 """`skingpt4 review`: a local web page on which dermatologists rate the model's clinical transcripts.
 
-It reproduces the paper's clinician questionnaire (reference.md §6): one case at a time, the image, the four-prompt
-transcript written by `skingpt4 eval --protocol clinical` and optionally the rater's own reference answer; the rater
-answers the seven Likert statements of `store.STATEMENTS` and may add a comment. `stats.summary` turns
-the ratings into Fig. 4a's agreement shares.
+It reproduces the paper's clinician questionnaire (docs/reference.md §6): one case at a time, the image, the
+four-prompt transcript written by `skingpt4 eval --protocol clinical` and optionally the rater's own reference
+answer; the rater answers the seven Likert statements of `store.STATEMENTS` and may add a comment.
+`stats.summary` turns the ratings into Fig. 4a's agreement shares.
 
-Kept private as reliability.md §1.4-1.6 asks of a local web app: bound to 127.0.0.1 unless told otherwise (with a
+Kept private as docs/reliability.md §1.4-1.6 asks of a local web app: bound to 127.0.0.1 unless told otherwise (with a
 warning otherwise); requests whose Host is not this server are refused (DNS rebinding); every form carries a per-run
 token and cross-site posts are refused, so another web page open in the same browser cannot post ratings; all text is
 escaped and a Content-Security-Policy forbids scripts and any outside asset. Images are decoded through

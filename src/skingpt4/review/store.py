@@ -1,6 +1,6 @@
 """The clinician questionnaire (the paper's seven Likert statements) and the SQLite file that keeps the ratings.
 
-The statements are the seven items of the NC paper's clinical evaluation (reference.md §6), each rated on the
+The statements are the seven items of the NC paper's clinical evaluation (docs/reference.md §6), each rated on the
 paper's 5-point scale. One row per rater x case: rating a case again replaces the earlier answers (upsert), so a
 rater can correct themselves and the summary never counts anyone twice.
 
@@ -28,12 +28,12 @@ from skingpt4.sqlite_files import Kind, open_private
 @dataclass(frozen=True)
 class Statement:
     key: str  # column name and form field
-    label: str  # the item as reference.md §6 / Fig. 4a names it
+    label: str  # the item as docs/reference.md §6 / Fig. 4a names it
     text: str  # the sentence the rater agrees or disagrees with
     paper_share: float  # share agreeing in the paper's Fig. 4a, for comparison only
 
 
-# The paper's seven items (NC paper, Methods; reference.md §6), in its order, each as a statement to rate.
+# The paper's seven items (NC paper, Methods; docs/reference.md §6), in its order, each as a statement to rate.
 STATEMENTS = (
     Statement(
         "diagnosis", "Diagnosis correct or relevant", "The diagnosis by SkinGPT-4 is correct or relevant.", 0.8063

@@ -64,7 +64,7 @@ class Health:
     def warm_up(self, engine: ChatEngine, decode) -> None:
         from PIL import Image
 
-        from skingpt4.serve.consult import png_bytes
+        from skingpt4.images import png_bytes
 
         try:
             consultation = Consultation(engine, "api", decode=decode)

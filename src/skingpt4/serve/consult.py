@@ -8,10 +8,8 @@ image and every turn (image hashes, shown turns, settings; pixels only when the 
 
 from __future__ import annotations
 
-import base64
 import functools
 import html
-import io
 import threading
 import time
 import uuid
@@ -19,17 +17,14 @@ from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
 
-from PIL import Image
-
-from skingpt4.chat import ChatEngine, sha256_bytes
+from skingpt4.chat import ChatEngine
 from skingpt4.conversation import neutralise
 from skingpt4.errors import InputError
 from skingpt4.generation import GenerationSettings
-from skingpt4.images import DEFAULT_LIMITS, read_source
+from skingpt4.images import DEFAULT_LIMITS, png_bytes, png_data_uri, read_source, sha256_bytes, thumbnail
 from skingpt4.serve.safety import INTENDED_USE, LEVELS, Guard, without_rails
 
 MAX_QUESTION_CHARS = 4000  # far above any real question; bounds prompt-building work for hostile input
-THUMBNAIL = (256, 256)
 
 
 class Consultation:
@@ -156,7 +151,7 @@ class Consultation:
             parts.append(f"<p class='referral'>Referral: {esc(REFERRAL_NOTICE[self.level])}</p>")
         parts.append("<h2>Photos</h2><p>")
         for image in self.images:
-            uri = "data:image/png;base64," + base64.b64encode(png_bytes(image["thumbnail"])).decode()
+            uri = png_data_uri(image["thumbnail"])
             parts.append(f"<img src='{uri}' alt='photo sha256 {image['sha256'][:12]}'>")
         parts.append("</p><h2>Questions and answers</h2>")
         for turn in self.turns:
@@ -183,18 +178,6 @@ def check_question(question: str) -> None:
         raise InputError(f"question is longer than {MAX_QUESTION_CHARS} characters")
     if not question.strip():
         raise InputError("the question is empty")
-
-
-def thumbnail(image: Image.Image) -> Image.Image:
-    small = image.copy()
-    small.thumbnail(THUMBNAIL)
-    return small
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
 
 
 @functools.cache

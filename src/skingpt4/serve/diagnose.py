@@ -11,23 +11,18 @@ consultation record (hashes, turns, settings; never the file name).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
-from skingpt4.chat import ChatEngine, GenerationSettings, sha256_bytes
+from skingpt4.chat import ChatEngine, GenerationSettings
 from skingpt4.conversation import DEFAULT_QUESTION
-from skingpt4.errors import InputError, first_line
-from skingpt4.images import DEFAULT_LIMITS, ImageRejected, load_image, read_source
+from skingpt4.data.manifest import Item, load_images
+from skingpt4.data.results import RETRY, RecordFile
+from skingpt4.errors import first_line
+from skingpt4.images import png_bytes
 from skingpt4.serve.safety import DISCLAIMER, LEVELS, review
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-RETRY = "generation failed"  # errors worth another try on a rerun
 CSV_FIELDS = [
     "image",
     "image_sha256",
@@ -46,145 +41,9 @@ CSV_FIELDS = [
 ]
 
 
-@dataclass
-class Item:
-    """One image to diagnose: its key in the output, where to read it, and manifest fields kept as they were."""
-
-    key: str
-    path: Path
-    manifest: dict = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Inputs
-
-
-def collect(inputs: list[str]) -> list[Item]:
-    """Expand files, folders (recursively, sorted, no symlinks out of the folder) and manifests into items."""
-    items: dict[str, Item] = {}
-    for raw in inputs:
-        path = Path(raw).expanduser()
-        if path.is_dir():
-            found = [Item(str(p), p) for p in walk_folder(path)]
-        elif path.suffix.lower() in (".jsonl", ".csv") and path.is_file():
-            found = list(read_manifest(path))
-        elif path.is_file():
-            found = [Item(str(path), path)]  # any file is tried; the image loader says why it is not an image
-        else:
-            raise InputError(f"no such file or folder: {raw}")
-        for item in found:
-            items.setdefault(item.key, item)
-    return list(items.values())
-
-
-def walk_folder(root: Path) -> Iterator[Path]:
-    """Image files under `root`, sorted; symlinks are followed only when they stay inside `root`."""
-    top = root.resolve()
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
-            continue
-        if not path.resolve().is_relative_to(top):
-            continue  # through a link to another patient's folder or a system file
-        yield path
-
-
-def read_manifest(path: Path) -> Iterator[Item]:
-    """A JSON Lines (or CSV) manifest: `image` is a path relative to the manifest; other fields are kept."""
-    rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
-    for number, row in rows:
-        image = row.get("image")
-        if not isinstance(image, str) or not image:
-            raise InputError(f"{path.name} line {number}: record has no 'image' path")
-        target = path.parent / image
-        yield Item(str(target), target, {k: v for k, v in row.items() if k != "image"})
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path.name} line {number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{path.name} line {number}: expected a JSON object")
-        yield number, row
-
-
-def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        yield from enumerate(csv.DictReader(f), 2)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Output
-
-
-class RecordFile:
-    """Append-only JSONL or CSV of records; knows which images are done; survives being killed mid-write."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.kind = self.path.suffix.lower().lstrip(".")
-        if self.kind not in ("jsonl", "csv"):
-            raise InputError(f"--out must end in .jsonl or .csv, got {self.path.name}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._drop_partial_line()
-        # Rejected images stay done (retrying cannot help); a failed generation (e.g. out of memory) is retried.
-        self.done = {r["image"] for r in self.records() if not str(r.get("error") or "").startswith(RETRY)}
-
-    def _drop_partial_line(self) -> None:
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            return
-        data = self.path.read_bytes()
-        if not data.endswith(b"\n"):
-            with open(self.path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)  # the record a kill interrupted; it will be redone
-
-    def records(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        text = self.path.read_text(encoding="utf-8")
-        if self.kind == "csv":
-            return list(csv.DictReader(io.StringIO(text)))
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise InputError(f"{self.path.name} line {number} is not a JSON record (a results file?)") from None
-        return records
-
-    def failures(self, keys: set[str]) -> int:
-        """How many of these images have an error as their latest record."""
-        latest = {r["image"]: r.get("error") for r in self.records()}
-        return sum(1 for key in keys if latest.get(key))
-
-    def append(self, record: dict) -> None:
-        if self.kind == "jsonl":
-            line = json.dumps(record, ensure_ascii=False) + "\n"
-        else:
-            buffer = io.StringIO()
-            writer = csv.DictWriter(buffer, CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-            if not self.path.exists() or self.path.stat().st_size == 0:
-                writer.writeheader()
-            writer.writerow({k: _csv_cell(v) for k, v in record.items()})
-            line = buffer.getvalue()
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        self.done.add(record["image"])
-
-
-def _csv_cell(value):
-    """Lists and dicts as JSON; line breaks as the two characters \\n, so that each record is one line and a record
-    cut short by a kill is recognisable (and redone) on the next run."""
-    text = json.dumps(value, ensure_ascii=False) if isinstance(value, list | dict) else value
-    return text.replace("\r", "\\r").replace("\n", "\\n") if isinstance(text, str) else text
+def results_file(path) -> RecordFile:
+    """The output of a run: `.jsonl`, or `.csv` with one column per record field."""
+    return RecordFile(path, CSV_FIELDS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,7 +101,7 @@ def _stale(out: RecordFile, items: list[Item], model_id: str, prompts: list[str]
 def run_batch(engine: ChatEngine, batch: list[Item], prompts: list[str], settings, store=None) -> list[dict]:
     """Decode, encode and answer one batch; a bad image or a failed generation becomes an error record."""
     started = time.perf_counter()
-    records, good, images = load_batch(batch, lambda item: _blank_record(engine, item, prompts, settings))
+    records, good, images = load_images(batch, lambda item: _blank_record(engine, item, prompts, settings))
     if good:
         try:
             _answer(engine, good, images, prompts, settings)
@@ -255,23 +114,6 @@ def run_batch(engine: ChatEngine, batch: list[Item], prompts: list[str], setting
     if store is not None:
         _keep(engine, store, [(r, i) for r, i in zip(good, images) if r["error"] is None], settings)
     return records
-
-
-def load_batch(batch: list[Item], blank) -> tuple[list[dict], list[dict], list]:
-    """Each item's record (`blank(item)`), those whose image decoded, and the images; a rejected image's record
-    carries the reason in "error" and its SHA-256 when the file could be read."""
-    records, good, images = [], [], []
-    for item in batch:
-        record = blank(item)
-        try:
-            data = read_source(item.path, DEFAULT_LIMITS.max_bytes)  # the byte cap applies before reading
-            record["image_sha256"] = sha256_bytes(data)
-            images.append(load_image(data))
-            good.append(record)
-        except ImageRejected as exc:
-            record["error"] = str(exc)
-        records.append(record)
-    return records, good, images
 
 
 def _answer(engine: ChatEngine, records: list[dict], images: list, prompts: list[str], settings) -> None:
@@ -294,7 +136,7 @@ def _answer(engine: ChatEngine, records: list[dict], images: list, prompts: list
 
 def _keep(engine: ChatEngine, store, done: list[tuple[dict, object]], settings) -> None:
     """Each diagnosed image as a consultation record: hashes, turns and settings, never the file name."""
-    from skingpt4.serve.consult import model_sha256, png_bytes
+    from skingpt4.serve.consult import model_sha256
 
     path = engine.loaded.path
     for record, image in done:

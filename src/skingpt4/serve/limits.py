@@ -1,10 +1,10 @@
 """Bounds for the HTTP server: a request-body cap that also counts chunked bodies, and bounded admission.
 
 FastAPI and uvicorn have no body limit at all (a 40 MiB JSON body costs ~3x its size in RAM), and a
-`Content-Length` check alone is bypassed by `Transfer-Encoding: chunked` (reliability.md §1.3). `BodyLimit`
+`Content-Length` check alone is bypassed by `Transfer-Encoding: chunked` (docs/reliability.md §1.3). `BodyLimit`
 rejects a declared length over the cap at once and counts bytes as they arrive otherwise. `Admission` lets one
 request generate and a bounded number wait; the rest are told to come back later (503 + Retry-After) instead of
-waiting without bound (reliability.md §1.7, T-7).
+waiting without bound (docs/reliability.md §1.7, T-7).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Why SQLite in WAL mode with `synchronous=FULL`: `save` returns only after COMMIT, and with FULL the WAL is fsynced at
 every commit, so an acknowledged record survives a killed process and a power cut; WAL also lets readers (the
 `records` CLI) run while the web app writes. Rewriting a JSON file instead loses everything on a kill mid-write
-(reliability.md, T-6). One writer connection per store, guarded by a lock, because the web app and the API save
+(docs/reliability.md T-6). One writer connection per store, guarded by a lock, because the web app and the API save
 from several threads; other processes wait on SQLite's own lock (busy timeout).
 
 Privacy: the file is 0600 (its -wal/-shm files inherit that) in a 0700 folder when we create it; pixels are kept

@@ -2,7 +2,7 @@
 
 Why code and not the prompt: a model can be talked out of its instructions or cut off by the token budget, and a
 dermatology model's most dangerous output is confident reassurance. So the rails are fixed texts and regular
-expressions run after generation (reliability.md §3.3-3.4), and nothing the model writes can remove them:
+expressions run after generation (docs/reliability.md §3.3-3.4), and nothing the model writes can remove them:
 
 - every answer ends with `DISCLAIMER`, appended here;
 - referral rules read both sides of the consultation (the user's questions and the model's answer), so they do not
@@ -122,7 +122,8 @@ def _clauses(text: str) -> Iterator[str]:
 
 
 # Output is plain text on every surface, but a client may render Markdown or HTML: an image there loads by itself,
-# and its URL can carry the conversation out (reliability.md §1.5). Images go, links keep only their text, tags go.
+# and its URL can carry the conversation out (docs/reliability.md §1.5). Images go, links keep only their text,
+# tags go.
 _MD_IMAGE = re.compile(r"!\[([^\]\n]*)\]\([^)\n]*\)")
 _MD_LINK = re.compile(r"\[([^\]\n]*)\]\([^)\n]*\)")
 _TAG = re.compile(r"</?[A-Za-z][^>\n]{0,300}>")

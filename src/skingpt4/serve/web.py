@@ -21,7 +21,6 @@ options, credentials, clean-up) is `web_launch.py`'s job.
 
 from __future__ import annotations
 
-import base64
 import html
 import logging
 import os
@@ -39,8 +38,8 @@ from skingpt4.chat import ChatEngine
 from skingpt4.conversation import CLINICAL_PROMPTS
 from skingpt4.errors import Cancelled, InputError, SkinGPT4Error, first_line
 from skingpt4.generation import GenerationSettings
-from skingpt4.images import ImageRejected
-from skingpt4.serve.consult import Consultation, png_bytes
+from skingpt4.images import ImageRejected, png_data_uri
+from skingpt4.serve.consult import Consultation
 from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before Gradio is imported: it reads this at several points
@@ -299,7 +298,7 @@ class WebApp:
         """The session's photos as inline data URIs: re-encoded thumbnails, never a file or a URL."""
         images = visit.consultation.images if visit is not None else []
         tags = [
-            f"<img src='data:image/png;base64,{base64.b64encode(png_bytes(image['thumbnail'])).decode()}' "
+            f"<img src='{png_data_uri(image['thumbnail'])}' "
             f"alt='photo {number}' style='height:96px;margin:2px;border:1px solid #ccc'>"
             for number, image in enumerate(images, 1)
         ]

@@ -1,4 +1,4 @@
-"""Serving the web app: Gradio's launch options as reliability.md §1.4 recommends, credentials, and clean-up.
+"""Serving the web app: Gradio's launch options as docs/reliability.md §1.4 recommends, credentials, and clean-up.
 
 `launch` binds to 127.0.0.1 unless told otherwise, warns when the app is reachable beyond this machine without a
 password, never serves the model folder or the records, and removes every file the app kept when it stops

@@ -1,7 +1,7 @@
 """`TrainConfig`: every training setting with its one default, loaded from a small YAML file of overrides.
 
-Defaults are MiniGPT-4's released stage-2 fine-tuning config (reference.md 4.3), the closest released recipe to
-SkinGPT-4's unreleased skin steps; `configs/train/*.yaml` set the paper's numbers (reference.md 4.4). Paths in a
+Defaults are MiniGPT-4's released stage-2 fine-tuning config (docs/reference.md §4.3), the closest released recipe to
+SkinGPT-4's unreleased skin steps; `configs/train/*.yaml` set the paper's numbers (docs/reference.md §4.4). Paths in a
 YAML file are relative to the folder training is started from, so shipped configs hold no machine paths.
 """
 
@@ -41,12 +41,12 @@ class TrainConfig:
     init_from: str | None = None  # a previous run's output folder (step 1 for step 2), or a SkinGPT-4 .pth
     train_split: str = "train"  # records of this split, and records without a split, train
     val_split: str = "val"
-    # The objective (reference.md 3.2-3.4, 4.1)
+    # The objective (docs/reference.md §3.2-3.4, 4.1)
     prompts: str = "alignment_skin"  # a packaged prompt list (skingpt4/prompts/<name>.txt) or a .txt path
     prompt_template: str = "###Human: {} ###Assistant: "
     end_sym: str = "###"
     max_txt_len: int = 160
-    # Optimizer and schedule (reference.md 4.2): AdamW, linear warmup then cosine over epochs x iters_per_epoch
+    # Optimizer and schedule (docs/reference.md §4.2): AdamW, linear warmup then cosine over epochs x iters_per_epoch
     batch_size: int = 12  # per process
     grad_accum: int = 1
     epochs: int = 5

@@ -1,6 +1,6 @@
 """Training data: manifest records checked up front, the original's token layout, a resumable sample order.
 
-Token layout of one sample (reference.md 4.1), as ids with 32 image placeholders where the features go:
+Token layout of one sample (docs/reference.md §4.1), as ids with 32 image placeholders where the features go:
 
     [BOS] "###Human: <Img>" [32 x <image>] "</Img> <question> ###Assistant: " | "<caption>###"
     labels: -100 ...................................................... | caption ids (pad/eos ids -> -100)
@@ -21,12 +21,11 @@ import numpy as np
 import torch
 
 from skingpt4.conversation import IMAGE_PLACEHOLDER
-from skingpt4.data.prepare import read_minigpt4
+from skingpt4.data.manifest import read_manifest, read_minigpt4
 from skingpt4.errors import InputError
 from skingpt4.images import ImageRejected, load_image
 from skingpt4.pixels import eval_transform, train_transform
 from skingpt4.processing import prompt_ids
-from skingpt4.serve.diagnose import read_manifest
 
 
 @dataclass(frozen=True)

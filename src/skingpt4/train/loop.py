@@ -1,8 +1,9 @@
 """`skingpt4 train --config FILE`: the original's objective on a user's data, resumable, one GPU or many.
 
 Only the projection (`language_projection`, the original's `llama_proj`) trains, as in SkinGPT-4; LoRA on the LLM
-(peft, q_proj/v_proj) is an option. Loss: next-token cross-entropy on the caption + `###` only (reference.md 4.1).
-AdamW with the original's no-decay groups, linear warmup then cosine over `epochs x iters_per_epoch` steps (4.2).
+(peft, q_proj/v_proj) is an option. Loss: next-token cross-entropy on the caption + `###` only (docs/reference.md
+§4.1). AdamW with the original's no-decay groups, linear warmup then cosine over `epochs x iters_per_epoch` steps
+(§4.2).
 
 Launch lines (the same code, no change; `accelerate` does device placement, DDP, accumulation, mixed precision):
 
