@@ -1,4 +1,5 @@
-"""Private SQLite files for the consultation records and the review ratings: opened one way, checked one way.
+"""Private SQLite files for the consultation records and the review ratings: opened one way, checked one way,
+used one way (`PrivateStore`: one connection behind a lock, transactions that have committed before they return).
 
 A file is created 0600 (its folders 0700) before SQLite touches it, and a wider mode on an existing file and its
 -wal/-shm companions is tightened. A file that is not ours (another application's database, a newer schema, not
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +32,52 @@ class Kind:
     version: int  # PRAGMA user_version; a newer file is refused rather than misread
     schema: str  # CREATE statements separated by ";"
     pragmas: tuple[str, ...] = ("synchronous = FULL",)
+
+
+class PrivateStore:
+    """One private SQLite file of `kind`. Thread-safe; use as a context manager or call `close()`."""
+
+    def __init__(self, path: Path, kind: Kind):
+        self.path, self.kind = path, kind
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = open_private(path, kind)
+
+    def integrity(self) -> str:
+        """PRAGMA integrity_check: "ok", or its findings joined by "; "."""
+        with self._locked() as conn:
+            return "; ".join(row[0] for row in conn.execute("PRAGMA integrity_check"))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()  # the last connection checkpoints and removes the -wal file
+                self._conn = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._conn is None:
+                raise InputError(f"{self.kind.what} {self.path} is closed")
+            yield self._conn
+
+    @contextmanager
+    def _transaction(self, begin: str = "BEGIN IMMEDIATE") -> Iterator[sqlite3.Connection]:
+        """BEGIN ... COMMIT under the lock; COMMIT has returned (and, with FULL, fsynced) before we leave."""
+        with self._locked() as conn:
+            conn.execute(begin)
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:  # SQLite rolls back by itself on some errors (disk full)
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
 
 def open_private(path: Path, kind: Kind) -> sqlite3.Connection:

@@ -12,17 +12,13 @@ refused rather than misread. One connection guarded by a lock, because the web s
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 import unicodedata
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from skingpt4.errors import InputError
-from skingpt4.sqlite_files import Kind, open_private
+from skingpt4.sqlite_files import Kind, PrivateStore
 
 
 @dataclass(frozen=True)
@@ -118,17 +114,16 @@ class Rating:
         return Rating(clean_rater(self.rater), self.case, dict(self.answers), self.comment, self.image_sha256)
 
 
-class ReviewStore:
+class ReviewStore(PrivateStore):
     """Ratings in one SQLite file. Thread-safe; use as a context manager or call `close()`.
 
     `create=False` opens an existing store only (the summary must not leave an empty file behind a typo)."""
 
     def __init__(self, path: str | Path, *, create: bool = True):
-        self.path = Path(path).expanduser()
-        if not create and not self.path.is_file():
-            raise InputError(f"no review store at {self.path}")
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = open_private(self.path, KIND)
+        path = Path(path).expanduser()
+        if not create and not path.is_file():
+            raise InputError(f"no review store at {path}")
+        super().__init__(path, KIND)
 
     def save(self, rating: Rating) -> Rating:
         """Insert or replace (rater, case) in one transaction; returns the rating as stored, once committed."""
@@ -156,46 +151,10 @@ class ReviewStore:
         """Every rating, by case then rater (a stable order for the CSV)."""
         return self._select("ORDER BY case_id, rater", ())
 
-    def integrity(self) -> str:
-        """PRAGMA integrity_check: "ok", or its findings joined by "; "."""
-        with self._locked() as conn:
-            return "; ".join(row[0] for row in conn.execute("PRAGMA integrity_check"))
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> ReviewStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def _select(self, where: str, params: tuple) -> list[Rating]:
         with self._locked() as conn:
             rows = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM ratings {where}", params).fetchall()
         return [_rating(row) for row in rows]
-
-    @contextmanager
-    def _locked(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            if self._conn is None:
-                raise InputError(f"review store {self.path} is closed")
-            yield self._conn
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._locked() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")  # with synchronous=FULL the WAL is fsynced before this returns
 
 
 def _rating(row: tuple) -> Rating:

@@ -19,16 +19,13 @@ import json
 import os
 import re
 import sqlite3
-import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from skingpt4.errors import InputError, first_line
 from skingpt4.private_files import write_private
-from skingpt4.sqlite_files import Kind, open_private
+from skingpt4.sqlite_files import Kind, PrivateStore
 
 SCHEMA_VERSION = 1  # PRAGMA user_version; a newer file is refused rather than misread
 APPLICATION_ID = 0x536B4734  # PRAGMA application_id, "SkG4": marks the file as ours
@@ -87,14 +84,12 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
-class RecordStore:
+class RecordStore(PrivateStore):
     """Consultation records in one SQLite file. Thread-safe; use as a context manager or call `close()`."""
 
     def __init__(self, path: str | Path | None = None, keep_images: bool = False):
-        self.path = Path(path).expanduser() if path is not None else default_records_path()
+        super().__init__(Path(path).expanduser() if path is not None else default_records_path(), KIND)
         self.keep_images = keep_images
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = open_private(self.path, KIND)
 
     # -- writing ---------------------------------------------------------------------------------------------
 
@@ -188,49 +183,6 @@ class RecordStore:
                     image["png_base64"] = base64.b64encode(png).decode("ascii") if png is not None else None
                 stream.write(json.dumps(record, ensure_ascii=False) + "\n")
         return len(ids)
-
-    def integrity(self) -> str:
-        """PRAGMA integrity_check: "ok", or its findings joined by "; "."""
-        with self._locked() as conn:
-            return "; ".join(row[0] for row in conn.execute("PRAGMA integrity_check"))
-
-    # -- plumbing --------------------------------------------------------------------------------------------
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()  # the last connection checkpoints and removes the -wal file
-                self._conn = None
-
-    def __enter__(self) -> RecordStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    @contextmanager
-    def _locked(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            if self._conn is None:
-                raise InputError(f"records store {self.path} is closed")
-            yield self._conn
-
-    @contextmanager
-    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
-        """BEGIN ... COMMIT under the lock; COMMIT has returned (and, with FULL, fsynced) before we leave."""
-        with self._locked() as conn:
-            conn.execute(begin)
-            try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:  # SQLite rolls back by itself on some errors (disk full)
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Opening
 
 
 # ---------------------------------------------------------------------------------------------------------------
