@@ -30,12 +30,12 @@ from skingpt4.chat import ChatEngine
 from skingpt4.conversation import CLINICAL_PROMPTS
 from skingpt4.errors import InputError
 from skingpt4.generation import GenerationSettings
+from skingpt4.net import is_loopback
 from skingpt4.serve.consult import Consultation
 from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
 from skingpt4.serve.web import WebConfig, take_upload
 from skingpt4.serve.web_launch import (
     exposure_warning,
-    is_loopback,
     launch,
     launch_options,
     login_check,

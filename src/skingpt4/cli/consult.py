@@ -7,7 +7,7 @@ from pathlib import Path
 
 from skingpt4.cli import flags
 from skingpt4.errors import InputError
-from skingpt4.net import is_loopback
+from skingpt4.net import exposure_warning
 
 EXAMPLES = {
     "chat": "skingpt4 chat --model ./skingpt4 --image lesion.jpg      (or --model tiny to try it offline)",
@@ -123,11 +123,8 @@ def cmd_serve(args) -> int:
     )
     engine = flags.engine(args)
     flags.announce(engine)
-    if not is_loopback(config.host) and not config.api_key:
-        print(
-            f"WARNING: serving on {config.host} without an API key: anyone who can reach it can use it",
-            file=sys.stderr,
-        )
+    if warning := exposure_warning(config.host, "" if config.api_key else "an API key", "use the model"):
+        print(warning, file=sys.stderr)
     with flags.records_store(args, engine) as store:
         print(f"serving {engine.loaded.model_id} on http://{config.host}:{config.port}/v1", file=sys.stderr)
         serve(engine, config, store)

@@ -29,8 +29,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from skingpt4 import net
 from skingpt4.errors import InputError, first_line
-from skingpt4.net import is_loopback
 from skingpt4.review.cases import ROLES, Case, CaseImages, load_cases
 from skingpt4.review.store import (
     ANSWER_LABELS,
@@ -362,13 +362,9 @@ async def read_form(request: Request, token: str) -> dict[str, list[str]]:
 
 
 def exposure_warning(host: str) -> str | None:
-    """What to print when the page is reachable beyond this machine; None on loopback."""
-    if is_loopback(host):
-        return None
-    return (
-        f"warning: the review page listens on {host}, beyond this machine: anyone who can reach it can read the cases"
-        " and rate under any name (there are no passwords). Prefer 127.0.0.1 and an SSH tunnel."
-    )
+    """What to print when the page is reachable beyond this machine (it has no passwords); None on loopback."""
+    risk = "read the cases and rate under any name; prefer 127.0.0.1 and an SSH tunnel"
+    return net.exposure_warning(host, None, risk)
 
 
 @dataclass

@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from skingpt4 import net
 from skingpt4.chat import ChatEngine
 from skingpt4.errors import InputError, first_line
-from skingpt4.net import is_loopback
 from skingpt4.serve.web import WebApp, WebConfig
 
 __all__ = ["WebConfig", "build_app", "launch", "parse_auth", "read_auth_file"]
@@ -102,12 +102,8 @@ def launch_options(config: WebConfig) -> dict:
 
 def exposure_warning(config: WebConfig) -> str | None:
     """The warning printed when the app is reachable beyond this machine without a password."""
-    if is_loopback(config.host) or config.auth:
-        return None
-    return (
-        f"warning: serving on {config.host} without --auth or --auth-file: anyone who can reach port "
-        f"{config.port} can use the model and see what this app shows"
-    )
+    missing = "" if config.auth else "--auth or --auth-file"
+    return net.exposure_warning(config.host, missing, "use the model and see what this app shows")
 
 
 def private_paths(engine: ChatEngine, store=None) -> list[str]:
