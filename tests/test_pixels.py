@@ -14,6 +14,7 @@ from skingpt4.pixels import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGE_SIZE,
+    PixelSpec,
     eval_transform,
     random_resized_crop_box,
     to_pixel_batch,
@@ -226,3 +227,15 @@ def test_train_transform_uniform_colour_and_small_input():
     expected = (np.array((10, 20, 30)) / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
     assert out.shape == (3, 16, 16)
     np.testing.assert_allclose(out.numpy(), np.broadcast_to(expected[:, None, None], (3, 16, 16)), atol=1e-6)
+
+
+def test_model_folder_normalisation_reaches_the_transform(tmp_path):
+    """skingpt4.json's image_mean/image_std are what the transforms use, not fixed CLIP values."""
+    from skingpt4.model import META_FILE, ModelMeta
+
+    (tmp_path / META_FILE).write_text('{"image_size": 8, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.5, 1]}')
+    spec = ModelMeta.load(tmp_path).pixels
+    out = spec.eval(Image.new("RGB", (3, 5), (255, 0, 255)))  # channel values 1, 0, 1 after ToTensor
+    assert out.shape == (3, 8, 8)
+    assert torch.allclose(out[:, 0, 0], torch.tensor([(1 - 0.5) / 0.25, (0 - 0.5) / 0.5, (1 - 0.5) / 1]))
+    assert ModelMeta().pixels == PixelSpec()  # the defaults are SkinGPT-4's CLIP values, in one place

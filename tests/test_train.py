@@ -22,6 +22,7 @@ from skingpt4.convert import ConvertOptions, convert, map_projection
 from skingpt4.errors import InputError
 from skingpt4.generation import GenerationSettings
 from skingpt4.model import load_model
+from skingpt4.pixels import PixelSpec
 from skingpt4.processing import prompt_ids
 from skingpt4.train.data import Collate, TrainDataset, TrainOrder, load_prompts, read_records
 from skingpt4.train.loop import TrainConfig, load_config, lr_at, make_trainable, train
@@ -104,7 +105,7 @@ def test_sample_has_the_original_token_layout(loaded, manifest):
     prompts = load_prompts("alignment_skin", "###Human: {} ###Assistant: ")
     assert prompts[0] == "###Human: <Img><ImageHere></Img> What's wrong with my skin? ###Assistant: "
     records = read_records(manifest, "train", default_split=True)
-    data = TrainDataset(records, prompts, tok, loaded.image_token_id, "###", 160, 224, seed=0, train=True)
+    data = TrainDataset(records, prompts, tok, loaded.image_token_id, "###", 160, PixelSpec(), seed=0, train=True)
     sample = data[(0, 0, 0)]
     words = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
     target = words(records[0].caption + "###")
@@ -118,7 +119,7 @@ def test_sample_has_the_original_token_layout(loaded, manifest):
     assert sample["input_ids"] == prompt + target
     assert sample["labels"] == [-100] * len(prompt) + target
     assert tuple(sample["pixel_values"].shape) == (3, 224, 224)
-    short = TrainDataset(records, prompts, tok, loaded.image_token_id, "###", 5, 224, seed=0, train=True)
+    short = TrainDataset(records, prompts, tok, loaded.image_token_id, "###", 5, PixelSpec(), seed=0, train=True)
     assert short[(0, 0, 0)]["input_ids"] == prompt + target[:5]  # max_txt_len cuts the target (even its ###)
 
     # The training forward = the chat engine's splice (ChatEngine.embed) + the LLM + CE on the caption only.

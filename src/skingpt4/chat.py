@@ -23,7 +23,6 @@ from skingpt4.errors import Cancelled, InputError
 from skingpt4.generation import GenerationSettings
 from skingpt4.images import DEFAULT_LIMITS, load_image, read_source, sha256_bytes
 from skingpt4.model import LoadedModel
-from skingpt4.pixels import eval_transform
 from skingpt4.processing import common_prefix, image_keys, prompt_ids, truncate_left
 
 
@@ -53,8 +52,7 @@ class ChatEngine:
     @torch.no_grad()
     def encode_images(self, images: list) -> torch.Tensor:
         """PIL images -> projected Q-Former features (N, 32, H) in the LLM's dtype, on the embeddings' device."""
-        size = self.loaded.meta.image_size
-        pixels = torch.stack([eval_transform(img, size) for img in images])
+        pixels = torch.stack([self.loaded.meta.pixels.eval(img) for img in images])
         vision = self.model.vision_model.embeddings.patch_embedding.weight
         with self.lock:
             out = self.model.get_image_features(pixel_values=pixels.to(vision.device, vision.dtype))

@@ -23,6 +23,7 @@ import torch
 
 from skingpt4.errors import ModelLoadError, first_line
 from skingpt4.generation import folder_generation_config
+from skingpt4.pixels import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, PixelSpec
 
 IMAGE_TOKEN = "<image>"  # one added special token; 32 copies stand for each image
 NUM_QUERY_TOKENS = 32
@@ -35,13 +36,17 @@ class ModelMeta:
     """What a SkinGPT-4 folder needs beyond the stock transformers files (saved as `skingpt4.json`)."""
 
     template: str = "skingpt4"
-    image_size: int = 224
-    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    image_size: int = IMAGE_SIZE
+    image_mean: tuple[float, float, float] = CLIP_MEAN  # the pixel transforms use these (`pixels`)
+    image_std: tuple[float, float, float] = CLIP_STD
     post_layernorm_eps: float = 1e-5  # the original `ln_vision`; the ViT blocks use 1e-6 (in config.json)
     untrained: bool = False
     description: str = ""
     sources: list[dict] = field(default_factory=list)  # [{"role", "name", "sha256", "bytes"}]
+
+    @property
+    def pixels(self) -> PixelSpec:
+        return PixelSpec(self.image_size, self.image_mean, self.image_std)
 
     def save(self, folder: str | Path) -> None:
         (Path(folder) / META_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "IMAGE_SIZE",
+    "PixelSpec",
     "eval_transform",
     "random_resized_crop_box",
     "to_pixel_batch",
@@ -34,12 +36,30 @@ TRAIN_SCALE = (0.5, 1.0)
 TRAIN_RATIO = (3 / 4, 4 / 3)
 
 Rng = np.random.Generator | random.Random
+Triple = tuple[float, float, float]
 
 
-def eval_transform(img: Image.Image, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """Inference transform: bicubic squash to ``size`` x ``size``, scale to [0, 1], CLIP-normalise. [3, size, size]."""
+@dataclass(frozen=True)
+class PixelSpec:
+    """What a model folder says about its input pixels (`skingpt4.json`); the defaults are SkinGPT-4's."""
+
+    size: int = IMAGE_SIZE
+    mean: Triple = CLIP_MEAN
+    std: Triple = CLIP_STD
+
+    def eval(self, img: Image.Image) -> torch.Tensor:
+        return eval_transform(img, self.size, self.mean, self.std)
+
+    def train(self, img: Image.Image, rng: Rng) -> torch.Tensor:
+        return train_transform(img, rng, self.size, mean=self.mean, std=self.std)
+
+
+def eval_transform(
+    img: Image.Image, size: int = IMAGE_SIZE, mean: Triple = CLIP_MEAN, std: Triple = CLIP_STD
+) -> torch.Tensor:
+    """Inference transform: bicubic squash to ``size`` x ``size``, scale to [0, 1], normalise. [3, size, size]."""
     _require_rgb(img)
-    return _to_normalised_tensor(img.resize((size, size), Image.Resampling.BICUBIC))
+    return _to_normalised_tensor(img.resize((size, size), Image.Resampling.BICUBIC), mean, std)
 
 
 def train_transform(
@@ -48,6 +68,8 @@ def train_transform(
     size: int = IMAGE_SIZE,
     scale: tuple[float, float] = TRAIN_SCALE,
     ratio: tuple[float, float] = TRAIN_RATIO,
+    mean: Triple = CLIP_MEAN,
+    std: Triple = CLIP_STD,
 ) -> torch.Tensor:
     """Training transform: torchvision ``RandomResizedCrop`` driven by ``rng`` (not torch's global RNG), so runs
     are reproducible per sample. Crop then resize, as ``F.resized_crop`` does: ``resize(box=...)`` would let the
@@ -55,7 +77,7 @@ def train_transform(
     _require_rgb(img)
     left, top, w, h = random_resized_crop_box(img.width, img.height, rng, scale, ratio)
     crop = img.crop((left, top, left + w, top + h))
-    return _to_normalised_tensor(crop.resize((size, size), Image.Resampling.BICUBIC))
+    return _to_normalised_tensor(crop.resize((size, size), Image.Resampling.BICUBIC), mean, std)
 
 
 def to_pixel_batch(images: Sequence[Image.Image], size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -121,10 +143,8 @@ def _require_rgb(img: Image.Image) -> None:
         raise ValueError(f"expected an 8-bit RGB image (use skingpt4.images.load_image), got mode {img.mode!r}")
 
 
-def _to_normalised_tensor(img: Image.Image) -> torch.Tensor:
+def _to_normalised_tensor(img: Image.Image, mean: Triple, std: Triple) -> torch.Tensor:
     """torchvision ``ToTensor`` then ``Normalize``, same float32 operations in the same order."""
     array = np.array(img, dtype=np.uint8, copy=True)  # [H, W, 3]
     tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
-    return tensor.sub_(mean).div_(std)
+    return tensor.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))

@@ -24,7 +24,6 @@ from skingpt4.conversation import IMAGE_PLACEHOLDER
 from skingpt4.data.manifest import read_manifest, read_minigpt4
 from skingpt4.errors import InputError
 from skingpt4.images import ImageRejected, load_image
-from skingpt4.pixels import eval_transform, train_transform
 from skingpt4.processing import prompt_ids
 
 
@@ -93,9 +92,9 @@ def load_prompts(name: str, template: str) -> list[str]:
 class TrainDataset(torch.utils.data.Dataset):
     """Indexed by keys `(pass, index, prompt)`; the crop of a training image depends only on (seed, pass, index)."""
 
-    def __init__(self, records, prompts, tokenizer, image_token_id, end_sym, max_txt_len, image_size, seed, train):
+    def __init__(self, records, prompts, tokenizer, image_token_id, end_sym, max_txt_len, pixels, seed, train):
         self.records, self.tokenizer, self.train, self.seed = records, tokenizer, train, seed
-        self.end_sym, self.max_txt_len, self.image_size = end_sym, max_txt_len, image_size
+        self.end_sym, self.max_txt_len, self.pixels = end_sym, max_txt_len, pixels
         self.prompt_ids = [prompt_ids(tokenizer, p, image_token_id) for p in prompts]
 
     def __len__(self) -> int:
@@ -109,9 +108,9 @@ class TrainDataset(torch.utils.data.Dataset):
         except (ImageRejected, OSError) as exc:
             raise InputError(f"cannot read training image {record.image}: {exc}") from None
         if self.train:
-            pixels = train_transform(image, np.random.default_rng([self.seed, epoch, index]), self.image_size)
+            pixels = self.pixels.train(image, np.random.default_rng([self.seed, epoch, index]))
         else:
-            pixels = eval_transform(image, self.image_size)
+            pixels = self.pixels.eval(image)
         ids, labels = self.encode(self.prompt_ids[prompt], record.caption)
         return {"pixel_values": pixels, "input_ids": ids, "labels": labels}
 

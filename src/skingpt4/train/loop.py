@@ -223,7 +223,7 @@ def prepare(cfg: TrainConfig, resume: bool) -> Run:
     make_trainable(net, cfg)
     if cfg.init_from:
         load_trainable(net, Path(cfg.init_from), "init_from")
-    common = (loaded.tokenizer, loaded.image_token_id, cfg.end_sym, cfg.max_txt_len, loaded.meta.image_size, cfg.seed)
+    common = (loaded.tokenizer, loaded.image_token_id, cfg.end_sym, cfg.max_txt_len, loaded.meta.pixels, cfg.seed)
     train_set = TrainDataset(records, prompts, *common, train=True)
     val_set = TrainDataset(val_records, prompts, *common, train=False) if val_records else None
     optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.init_lr, betas=(0.9, cfg.beta2))
