@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import image_bytes
+from conftest import endless, image_bytes
 
 from skingpt4.chat import GenerationSettings, until_stop
 from skingpt4.errors import InputError
@@ -340,3 +340,45 @@ def test_only_the_most_recent_sessions_keep_a_cache_and_the_rest_recompute_alike
     fresh.cache = None
     fresh.ask("and then?")
     assert again == fresh.answer(GREEDY) and sessions[0].reused_tokens == 0
+
+
+def test_a_failed_answer_after_a_new_photo_keeps_the_earlier_turns(engine):
+    """An answered question leaves nothing to undo: a cancelled answer after a new photo must not roll the
+    conversation back past the earlier turn (the image would stay in the features, and every later turn would
+    fail with a slot/feature mismatch)."""
+    import threading
+
+    from skingpt4.errors import Cancelled
+
+    session = engine.session()
+    session.add_image(image_bytes(noise_seed=1))
+    session.ask("What is it?")
+    first = session.answer(GREEDY)
+    session.add_image(image_bytes(noise_seed=2))  # a photo is a user message: an answer may follow directly
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        session.answer(GREEDY, cancel=cancel)
+    assert session.conversation.messages[1] == (1, first)  # the earlier answer is still there
+    assert session.conversation.num_images == len(session.features) == 2
+    session.ask("And now?")
+    assert isinstance(session.answer(GREEDY), str)  # no slot/feature mismatch
+
+
+def test_a_seeded_request_leaves_the_global_rng_alone(engine):
+    """`seed` seeds that request only: the global RNG is as it was, so the next request without a seed is not
+    made deterministic by it, and the seeded request itself repeats exactly."""
+    endless(engine)
+
+    def seeded_answer() -> str:
+        session = engine.session()
+        session.ask("hello")
+        return session.answer(GenerationSettings(max_new_tokens=8, seed=5))
+
+    torch.manual_seed(123)
+    expected = torch.rand(8).tolist()
+    torch.manual_seed(123)
+    first = seeded_answer()
+    assert torch.rand(8).tolist() == expected  # the global stream went on as if the request had not run
+    torch.manual_seed(7)
+    assert seeded_answer() == first  # same seed, same answer, whatever the global state

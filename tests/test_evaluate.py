@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from conftest import image_bytes
+from PIL import Image
 
 from skingpt4.chat import ChatEngine, GenerationSettings
 from skingpt4.conversation import CLINICAL_PROMPTS
@@ -241,3 +242,16 @@ def test_images_sharing_a_file_name_get_distinct_case_ids(loaded, tmp_path):
     run_eval(ChatEngine(loaded), items, tmp_path / "out", protocol="clinical", **FAST)
     cases = [json.loads(line)["case"] for line in (tmp_path / "out" / "transcripts.jsonl").read_text().splitlines()]
     assert sorted(cases) == ["eczema/001", "psoriasis/001"]
+
+
+def test_label_scoring_runs_under_the_engine_lock(engine):
+    """Choice-mode scoring uses the shared model like generation does: every forward pass holds the engine lock."""
+    held = []
+    decoder = engine.model.language_model.get_decoder()
+    hook = decoder.register_forward_pre_hook(lambda module, args: held.append(engine.lock._is_owned()))
+    try:
+        features = engine.encode_images([Image.new("RGB", (32, 32), (200, 100, 90))])
+        score_labels(engine, features, ["eczema", "melanoma"], "What is it?")
+    finally:
+        hook.remove()
+    assert held and all(held)

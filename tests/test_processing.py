@@ -40,3 +40,15 @@ def test_image_keys_distinguish_images_and_common_prefix():
     assert image_keys(ids, IMG) == [1, -1, -1, 4, -2, -2, 5]
     assert image_keys(ids, IMG, first_image=1) == [1, -2, -2, 4, -3, -3, 5]
     assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2 and common_prefix([], [1]) == 0
+
+
+def test_adjacent_image_blocks_stay_two_images():
+    """Two images with no text between them are two blocks of NUM_QUERY_TOKENS, not one long block."""
+    n = 3
+    ids = [1, 7, *[IMG] * n, *[IMG] * n, 8, *[IMG] * n, 9]
+    assert image_keys(ids, IMG, num_query_tokens=n) == [1, 7, -1, -1, -1, -2, -2, -2, 8, -3, -3, -3, 9]
+    assert image_keys(ids, IMG, first_image=2, num_query_tokens=n)[2:8] == [-3, -3, -3, -4, -4, -4]
+    # A cut at the boundary between the two adjacent blocks keeps the second whole and counts one dropped.
+    assert truncate_left(ids, len(ids) - 5, IMG, num_query_tokens=n) == (ids[5:], 1)
+    # A cut inside the second block drops it too: two blocks gone, the third kept.
+    assert truncate_left(ids, len(ids) - 6, IMG, num_query_tokens=n) == (ids[8:], 2)

@@ -14,6 +14,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -116,11 +117,10 @@ class ChatEngine:
         with self.lock:
             if cancel is not None and cancel.is_set():  # gave up while waiting for the lock
                 return [torch.zeros(0, dtype=torch.long)] * len(sessions)
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
-            if len(sessions) == 1 and settings.num_beams == 1:
-                return [self._generate_cached(sessions[0], *prepared[0], settings, streamer, cancel)]
-            return self._generate_batch([p[:2] for p in prepared], settings, streamer, cancel)
+            with seeded(settings.seed):
+                if len(sessions) == 1 and settings.num_beams == 1:
+                    return [self._generate_cached(sessions[0], *prepared[0], settings, streamer, cancel)]
+                return self._generate_batch([p[:2] for p in prepared], settings, streamer, cancel)
 
     def _run(self, ids, mask, features, settings, streamer, cancel=None, cache=None) -> torch.Tensor:
         """Generate after `ids` (B, T); returns only the new tokens (B, N)."""
@@ -182,6 +182,19 @@ class ChatEngine:
         ids = torch.tensor(rows, device=device)
         features = torch.cat(features) if features else None
         return list(self._run(ids, torch.tensor(mask, device=device), features, settings, streamer, cancel))
+
+
+@contextmanager
+def seeded(seed: int | None):
+    """Draw from a generator seeded for this request only: the global RNG is restored afterwards, so a later
+    request without a seed is not made deterministic by an earlier one with a seed."""
+    if seed is None:
+        yield
+        return
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 class _NoIdsFrom:

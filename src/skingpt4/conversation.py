@@ -151,10 +151,11 @@ class Conversation:
         """Store an answer; markup a model wrote (`<ImageHere>`, `<image>`) is removed, or the next turn breaks."""
         clean = strip_markup(text, self.special_tokens)
         self.messages.append((1, clean))
+        self._before_question = None  # answered: nothing is left to undo
         return clean
 
     def drop_question(self) -> None:
-        """Undo the last `add_question` (used when its answer failed)."""
+        """Undo the last `add_question` (used when its answer failed); after an answer there is nothing to undo."""
         if self._before_question is not None:
             self.messages = self._before_question
             self._before_question = None

@@ -24,36 +24,45 @@ def prompt_ids(tokenizer, prompt: str, image_token_id: int, num_query_tokens: in
     return ids
 
 
-def truncate_left(ids: list[int], budget: int, image_token_id: int) -> tuple[list[int], int]:
+def truncate_left(
+    ids: list[int], budget: int, image_token_id: int, num_query_tokens: int = NUM_QUERY_TOKENS
+) -> tuple[list[int], int]:
     """Keep the last `budget` ids, as the original does, but never cut an image block in half.
 
     Returns the kept ids and how many whole image blocks were dropped from the left (their features go too).
     """
     if budget <= 0:
         raise ValueError(f"context budget must be positive, got {budget}")
+    offsets = block_offsets(ids, image_token_id, num_query_tokens)
     cut = max(0, len(ids) - budget)
-    while 0 < cut < len(ids) and ids[cut] == image_token_id and ids[cut - 1] == image_token_id:
+    while 0 < cut < len(ids) and offsets[cut] > 0:
         cut += 1  # inside an image block: drop the rest of it as well
-    dropped = ids[:cut]
-    blocks = sum(1 for i, t in enumerate(dropped) if t == image_token_id and (i == 0 or dropped[i - 1] != t))
-    return ids[cut:], blocks
+    return ids[cut:], offsets[:cut].count(0)
 
 
-def image_keys(ids: list[int], image_token_id: int, first_image: int = 0) -> list[int]:
+def image_keys(ids: list[int], image_token_id: int, first_image: int = 0, num_query_tokens: int = NUM_QUERY_TOKENS):
     """The ids with each image block's positions replaced by a per-image negative key.
 
     Two prompts share a key/value-cache prefix only where both the text and the images agree; comparing these keys
     (not the ids, where every image looks alike) finds that prefix.
     """
     keys, image = [], first_image - 1
-    for i, t in enumerate(ids):
-        if t == image_token_id:
-            if i == 0 or ids[i - 1] != image_token_id:
-                image += 1
-            keys.append(-(image + 1))
-        else:
-            keys.append(t)
+    for t, offset in zip(ids, block_offsets(ids, image_token_id, num_query_tokens)):
+        image += offset == 0
+        keys.append(-(image + 1) if offset >= 0 else t)
     return keys
+
+
+def block_offsets(ids: list[int], image_token_id: int, num_query_tokens: int = NUM_QUERY_TOKENS) -> list[int]:
+    """Each position's offset inside its image block (0 starts a block), -1 for text.
+
+    Blocks are counted by length, not by runs: two images with no text between them are two blocks.
+    """
+    offsets, run = [], 0
+    for t in ids:
+        run = run + 1 if t == image_token_id else 0
+        offsets.append((run - 1) % num_query_tokens if run else -1)
+    return offsets
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -66,9 +66,10 @@ def _sequence_logprobs(engine: ChatEngine, rows: list[tuple[list[int], torch.Ten
     width = max(len(p) + len(t) for p, _, t in rows)
     ids = torch.tensor([[*p, *t] + [pad] * (width - len(p) - len(t)) for p, _, t in rows], device=device)
     mask = torch.tensor([[1] * (len(p) + len(t)) + [0] * (width - len(p) - len(t)) for p, _, t in rows], device=device)
-    embeds = engine.embed(ids, torch.cat([f for _, f, _ in rows]))
     lm = engine.model.language_model
-    hidden = lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    with engine.lock:  # the model is shared with every other caller of the engine
+        embeds = engine.embed(ids, torch.cat([f for _, f, _ in rows]))
+        hidden = lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     # Only the positions that predict target tokens go through the LM head (the full logits would be B x T x V).
     at = [(n, len(p) - 1 + k) for n, (p, _, t) in enumerate(rows) for k in range(len(t))]
     rows_idx = torch.tensor([n for n, _ in at], device=device)
