@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from lavis_reference import make_projection_checkpoint, write_lavis_files
 from safetensors.torch import load_file, save_file
-from transformers import Blip2ForConditionalGeneration, GPT2Config
+from transformers import Blip2ForConditionalGeneration, GPT2Config, LlamaForCausalLM
 
 from skingpt4.convert import ConvertOptions, check_projection, convert
 from skingpt4.errors import ConversionError
@@ -252,3 +253,27 @@ def test_vit_g_needs_its_40_blocks_and_missing_keys_are_named(tmp_path, lavis_fi
     no_ln = resave(lavis_files["qformer"], lambda data: data["model"].pop("ln_vision.weight"))
     with pytest.raises(ConversionError, match="--qformer file lacks 'ln_vision.weight'"):
         convert(options({**lavis_files, "qformer": no_ln}, llm_dir, dims), tmp_path / "o")
+
+
+def test_tied_embedding_llm_converts_and_keeps_its_logits(tmp_path, lavis_files, llm_dir, dims):
+    """An LLM whose head shares the embedding matrix (tie_word_embeddings, no lm_head.weight in its files)."""
+
+    tied = tmp_path / "tied-llama"
+    shutil.copytree(llm_dir, tied)
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    weights = load_file(tied / "model.safetensors")
+    assert weights.pop("lm_head.weight") is not None
+    save_file(weights, tied / "model.safetensors", metadata={"format": "pt"})
+    llm = LlamaForCausalLM.from_pretrained(tied)
+    assert llm.lm_head.weight.data_ptr() == llm.model.embed_tokens.weight.data_ptr()
+
+    out = convert(options(lavis_files, llm_dir, dims, llm=str(tied)), tmp_path / "out")
+    model = Blip2ForConditionalGeneration.from_pretrained(out)
+    head = model.language_model.get_output_embeddings().weight
+    rows = llm.lm_head.weight.shape[0]
+    assert torch.equal(head[:rows], llm.lm_head.weight)  # the tied head, as the LLM computes its logits
+    ids = torch.tensor([[1, 5, 9, 11]])
+    expected = llm(input_ids=ids).logits
+    got = model.language_model(input_ids=ids).logits[..., :rows]
+    assert torch.allclose(got, expected, atol=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -97,3 +98,15 @@ def test_missing_and_broken_folders(tmp_path, tiny_dir):
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ModelLoadError, match="cannot load the model in"):
         load_model(broken)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["{not json", "[1, 2]", '{"image_size": "big"}', '{"image_mean": [0.5, 0.5]}', '{"image_std": 3}', "\udcff"],
+)
+def test_a_damaged_skingpt4_json_is_one_line(tmp_path, tiny_dir, text):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    (folder / META_FILE).write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ModelLoadError, match=r"skingpt4.json is damaged .*convert the model again"):
+        load_model(folder, device="cpu")

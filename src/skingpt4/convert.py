@@ -325,6 +325,10 @@ def _convert_into(options: ConvertOptions, folder: Path) -> None:
     image_token_id = add_image_token(tokenizer)
     original_vocab = text_config.vocab_size
     text_config.vocab_size = max(original_vocab, image_token_id + 1)
+    # A head tied to the embeddings has no lm_head.weight in the files: the folder gets its own copy (same logits),
+    # so the image token's extra row and every later load treat both matrices alike.
+    tied = bool(getattr(text_config, "tie_word_embeddings", False))
+    text_config.tie_word_embeddings = False
 
     vcfg = vision_sizes(towers, options.vit_heads)  # (no second dict of tower tensors: it would outlive them)
     qcfg = qformer_sizes(towers, options.qformer_heads, vcfg["hidden_size"])
@@ -342,11 +346,13 @@ def _convert_into(options: ConvertOptions, folder: Path) -> None:
     for path in weight_files(hub_folder(options.llm, [*LLM_FILES, "*.safetensors"])):
         sources.append(_provenance("llm", path))
         for key, tensor in iter_tensors(path):
-            if dropped(key, "llm"):
+            if dropped(key, "llm") or (tied and key == "lm_head.weight"):  # tied: the embeddings are the head
                 continue
             if key in ("model.embed_tokens.weight", "lm_head.weight"):
                 tensor = _grow_rows(tensor, text_config.vocab_size)
             writer.add(f"language_model.{key}", tensor)
+            if tied and key == "model.embed_tokens.weight":
+                writer.add("language_model.lm_head.weight", tensor.clone())
     writer.close()
 
     config.save_pretrained(folder)

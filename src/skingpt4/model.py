@@ -56,12 +56,19 @@ class ModelMeta:
         path = Path(folder) / META_FILE
         if not path.is_file():
             return cls(description="plain BLIP-2 folder without skingpt4.json; original defaults assumed")
-        data = json.loads(path.read_text())
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        for key in ("image_mean", "image_std"):
-            if key in known:
-                known[key] = tuple(known[key])
-        return cls(**known)
+        damaged = ModelLoadError(f"{path} is damaged (not what skingpt4 writes); convert the model again")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+            for key in ("image_mean", "image_std"):
+                if key in known:
+                    known[key] = tuple(float(x) for x in known[key])
+            meta = cls(**known)
+        except (ValueError, TypeError, AttributeError):  # not JSON, not an object, or fields of the wrong kind
+            raise damaged from None
+        if len(meta.image_mean) != 3 or len(meta.image_std) != 3 or not isinstance(meta.image_size, int):
+            raise damaged
+        return meta
 
 
 @dataclass
