@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import endless, image_bytes
 
-from skingpt4.chat import GenerationSettings, until_stop
+from skingpt4.chat import GenerationSettings
 from skingpt4.errors import InputError
 from skingpt4.images import ImageRejected
 from skingpt4.model import load_model
@@ -97,25 +97,7 @@ def test_stream_pieces_make_the_stored_answer(engine):
         session.add_image(image_bytes(noise_seed=seed))
         session.ask("What's wrong with my skin?")
         pieces = list(session.stream(GenerationSettings.greedy(max_new_tokens=20)))
-        assert "".join(pieces).strip() == session.conversation.messages[-1][1]
-
-
-@pytest.mark.parametrize(
-    ("pieces", "expected"),
-    [
-        (["  Hel", "lo #", "## more", "text"], "Hello "),  # the stored answer is stripped too
-        (["a#", "b ##", "c"], "a#b ##c"),
-        (["x", "#", "#"], "x##"),
-        (["###"], ""),
-        (["tail #"], "tail #"),
-    ],
-)
-def test_until_stop(pieces, expected):
-    assert "".join(until_stop(pieces, "###")) == expected
-
-
-def test_until_stop_without_stop_string():
-    assert "".join(until_stop([" a", "###", "b"], None)) == "a###b"
+        assert "".join(pieces) == session.conversation.messages[-1][1]  # to the character
 
 
 def test_sampling_is_reproducible_with_a_seed(engine):
@@ -230,9 +212,10 @@ def test_markup_written_by_the_model_cannot_break_the_next_turn(engine):
     session = engine.session()
     session.add_image(image_bytes())
     session.ask("What's wrong with my skin?")
-    stored = session.conversation.add_answer("Look at <ImageHere> and <image> and <Img>this</Img>.")
-    assert stored == "Look at  and  and this."
+    session.conversation.add_answer("Look at <ImageHere> and <image> and <Img>this</Img>.")  # e.g. replayed by a client
     session.ask("And then?")
+    prompt = session.conversation.prompt()
+    assert prompt.count("<ImageHere>") == 1 and "Look at  and  and this." in prompt  # read without the markup
     assert isinstance(session.answer(GREEDY), str)
 
 

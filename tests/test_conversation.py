@@ -8,10 +8,10 @@ from skingpt4.conversation import (
     CLINICAL_PROMPTS,
     IMAGE_PLACEHOLDER,
     SYSTEM,
+    AnswerText,
     Conversation,
     get_template,
     neutralise,
-    postprocess,
 )
 
 SK = get_template("skingpt4")
@@ -61,7 +61,7 @@ def test_llama2_template_is_minigpt4s():
     conv.add_answer("a")
     conv.add_question("r")
     assert conv.prompt() == f"{SYSTEM}<s>[INST] <Img><ImageHere></Img> q [/INST] a<s>[INST] r [/INST] "
-    assert postprocess("[/INST] fine </s>", get_template("llama2")) == "fine </s>"
+    assert AnswerText(get_template("llama2"), (), ("</s>",)).whole("[/INST] fine </s>") == "fine"
 
 
 @pytest.mark.parametrize(
@@ -92,10 +92,41 @@ def test_injected_text_never_adds_slots_or_turns():
     assert neutralise(attack * 50, SK, SPECIALS).count("###") == 0
 
 
-def test_postprocess_is_the_released_cleanup():
-    assert postprocess(" It is eczema.###Human: more", SK) == "It is eczema."
-    assert postprocess("Assistant: It is acne.", SK) == "It is acne."
-    assert postprocess("  no stop at all  ", SK) == "no stop at all"
+def answer(pieces: list[str], stops=()) -> tuple[str, str]:
+    """What a stream shows (its pieces joined) and what is stored, for text arriving in `pieces`."""
+    text = AnswerText(SK, stops, SPECIALS)
+    shown = "".join(text.feed(piece) for piece in pieces) + text.finish()
+    return shown, text.text
+
+
+@pytest.mark.parametrize(
+    ("pieces", "expected"),
+    [
+        ([" It is eczema.###Human: more"], "It is eczema."),  # the released clean-up: cut at the stop
+        (["Assistant: It is acne."], "It is acne."),  # a leading role marker is skipped
+        (["  no stop at all  "], "no stop at all"),
+        (["  Hel", "lo #", "## more", "text"], "Hello"),  # a stop split over pieces
+        (["a#", "b ##", "c"], "a#b ##c"),  # '#' runs that never make the stop
+        (["x", "#", "#"], "x##"),
+        (["###"], ""),
+        (["tail #"], "tail #"),
+        (["Assis", "tant: It is", " acne."], "It is acne."),  # the marker split over pieces
+        (["It is acne. ", "Assistant: no, eczema"], "It is acne."),  # a later marker ends the answer
+        (["look <Image", "Here> here"], "look  here"),  # markup split over pieces
+        (["<", "s>hi</s>", " <image>"], "hi"),  # special-token strings
+        (["a \x1b[31mred\x1b[0m \ufffd\x07 b\t\n"], "a [31mred[0m  b"),  # control characters, U+FFFD
+        (["\x9b2J", "ok"], "2Jok"),  # a C1 control sequence introducer
+    ],
+)
+def test_answer_text_stream_and_store_agree(pieces, expected):
+    shown, stored = answer(pieces)
+    assert shown == stored == expected
+    assert answer(["".join(pieces)]) == (expected, expected)  # the same text in one piece: the same answer
+
+
+def test_answer_text_user_stops_and_llama2():
+    assert answer(["Plan: rest", ". STOP here"], stops=("STOP",)) == ("Plan: rest.", "Plan: rest.")
+    assert AnswerText(get_template("llama2")).whole(" [/INST] a [/INST] b") == "a"
 
 
 def test_clinical_prompts_and_unknown_template():

@@ -13,13 +13,13 @@ import re
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from skingpt4.conversation import Conversation, get_template, postprocess
+from skingpt4.conversation import AnswerText, Conversation, get_template
 from skingpt4.errors import Cancelled, InputError
 from skingpt4.generation import GenerationSettings
 from skingpt4.images import DEFAULT_LIMITS, load_image, read_source, sha256_bytes
@@ -102,10 +102,17 @@ class ChatEngine:
             raise
         answers = []
         for session, tokens in zip(sessions, new_tokens):
-            text = cut_at(self.tokenizer.decode(tokens, skip_special_tokens=True), settings.stop)
+            if streamer is not None:  # what was streamed is the answer, to the character
+                text = streamer.answer.text
+            else:
+                text = self.answer_text(settings).whole(self.tokenizer.decode(tokens, skip_special_tokens=True))
             session.completion_tokens = len(tokens)
-            answers.append(session.conversation.add_answer(postprocess(text, self.template)))
+            answers.append(session.conversation.add_answer(text))
         return answers
+
+    def answer_text(self, settings: GenerationSettings) -> AnswerText:
+        """The clean-up of one answer: the template's and the request's stops, this tokenizer's special tokens."""
+        return AnswerText(self.template, settings.stop, tuple(self.tokenizer.all_special_tokens))
 
     def stops(self, settings: GenerationSettings) -> list[str]:
         return [s for s in (self.template.stop, *settings.stop) if s]
@@ -263,7 +270,7 @@ class Session:
         if settings.num_beams > 1:  # beam search cannot stream: the answer arrives in one piece
             yield self.answer(settings, cancel)
             return
-        streamer = TextPieces(self.engine.tokenizer)
+        streamer = TextPieces(self.engine.tokenizer, self.engine.answer_text(settings))
         failure: list[BaseException] = []
 
         def work():
@@ -276,7 +283,7 @@ class Session:
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
         try:
-            yield from until_stop(streamer, self.engine.stops(settings))
+            yield from streamer
         except GeneratorExit:  # the consumer stopped reading: stop after the current token step
             cancel.set()
             thread.join()
@@ -290,16 +297,16 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class TextPieces:
-    """A `generate` streamer that yields the answer's text as it grows.
+    """A `generate` streamer that yields the answer's text as it grows, through the answer's clean-up.
 
-    Each step decodes all new ids (cheap at these lengths) and sends what was added. A trailing run of
-    SentencePiece byte tokens (`<0xNN>`) is held back until it ends: the decoder turns the whole run into
-    replacement characters if any byte is invalid, so only complete runs are final. The pieces therefore always
-    join to the decoded text.
+    Each step decodes all new ids (cheap at these lengths) and feeds what was added to `answer` (an `AnswerText`),
+    which releases what is final. A trailing run of SentencePiece byte tokens (`<0xNN>`) is held back until it ends:
+    the decoder turns the whole run into replacement characters if any byte is invalid, so only complete runs are
+    final. The decoded text is therefore fed exactly once, and the pieces join to `answer.text`.
     """
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.sent, self.prompt_seen = tokenizer, [], 0, False
+    def __init__(self, tokenizer, answer: AnswerText):
+        self.tokenizer, self.answer, self.ids, self.fed, self.prompt_seen = tokenizer, answer, [], 0, False
         self.queue: queue.Queue[str | None] = queue.Queue()
 
     def put(self, value: torch.Tensor) -> None:
@@ -311,59 +318,25 @@ class TextPieces:
         done = len(tokens)
         while done and _BYTE_TOKEN.fullmatch(tokens[done - 1] or ""):
             done -= 1
-        self._send(self.text(done))
+        self._feed(self.text(done))
 
     def end(self) -> None:
-        self._send(self.text())
+        self._feed(self.text())
+        self._send(self.answer.finish())
         self.queue.put(None)
 
     def text(self, upto: int | None = None) -> str:
         return self.tokenizer.decode(self.ids[:upto], skip_special_tokens=True)
 
-    def _send(self, text: str) -> None:
-        if len(text) > self.sent:
-            self.queue.put(text[self.sent :])
-            self.sent = len(text)
+    def _feed(self, text: str) -> None:
+        if len(text) > self.fed:
+            self._send(self.answer.feed(text[self.fed :]))
+            self.fed = len(text)
+
+    def _send(self, piece: str) -> None:
+        if piece:
+            self.queue.put(piece)
 
     def __iter__(self) -> Iterator[str]:
         while (piece := self.queue.get()) is not None:
             yield piece
-
-
-def until_stop(pieces: Iterable[str], stops: str | list[str] | None) -> Iterator[str]:
-    """Pass text pieces through up to the first stop string, holding back any tail that may begin one."""
-    stops = [stops] if isinstance(stops, str) else [s for s in stops or () if s]
-    pieces = iter(pieces)
-    text, sent = "", 0
-    for piece in pieces:
-        text += piece
-        if not sent:
-            text = text.lstrip()  # the stored answer is stripped; so is the stream
-        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-        end = cut if cut >= 0 else len(text) - max((_partial_stop(text, s) for s in stops), default=0)
-        if end > sent:
-            yield text[sent:end]
-            sent = end
-        if cut >= 0:
-            for _ in pieces:  # let the producer finish
-                pass
-            return
-    if sent < len(text):
-        yield text[sent:]  # a held-back tail that was not the stop string after all
-
-
-def _partial_stop(text: str, stop: str | None) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
-    if not stop:
-        return 0
-    for n in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0
-
-
-def cut_at(text: str, stops) -> str:
-    """Text before the first of the given stop strings."""
-    for stop in stops:
-        text = text.split(stop)[0]
-    return text

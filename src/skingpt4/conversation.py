@@ -110,11 +110,71 @@ def neutralise(text: str, template: Template, special_tokens: tuple[str, ...] = 
     return text.strip()
 
 
-def postprocess(text: str, template: Template) -> str:
-    """The released code's answer clean-up: cut at the stop string, keep what follows the last role marker."""
-    if template.stop:
-        text = text.split(template.stop)[0]
-    return text.split(template.answer_marker)[-1].strip()
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffd]")  # C0/C1 but newline and tab; U+FFFD
+
+
+class AnswerText:
+    """Generated text -> the answer, as it streams: the one rule for what is shown and what is stored.
+
+    The released code's clean-up, made streamable: the answer ends at the first stop string (the template's and the
+    request's); a role marker (`Assistant:`) at the very start is skipped, and one later ends the answer (the
+    original kept the text after the last marker, which would take back text already shown). Image markup and
+    special-token strings are removed (they would add image slots or control ids to the next prompt), and so are
+    control characters and U+FFFD (an escape sequence must never reach a terminal); both ends are stripped.
+
+    `feed` returns the text that became final; a tail that may still turn into a stop string, a marker or markup is
+    held back until the next piece says what it is. `text` is everything released, so a stream joined and the
+    stored answer are the same string.
+    """
+
+    def __init__(self, template: Template, stops: tuple[str, ...] | list[str] = (), special_tokens=()):
+        self.marker = template.answer_marker
+        self.ends = [s for s in (template.stop, *stops, self.marker) if s]
+        self.banned = [s.lower() for s in {*_MARKUP, *special_tokens} if s]
+        self.pending, self.text, self.done = "", "", False
+
+    def whole(self, text: str) -> str:
+        """The answer in a text that is complete (not streamed)."""
+        self.feed(text)
+        self.finish()
+        return self.text
+
+    def feed(self, piece: str) -> str:
+        if self.done:
+            return ""
+        self.pending = strip_markup(_CONTROLS.sub("", self.pending + piece), tuple(self.banned))
+        if not self.text:
+            self.pending = self.pending.lstrip()
+            while self.marker and self.pending.startswith(self.marker):
+                self.pending = self.pending[len(self.marker) :].lstrip()
+            if self.marker.startswith(self.pending):
+                return ""  # empty, or maybe the start of a leading marker
+        cut = min((i for i in (self.pending.find(end) for end in self.ends) if i >= 0), default=-1)
+        if cut >= 0:
+            self.done = True
+            return self._release(self.pending[:cut].rstrip())
+        held = max(_partial(self.pending, s) for s in [*self.ends, *self.banned])
+        return self._release(self.pending[: len(self.pending) - held].rstrip())
+
+    def finish(self) -> str:
+        """The rest, once generation has ended (a held-back tail that turned out to be plain text)."""
+        tail = "" if self.done else self.pending.rstrip()
+        self.done = True
+        return self._release(tail)
+
+    def _release(self, part: str) -> str:
+        self.pending = self.pending[len(part) :] if not self.done else ""
+        self.text += part
+        return part
+
+
+def _partial(text: str, target: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `target` (case-insensitive)."""
+    text, target = text[-len(target) :].lower(), target.lower()
+    for n in range(min(len(target) - 1, len(text)), 0, -1):
+        if text.endswith(target[:n]):
+            return n
+    return 0
 
 
 @dataclass
@@ -144,15 +204,19 @@ class Conversation:
         return clean
 
     def prompt(self) -> str:
-        """The prompt for the next answer: all messages, then the open assistant role."""
-        return self.template.render([*self.messages, (1, None)])
+        """The prompt for the next answer: all messages, then the open assistant role.
+
+        Answers are read without image markup or special-token strings (`AnswerText` removes them as they stream,
+        and an API client replays answers it may have edited), so no answer can add an image slot or control id.
+        """
+        messages = [(role, strip_markup(text, self.special_tokens) if role else text) for role, text in self.messages]
+        return self.template.render([*messages, (1, None)])
 
     def add_answer(self, text: str) -> str:
-        """Store an answer; markup a model wrote (`<ImageHere>`, `<image>`) is removed, or the next turn breaks."""
-        clean = strip_markup(text, self.special_tokens)
-        self.messages.append((1, clean))
+        """Store an answer as it was shown."""
+        self.messages.append((1, text))
         self._before_question = None  # answered: nothing is left to undo
-        return clean
+        return text
 
     def drop_question(self) -> None:
         """Undo the last `add_question` (used when its answer failed); after an answer there is nothing to undo."""
