@@ -32,16 +32,19 @@ DEFAULT_QUESTION = "Could you describe the skin disease in this image for me?"
 
 @dataclass(frozen=True)
 class Template:
-    """How messages become one prompt string: `system + sep`, then `role + message + sep` per message."""
+    """How messages become one prompt string: `system + sep`, then `role + message + sep` per message.
 
-    name: str
-    system: str
-    roles: tuple[str, str]  # (user, assistant), each with its own trailing separator text
-    open_role: str  # the assistant role as the prompt's last text, awaiting the answer
-    sep: str
-    stop: str | None  # generation stops at this string (besides EOS)
-    answer_marker: str  # the original post-processing keeps the text after the last such marker
-    reserved: tuple[str, ...] = field(default=())  # strings user text may never contain
+    The defaults are SkinGPT-4's own template, the released code's `CONV_VISION`.
+    """
+
+    name: str = "skingpt4"
+    system: str = SYSTEM
+    roles: tuple[str, str] = ("Human: ", "Assistant: ")  # (user, assistant), each with its trailing separator text
+    open_role: str = "Assistant:"  # the assistant role as the prompt's last text, awaiting the answer
+    sep: str = "###"
+    stop: str | None = "###"  # generation stops at this string (besides EOS)
+    answer_marker: str = "Assistant:"  # the original post-processing keeps the text after such a marker
+    reserved: tuple[str, ...] = ("Human:", "Assistant:")  # strings user text may never contain
 
     def render(self, messages: list[tuple[int, str | None]]) -> str:
         parts = [self.system + self.sep]
@@ -51,20 +54,10 @@ class Template:
 
 
 TEMPLATES = {
-    "skingpt4": Template(
-        name="skingpt4",
-        system=SYSTEM,
-        roles=("Human: ", "Assistant: "),
-        open_role="Assistant:",
-        sep="###",
-        stop="###",
-        answer_marker="Assistant:",
-        reserved=("Human:", "Assistant:"),
-    ),
+    "skingpt4": Template(),
     # MiniGPT-4's CONV_VISION_LLama2: an option for Llama-2-chat models trained with that format.
     "llama2": Template(
         name="llama2",
-        system=SYSTEM,
         roles=("<s>[INST] ", " [/INST] "),
         open_role=" [/INST] ",
         sep="",

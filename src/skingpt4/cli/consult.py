@@ -9,29 +9,16 @@ from skingpt4.cli import flags
 from skingpt4.errors import InputError
 from skingpt4.net import exposure_warning
 
-EXAMPLES = {
-    "chat": "skingpt4 chat --model ./skingpt4 --image lesion.jpg      (or --model tiny to try it offline)",
-    "diagnose": "skingpt4 diagnose --model ./skingpt4 photos/ manifest.jsonl --out results.jsonl --greedy",
-    "demo": "skingpt4 demo --model ./skingpt4      (then open http://127.0.0.1:7860; --model tiny to try it)",
-    "serve": (
-        "SKINGPT4_API_KEY=secret skingpt4 serve --model ./skingpt4 --port 8000\n"
-        "  then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='secret').chat.completions.create(...)"
-    ),
-    "records": "skingpt4 records list | skingpt4 records export --out all.jsonl | skingpt4 records delete --all",
-}
-
 
 def add_commands(command) -> None:
-    """`command(name, help, run, example)` makes a subparser (main.py's factory)."""
-    chat = command("chat", "chat in the terminal about skin photos", cmd_chat, EXAMPLES["chat"])
+    """`command(name, run)` makes a subparser (main.py's factory: help and example from `run`'s docstring)."""
+    chat = command("chat", cmd_chat)
     flags.model_flags(chat)
     flags.generation_flags(chat)
     chat.add_argument("--image", action="append", default=[], help="photo to start with (repeatable)")
     flags.record_flags(chat)
 
-    diag = command(
-        "diagnose", "diagnose images in bulk: one record per image, resumable", cmd_diagnose, EXAMPLES["diagnose"]
-    )
+    diag = command("diagnose", cmd_diagnose)
     flags.model_flags(diag)
     flags.generation_flags(diag)
     diag.add_argument("inputs", nargs="+", help="image files, folders, or manifests (.jsonl/.csv with 'image')")
@@ -42,7 +29,7 @@ def add_commands(command) -> None:
     diag.add_argument("--no-progress", action="store_true")
     flags.record_flags(diag)
 
-    demo = command("demo", "the local web app (binds to 127.0.0.1 unless --host is given)", cmd_demo, EXAMPLES["demo"])
+    demo = command("demo", cmd_demo)
     flags.model_flags(demo)
     flags.generation_flags(demo)
     demo.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
@@ -52,12 +39,7 @@ def add_commands(command) -> None:
     demo.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the model")
     flags.record_flags(demo)
 
-    serve = command(
-        "serve",
-        "an OpenAI-compatible HTTP API (binds to 127.0.0.1 unless --host is given)",
-        cmd_serve,
-        EXAMPLES["serve"],
-    )
+    serve = command("serve", cmd_serve)
     flags.model_flags(serve)
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
@@ -70,7 +52,7 @@ def add_commands(command) -> None:
     serve.add_argument("--image-root", help="allow file:// image paths under this folder")
     flags.record_flags(serve)
 
-    records = command("records", "list, export or delete consultation records", cmd_records, EXAMPLES["records"])
+    records = command("records", cmd_records)
     records.add_argument("action", choices=["list", "export", "delete"])
     records.add_argument("--records", help="records database (default: in the user's data folder)")
     records.add_argument("--id", action="append", default=[], help="consultation id (repeatable)")
@@ -80,6 +62,10 @@ def add_commands(command) -> None:
 
 
 def cmd_chat(args) -> int:
+    """chat in the terminal about skin photos
+
+    skingpt4 chat --model ./skingpt4 --image lesion.jpg      (or --model tiny to try it offline)
+    """
     from skingpt4.serve.terminal import run_chat
 
     settings, engine = flags.settings(args), flags.engine(args)
@@ -88,6 +74,10 @@ def cmd_chat(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """the local web app (binds to 127.0.0.1 unless --host is given)
+
+    skingpt4 demo --model ./skingpt4      (then open http://127.0.0.1:7860; --model tiny to try it)
+    """
     from skingpt4.serve.web_launch import WebConfig, launch, parse_auth, read_auth_file
 
     auth = [parse_auth(args.auth)] if args.auth else []
@@ -103,6 +93,11 @@ def cmd_demo(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    """an OpenAI-compatible HTTP API (binds to 127.0.0.1 unless --host is given)
+
+    SKINGPT4_API_KEY=secret skingpt4 serve --model ./skingpt4 --port 8000
+      then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='secret').chat.completions.create(...)
+    """
     import os
 
     from skingpt4.serve.api import ServeConfig, serve
@@ -132,6 +127,10 @@ def cmd_serve(args) -> int:
 
 
 def cmd_records(args) -> int:
+    """list, export or delete consultation records
+
+    skingpt4 records list | skingpt4 records export --out all.jsonl | skingpt4 records delete --all
+    """
     from skingpt4.serve.records import RecordStore, default_records_path
 
     path = Path(args.records) if args.records else default_records_path()
@@ -164,6 +163,10 @@ def _delete(store, args) -> int:
 
 
 def cmd_diagnose(args) -> int:
+    """diagnose images in bulk: one record per image, resumable
+
+    skingpt4 diagnose --model ./skingpt4 photos/ manifest.jsonl --out results.jsonl --greedy
+    """
     from skingpt4.conversation import CLINICAL_PROMPTS
     from skingpt4.data.manifest import collect
     from skingpt4.serve.diagnose import diagnose, results_file

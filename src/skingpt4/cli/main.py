@@ -7,6 +7,7 @@ through the `command` factory below and calls one library function per command.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 
 from skingpt4.cli import consult, research, weights
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skingpt4", description="SkinGPT-4 dermatology assistant (research use)")
     commands = parser.add_subparsers(title="commands")
 
-    def command(name: str, help: str, run, example: str) -> argparse.ArgumentParser:
+    def command(name: str, run) -> argparse.ArgumentParser:
+        help, _, example = inspect.cleandoc(run.__doc__).partition("\n\n")
         sub = commands.add_parser(
             name,
             help=help,

@@ -8,35 +8,10 @@ from pathlib import Path
 from skingpt4.cli import flags
 from skingpt4.errors import InputError
 
-EXAMPLES = {
-    "prepare-data": (
-        "skingpt4 prepare-data skincon annotations_fitzpatrick17k.csv --images fitzpatrick17k/ \\\n"
-        "      --out data/skincon/manifest.jsonl\n"
-        "  skingpt4 prepare-data dermnet dermnet/ --mapping groups.yaml --out data/dermnet/manifest.jsonl"
-    ),
-    "train": (
-        "skingpt4 train --config configs/train/step1_concepts.yaml [--set batch_size=4 --set data=my.jsonl]\n"
-        "  torchrun --nproc_per_node 4 -m skingpt4 train --config configs/train/step2_diagnosis.yaml"
-    ),
-    "eval": (
-        "skingpt4 eval --model ./skingpt4 --data test.jsonl --out results/ --mode choice\n"
-        "  skingpt4 eval --model ./skingpt4 --data test.jsonl --out clinical/ --protocol clinical"
-    ),
-    "review": (
-        "skingpt4 review results/transcripts.jsonl --store ratings.sqlite      (then open http://127.0.0.1:7870)\n"
-        "  skingpt4 review summary --store ratings.sqlite --out review-summary/"
-    ),
-}
-
 
 def add_commands(command) -> None:
-    """`command(name, help, run, example)` makes a subparser (main.py's factory)."""
-    data = command(
-        "prepare-data",
-        "turn a public dermatology set or a class folder into a training manifest",
-        cmd_prepare_data,
-        EXAMPLES["prepare-data"],
-    )
+    """`command(name, run)` makes a subparser (main.py's factory: help and example from `run`'s docstring)."""
+    data = command("prepare-data", cmd_prepare_data)
     data.add_argument("format", help="skincon, folder, dermnet, fitzpatrick17k, ddi, ham10000, pad-ufes-20, minigpt4")
     data.add_argument("source", help="the set's metadata CSV, or its folder (folder, dermnet, minigpt4)")
     data.add_argument("--out", required=True, help="manifest.jsonl to write, or a folder with --layout minigpt4")
@@ -50,23 +25,13 @@ def add_commands(command) -> None:
     data.add_argument("--drop-duplicates", action="store_true", help="keep one copy of identical images")
     data.add_argument("--overwrite", action="store_true")
 
-    tr = command(
-        "train",
-        "the two-step recipe on your data: train the projection (optionally LoRA); resumable",
-        cmd_train,
-        EXAMPLES["train"],
-    )
+    tr = command("train", cmd_train)
     tr.add_argument("--config", required=True, help="YAML of settings (configs/train/*.yaml are the recipe's)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     tr.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
     tr.add_argument("--no-progress", action="store_true")
 
-    ev = command(
-        "eval",
-        "measure diagnostic accuracy on a labelled set (by skin type, with intervals); resumable",
-        cmd_eval,
-        EXAMPLES["eval"],
-    )
+    ev = command("eval", cmd_eval)
     flags.model_flags(ev)
     ev.add_argument(
         "--data",
@@ -102,12 +67,7 @@ def add_commands(command) -> None:
     ev.add_argument("--top-p", type=float)
     ev.add_argument("--no-progress", action="store_true")
 
-    review = command(
-        "review",
-        "rate clinical transcripts as a dermatologist (local web page), or summarise ratings",
-        cmd_review,
-        EXAMPLES["review"],
-    )
+    review = command("review", cmd_review)
     review.add_argument("transcripts", help="transcripts.jsonl from `skingpt4 eval --protocol clinical`, or `summary`")
     review.add_argument("--store", help="ratings database (default: ratings.sqlite beside the transcripts)")
     review.add_argument("--references", help="the clinician's own answers (.csv or .jsonl with case, answer)")
@@ -117,6 +77,12 @@ def add_commands(command) -> None:
 
 
 def cmd_prepare_data(args) -> int:
+    """turn a public dermatology set or a class folder into a training manifest
+
+    skingpt4 prepare-data skincon annotations_fitzpatrick17k.csv --images fitzpatrick17k/ \
+          --out data/skincon/manifest.jsonl
+      skingpt4 prepare-data dermnet dermnet/ --mapping groups.yaml --out data/dermnet/manifest.jsonl
+    """
     from skingpt4.data.prepare import prepare
 
     try:
@@ -144,6 +110,11 @@ def cmd_prepare_data(args) -> int:
 
 
 def cmd_train(args) -> int:
+    """the two-step recipe on your data: train the projection (optionally LoRA); resumable
+
+    skingpt4 train --config configs/train/step1_concepts.yaml [--set batch_size=4 --set data=my.jsonl]
+      torchrun --nproc_per_node 4 -m skingpt4 train --config configs/train/step2_diagnosis.yaml
+    """
     import yaml
 
     from skingpt4.train.loop import load_config, train
@@ -166,6 +137,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    """measure diagnostic accuracy on a labelled set (by skin type, with intervals); resumable
+
+    skingpt4 eval --model ./skingpt4 --data test.jsonl --out results/ --mode choice
+      skingpt4 eval --model ./skingpt4 --data test.jsonl --out clinical/ --protocol clinical
+    """
     from skingpt4.conversation import DEFAULT_QUESTION
     from skingpt4.data.manifest import collect
     from skingpt4.evaluate.run import run_eval
@@ -212,6 +188,11 @@ def _eval_settings(args):
 
 
 def cmd_review(args) -> int:
+    """rate clinical transcripts as a dermatologist (local web page), or summarise ratings
+
+    skingpt4 review results/transcripts.jsonl --store ratings.sqlite      (then open http://127.0.0.1:7870)
+      skingpt4 review summary --store ratings.sqlite --out review-summary/
+    """
     if args.transcripts == "summary":
         from skingpt4.review.stats import format_summary, summary
 

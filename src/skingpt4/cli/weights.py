@@ -4,26 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-EXAMPLES = {
-    "create-tiny-model": "skingpt4 create-tiny-model ./tiny",
-    "convert": (
-        "skingpt4 convert --vit eva_vit_g.pth --qformer blip2_pretrained_flant5xxl.pth \\\n"
-        "    --llm ./Llama-2-13b-chat-hf --projection skingpt4_llama2_13bchat_base_pretrain_stage2.pth \\\n"
-        "    --out ./skingpt4"
-    ),
-}
-
 
 def add_commands(command) -> None:
-    """`command(name, help, run, example)` makes a subparser (main.py's factory)."""
-    help = "write a random, UNTRAINED tiny model folder (for trying the software)"
-    tiny = command("create-tiny-model", help, cmd_create_tiny, EXAMPLES["create-tiny-model"])
+    """`command(name, run)` makes a subparser (main.py's factory: help and example from `run`'s docstring)."""
+    tiny = command("create-tiny-model", cmd_create_tiny)
     tiny.add_argument("out", help="folder to create")
     tiny.add_argument("--seed", type=int, default=0)
 
-    conv = command(
-        "convert", "convert the original checkpoints into one model folder", cmd_convert, EXAMPLES["convert"]
-    )
+    conv = command("convert", cmd_convert)
     conv.add_argument("--out", required=True, help="folder to create")
     conv.add_argument("--llm", required=True, help="Llama-family model folder or hub id (Llama-2-13b-chat, Vicuna)")
     conv.add_argument("--projection", required=True, help="SkinGPT-4 / MiniGPT-4 .pth with llama_proj.*")
@@ -38,6 +26,10 @@ def add_commands(command) -> None:
 
 
 def cmd_create_tiny(args) -> int:
+    """write a random, UNTRAINED tiny model folder (for trying the software)
+
+    skingpt4 create-tiny-model ./tiny
+    """
     from skingpt4.model import create_tiny_model
 
     out = create_tiny_model(args.out, seed=args.seed)
@@ -46,6 +38,12 @@ def cmd_create_tiny(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    """convert the original checkpoints into one model folder
+
+    skingpt4 convert --vit eva_vit_g.pth --qformer blip2_pretrained_flant5xxl.pth \
+        --llm ./Llama-2-13b-chat-hf --projection skingpt4_llama2_13bchat_base_pretrain_stage2.pth \
+        --out ./skingpt4
+    """
     from skingpt4.convert import ConvertOptions, convert
 
     optional = {name: getattr(args, name) for name in ("vit_heads", "qformer_heads", "dtype", "template")}

@@ -53,10 +53,10 @@ def load_cases(transcripts: Path, references: Path | None = None) -> list[Case]:
 
 
 def _lines(path: Path) -> list[str]:
+    if not path.exists():
+        raise InputError(f"no transcripts file at {path}")
     try:
         return path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"no transcripts file at {path}") from None
     except UnicodeDecodeError:
         raise InputError(f"{path} is not UTF-8 text") from None
     except OSError as exc:
