@@ -171,7 +171,7 @@ def write_tokenizer(folder: Path) -> None:
     from sentencepiece import sentencepiece_model_pb2 as pb
     from transformers import LlamaTokenizer
 
-    from skingpt4.model import TINY_CORPUS
+    from skingpt4.tiny import TINY_CORPUS
 
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(

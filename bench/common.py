@@ -20,7 +20,9 @@ import torch
 from PIL import Image
 
 from skingpt4.chat import ChatEngine
-from skingpt4.model import create_random_model, load_model, qformer_config, tiny_configs, vision_config
+from skingpt4.folder import qformer_config, vision_config
+from skingpt4.model import load_model
+from skingpt4.tiny import create_random_model, tiny_configs
 
 
 def bench_sizes() -> tuple[dict, dict, dict]:

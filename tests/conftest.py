@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from lavis_reference import TinyDims, write_lavis_files  # noqa: E402
 
 from skingpt4.chat import ChatEngine  # noqa: E402
-from skingpt4.model import build_tiny_tokenizer, create_tiny_model, load_model  # noqa: E402
+from skingpt4.model import load_model  # noqa: E402
+from skingpt4.tiny import build_tiny_tokenizer, create_tiny_model  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus):

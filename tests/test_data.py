@@ -13,7 +13,7 @@ import pytest
 from malformed import gps_exif
 from PIL import Image
 
-from skingpt4.data import adapters
+from skingpt4.data import adapters, captions, options
 from skingpt4.data.manifest import read_manifest
 from skingpt4.data.prepare import assign_splits, prepare, read_minigpt4
 from skingpt4.errors import InputError
@@ -145,8 +145,8 @@ def test_concept_prefix_and_regroup(tmp_path):
     # Concepts from a SKINCON-shaped CSV (ImageID + 0/1 columns), matched by file name.
     skincon_concepts = skincon_csv(tmp_path / "sc.csv", {"a1.jpg": ["Papule", "Erythema"]})
     records = adapters.folder(root)
-    assert adapters.add_concepts(records, skincon_concepts) == 1
-    adapters.finish_captions(records)
+    assert options.add_concepts(records, skincon_concepts) == 1
+    captions.finish_captions(records)
     expected = CONCEPTS + "Papule, Erythema. This could be a skin disease image of Atopic Dermatitis."
     assert records[0]["caption"] == expected
 
@@ -471,9 +471,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         (("minigpt4", mgpt, tmp_path / "o.jsonl"), {}, "annotation 1: needs an image_id and a caption"),
         (("minigpt4", tmp_path, tmp_path / "o.jsonl"), {}, "not a MiniGPT-4 caption folder (no filter_cap.json)"),
     ]
-    for args, options, message in cases:
+    for args, kwargs, message in cases:
         with pytest.raises(InputError) as caught:
-            prepare(*args, **options)
+            prepare(*args, **kwargs)
         assert message in str(caught.value) and "\n" not in str(caught.value), (args, str(caught.value))
     latin = tmp_path / "latin.csv"
     latin.write_bytes("lesion_id,image_id,dx\nL1,caf\xe9,mel\n".encode("latin-1"))

@@ -20,9 +20,10 @@ from transformers import Blip2ForConditionalGeneration, LlamaForCausalLM
 
 from skingpt4.chat import ChatEngine
 from skingpt4.conversation import IMAGE_PLACEHOLDER
-from skingpt4.model import load_model, train_tiny_sentencepiece
+from skingpt4.model import load_model
 from skingpt4.pixels import eval_transform
 from skingpt4.processing import prompt_ids
+from skingpt4.tiny import train_tiny_sentencepiece
 
 TOL = 1e-5
 

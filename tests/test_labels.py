@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 
 from skingpt4.evaluate import labels as L
+from skingpt4.evaluate import synonyms as S
 
-PAPER = L.named_set("paper15")
-HAM = L.named_set("ham10000")
-FITZ = L.named_set("fitzpatrick17k")
-FITZ3 = L.named_set("fitzpatrick17k-3")
-DDI = L.named_set("ddi")
+PAPER = S.named_set("paper15")
+HAM = S.named_set("ham10000")
+FITZ = S.named_set("fitzpatrick17k")
+FITZ3 = S.named_set("fitzpatrick17k-3")
+DDI = S.named_set("ddi")
 SMALL = ["eczema", "psoriasis", "melanoma"]
 U = "unmatched"
 
@@ -164,10 +165,10 @@ def test_extract_puts_the_trained_sentence_first():
 
 
 def test_normalisation():
-    assert L.norm("Seborrhoeic Keratoses") == L.norm("seborrheic keratosis")
-    assert L.norm("Naevi") == L.norm("nevus") == "nevus"
-    assert L.norm("Behçet’s-disease") == L.norm("behcets disease")
-    assert L.norm("Melanoma / nevi / moles") == "melanoma nevus mole"
+    assert S.norm("Seborrhoeic Keratoses") == S.norm("seborrheic keratosis")
+    assert S.norm("Naevi") == S.norm("nevus") == "nevus"
+    assert S.norm("Behçet’s-disease") == S.norm("behcets disease")
+    assert S.norm("Melanoma / nevi / moles") == "melanoma nevus mole"
 
 
 def test_named_sets_resolve_in_the_table():
@@ -176,7 +177,7 @@ def test_named_sets_resolve_in_the_table():
     assert counts["fitzpatrick17k-3"] == 3 and counts["fitzpatrick17k-9"] == 9 and counts["ddi"] == len(DDI) >= 75
     assert not L.unknown_labels(PAPER + HAM + FITZ + DDI)
     with pytest.raises(L.InputError, match="unknown label set 'nope'"):
-        L.named_set("nope")
+        S.named_set("nope")
 
 
 def test_every_fitzpatrick_label_falls_in_a_three_partition_group():
@@ -192,16 +193,16 @@ def test_every_fitzpatrick_label_falls_in_a_three_partition_group():
 def test_isic_hierarchy_terms_join_the_table():
     bcc = "Malignant:Malignant epidermal proliferations:Basal cell carcinoma"
     values = ["Malignant", bcc.rsplit(":", 1)[0], bcc, bcc + ":Basal cell carcinoma, Pigmented"]
-    entries = L.isic_entries(values)
+    entries = S.isic_entries(values)
     assert ("Basal cell carcinoma", [], ["Malignant epidermal proliferations"]) in entries
-    table = L.build_table([("basal cell carcinoma", ["bcc"], []), ("malignant", [], [])], {}, entries)
+    table = S.build_table([("basal cell carcinoma", ["bcc"], []), ("malignant", [], [])], {}, entries)
     assert table.by_name["basal cell carcinoma"] == "basal cell carcinoma"  # merged, not duplicated
     assert table.concepts["basal cell carcinoma"].parents == {"Malignant epidermal proliferations"}
     assert table.concepts["Basal cell carcinoma, Pigmented"].parents == {"basal cell carcinoma"}
     with pytest.raises(ValueError, match="names both"):
-        L.build_table([("a", ["x"], []), ("b", ["x"], [])], {})
+        S.build_table([("a", ["x"], []), ("b", ["x"], [])], {})
     with pytest.raises(ValueError, match="not a concept"):
-        L.build_table([("a", [], ["nowhere"])], {})
+        S.build_table([("a", [], ["nowhere"])], {})
 
 
 def test_isic_groups_as_labels():
@@ -222,10 +223,10 @@ def test_isic_groups_as_labels():
     ],
 )
 def test_modifiers_and_contractions(answer, expected):
-    assert L.match(answer, L.named_set("ham10000")) == expected
+    assert L.match(answer, S.named_set("ham10000")) == expected
 
 
 def test_a_concessive_aside_does_not_beat_the_answer():
-    ham = L.named_set("ham10000")
+    ham = S.named_set("ham10000")
     assert L.match("Although it resembles melanoma, it is a seborrheic keratosis.", ham) == "bkl"
     assert L.match("Though it looks like a nevus at first, this is a dermatofibroma.", ham) == "df"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from skingpt4.cli.legacy import main, model_folder, read_model_section
-from skingpt4.model import home_dir
+from skingpt4.folder import home_dir
 from skingpt4.serve import web_launch
 
 ROOT = Path(__file__).resolve().parents[1]

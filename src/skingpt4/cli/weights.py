@@ -30,7 +30,7 @@ def cmd_create_tiny(args) -> int:
 
     skingpt4 create-tiny-model ./tiny
     """
-    from skingpt4.model import create_tiny_model
+    from skingpt4.tiny import create_tiny_model
 
     out = create_tiny_model(args.out, seed=args.seed)
     print(f"wrote an UNTRAINED tiny random model to {out} (for trying the software; its answers are noise)")

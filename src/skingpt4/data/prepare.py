@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
 
-from skingpt4.data import adapters
+from skingpt4.data import adapters, captions, options
 from skingpt4.data.manifest import read_minigpt4, write_manifest, write_minigpt4
 from skingpt4.errors import InputError
 from skingpt4.images import DEFAULT_LIMITS, ImageRejected, load_image, read_source
@@ -119,10 +119,10 @@ def prepare(
     report.excluded = dict(Counter(r["exclude"] for r in records if "exclude" in r))
     records = [r for r in records if "exclude" not in r]
     if mapping is not None:
-        adapters.regroup(records, Path(mapping))
+        options.regroup(records, Path(mapping))
     if concepts is not None:
-        report.concepts_matched = adapters.add_concepts(records, Path(concepts))
-    adapters.finish_captions(records)
+        report.concepts_matched = options.add_concepts(records, Path(concepts))
+    captions.finish_captions(records)
     records = scan(records, report, decode=check_images or layout == "minigpt4", drop_duplicates=drop_duplicates)
     if not records:
         raise InputError(f"no usable images from {source} ({_why_empty(report)})")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import asdict
@@ -39,7 +38,9 @@ from skingpt4.data.manifest import Item, load_images
 from skingpt4.data.results import RETRY, RecordFile
 from skingpt4.errors import InputError, first_line
 from skingpt4.evaluate import labels as L
+from skingpt4.evaluate import synonyms as S
 from skingpt4.evaluate.metrics import SKIN_GROUPS
+from skingpt4.evaluate.outputs import finish, write_transcripts
 from skingpt4.evaluate.scoring import ANSWER_FORMAT, score_labels
 from skingpt4.generation import GenerationSettings
 
@@ -55,7 +56,7 @@ PROTOCOLS = ("diagnosis", "clinical")
 def resolve_labels(labels: list[str] | str | None, items: list[Item]) -> list[str]:
     """Labels given, a named set ("paper15", "ham10000", "fitzpatrick17k-3", "ddi"...), or the manifest's."""
     if isinstance(labels, str):
-        return L.named_set(labels)
+        return S.named_set(labels)
     if labels:
         return list(dict.fromkeys(labels))
     found = sorted({str(item.manifest["label"]) for item in items if item.manifest.get("label") not in (None, "")})
@@ -88,12 +89,12 @@ def canonical(value: str, labels: list[str]) -> str | None:
     """`value` as one of `labels`: the same string, the same normalised name, or a synonym of the same concept."""
     if value in labels:
         return value
-    table, key = L.table(), L.norm(value)
+    table, key = S.table(), S.norm(value)
     for label in labels:
-        if L.norm(label) == key:
+        if S.norm(label) == key:
             return label
     concept = table.by_name.get(key)
-    same = [label for label in labels if concept is not None and table.by_name.get(L.norm(label)) == concept]
+    same = [label for label in labels if concept is not None and table.by_name.get(S.norm(label)) == concept]
     return same[0] if len(same) == 1 else None
 
 
@@ -340,105 +341,3 @@ def _choose(ctx: Context, records: list[dict], features: torch.Tensor) -> None:
         prediction = ctx.labels[best[0]] if len(best) == 1 else None  # a tie decides nothing (as the ISIC scorer)
         scores = {"loglik": dict(zip(ctx.labels, row)), "probs": dict(zip(ctx.labels, probs))}
         record.update(prediction=prediction, match="choice", **scores)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Metrics, report, transcripts
-
-
-def finish(out: Path, records: dict[tuple[str, int], dict], labels: list[str], config: dict, n_boot: int) -> dict:
-    """metrics.json and the report from the latest record of every image and repeat."""
-    from skingpt4.evaluate.metrics import consistency, evaluate_predictions, latency
-    from skingpt4.evaluate.report import write_report
-
-    first = [r for (_, rep), r in sorted(records.items()) if rep == 0]
-    good = [r for r in first if not r.get("error") and r.get("label") is not None]
-    errors = [r for r in first if r.get("error")]
-    rows = [{k: r.get(k) for k in ("label", "prediction", "probs", "fitzpatrick")} for r in good]
-    metrics = {"run": config, "errors": {"count": len(errors), "excluded": [r["image"] for r in errors]}}
-    metrics["match"] = _match_counts(good)
-    if not rows:
-        metrics["note"] = "no image was answered: nothing to score"
-        _write_json(out / "metrics.json", metrics)
-        return metrics
-    metrics.update(evaluate_predictions(rows, labels, n_boot=n_boot, seed=config["seed"]))
-    agreement = None
-    if config["repeats"] > 1:
-        runs = _runs(records, config["repeats"])
-        agreement = consistency(runs, n_boot=n_boot, seed=config["seed"]) if runs else None
-    speed = latency([r["seconds"] for r in records.values() if not r.get("error") and r.get("seconds")])
-    metrics.update(consistency=agreement, latency=speed)
-    _write_json(out / "metrics.json", metrics)
-    calibration = rows if config["mode"] == "choice" else None
-    title = f"SkinGPT-4 evaluation: {config['model']} ({config['mode']} mode)"
-    write_report(metrics, out, title=title, consistency=agreement, latency=speed, calibration_rows=calibration)
-    return metrics
-
-
-def _match_counts(records: list[dict]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for r in records:
-        how = r.get("match") or "unmatched"
-        counts[how] = counts.get(how, 0) + 1
-    return counts
-
-
-def _runs(records: dict[tuple[str, int], dict], repeats: int) -> list[list[str | None]]:
-    """Per image, its K predictions; images with an error in any repeat are left out."""
-    by_image: dict[str, list] = {}
-    for (image, rep), r in sorted(records.items()):
-        by_image.setdefault(image, [None] * repeats)
-        if rep < repeats:
-            by_image[image][rep] = r
-    return [[r["prediction"] for r in rs] for rs in by_image.values() if all(r and not r.get("error") for r in rs)]
-
-
-def _write_json(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=2, ensure_ascii=False, default=_jsonable)
-    path.write_text(text + "\n", encoding="utf-8")
-
-
-def _jsonable(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def write_transcripts(out: Path, records: dict[tuple[str, int], dict]) -> dict[str, Path]:
-    """transcripts.jsonl (for the review tool) and transcripts.md (to read), one case per answered image."""
-    cases = []
-    for r in (r for (_, rep), r in sorted(records.items()) if rep == 0 and not r.get("error")):
-        turns = []
-        for prompt, answer in zip(r["prompts"], r["answers"]):
-            turns += [{"role": "user", "text": prompt}, {"role": "assistant", "text": answer}]
-        cases.append(
-            {
-                "case": r["case"],
-                "image": r["image"],
-                "image_sha256": r["image_sha256"],
-                "label": r["label"],
-                "model": r["model"],
-                "untrained": r["untrained"],
-                "turns": turns,
-            }
-        )
-    jsonl, md = out / "transcripts.jsonl", out / "transcripts.md"
-    jsonl.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in cases), encoding="utf-8")
-    md.write_text(_markdown(cases), encoding="utf-8")
-    return {"transcripts": jsonl, "transcripts_md": md}
-
-
-def _markdown(cases: list[dict]) -> str:
-    lines = ["# SkinGPT-4 transcripts for clinical review", ""]
-    if cases and cases[0]["untrained"]:
-        lines += ["**These answers come from an untrained (random) model.**", ""]
-    for c in cases:
-        lines += [f"## Case {c['case']}", "", f"- image: `{c['image']}`", f"- sha256: `{c['image_sha256']}`"]
-        lines += [f"- reference label: {c['label'] or 'not given'}", ""]
-        for turn in c["turns"]:
-            who = "Question" if turn["role"] == "user" else "SkinGPT-4"
-            text = turn["text"].replace("\n", "\n> ") if turn["role"] == "assistant" else turn["text"]
-            lines += [f"**{who}:** {text}" if turn["role"] == "user" else f"> {text}", ""]
-    return "\n".join(lines)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from skingpt4.chat import ChatEngine
-from skingpt4.evaluate import labels as L
+from skingpt4.evaluate import synonyms as S
 from skingpt4.generation import GenerationSettings
 
 ANSWER_FORMAT = "This could be a skin disease image of {}."  # the step-2 training target (docs/reference.md §3.4)
@@ -20,7 +20,7 @@ ROWS_PER_FORWARD = 64  # (image, candidate) sequences per forward pass
 def spoken(label: str) -> str:
     """How the answer sentence names a label: the table's spoken name for codes ("mel" -> "melanoma")."""
     text = " ".join(label.replace("-", " ").replace("_", " ").split())
-    concept = L.table().concepts.get(L.table().by_name.get(L.norm(label), ""))
+    concept = S.table().concepts.get(S.table().by_name.get(S.norm(label), ""))
     if concept is not None and (concept.say or len(text) <= 5):
         return concept.say or concept.name
     return text

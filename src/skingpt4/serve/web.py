@@ -26,9 +26,7 @@ import logging
 import os
 import secrets
 import shutil
-import tempfile
 import threading
-import time
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,6 +39,7 @@ from skingpt4.generation import GenerationSettings
 from skingpt4.images import ImageRejected, png_data_uri
 from skingpt4.serve.consult import Consultation
 from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
+from skingpt4.serve.uploads import SUMMARY_NAME, Sweeper, private_cache, take_upload
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before Gradio is imported: it reads this at several points
 import gradio as gr  # noqa: E402
@@ -49,7 +48,6 @@ log = logging.getLogger(__name__)
 
 SURFACE = "web"
 CLINICAL_LABELS = ("1. Describe it", "2. Other features", "3. Cause", "4. Treatment")  # CLINICAL_PROMPTS, in order
-SUMMARY_NAME = "consultation-summary.html"
 STOPPED = "Stopped; the question was withdrawn."
 _EXPECTED = (SkinGPT4Error, ImageRejected)  # one-line reasons meant for the user
 
@@ -98,67 +96,6 @@ def _drop_visit(visit) -> None:  # gr.State's delete_callback: the tab closed, o
         visit.forget_summary()
 
 
-def private_cache(parent: str | None = None) -> Path:
-    """A fresh 0700 directory for Gradio's uploads and outputs, made Gradio's cache (`GRADIO_TEMP_DIR`).
-
-    Set before any component is built: components note the cache directory when created, the server when launched.
-    """
-    path = Path(tempfile.mkdtemp(prefix="skingpt4-web-", dir=parent)).resolve()  # mkdtemp makes it 0700
-    os.environ["GRADIO_TEMP_DIR"] = str(path)
-    return path
-
-
-def take_upload(path: str, root: Path) -> bytes:
-    """Read an upload from Gradio's cache and delete it (and its now-empty folder) at once, whatever it holds."""
-    file = Path(path)
-    if not file.resolve().is_relative_to(root):  # Gradio checks this too; deleting makes it worth checking twice
-        raise InputError("the upload was not found; please add the photo again")
-    try:
-        return file.read_bytes()  # Gradio's max_file_size already bounded it
-    except OSError:
-        raise InputError("the upload was not found; please add the photo again") from None
-    finally:
-        file.unlink(missing_ok=True)
-        if file.parent != root:
-            try:
-                file.parent.rmdir()  # Gradio's per-upload folder, named by the bytes' hash
-            except OSError:
-                pass  # not empty: another upload with the same bytes is still there
-
-
-def sweep(root: Path, upload_ttl: float, summary_ttl: float, now: float | None = None) -> int:
-    """Delete what no handler will delete: uploads whose event never ran (the queue was full, Restart cancelled it,
-    the tab closed while it waited) and summaries of sessions Gradio forgot without telling us. Returns the count."""
-    now = time.time() if now is None else now
-    removed = 0
-    for path in list(root.rglob("*")):
-        ttl = summary_ttl if path.name == SUMMARY_NAME else upload_ttl
-        try:
-            if path.is_file() and now - path.stat().st_mtime > ttl:
-                path.unlink()
-                removed += 1
-                if path.parent != root and not any(path.parent.iterdir()):
-                    path.parent.rmdir()
-        except OSError:  # deleted meanwhile by its handler
-            pass
-    return removed
-
-
-class Sweeper:
-    """Runs `sweep` every `every` seconds in a daemon thread until `stop()`."""
-
-    def __init__(self, root: Path, config: WebConfig):
-        self.root, self.config, self.stopped = root, config, threading.Event()
-        threading.Thread(target=self._run, daemon=True, name="skingpt4-web-sweeper").start()
-
-    def _run(self) -> None:
-        while not self.stopped.wait(self.config.sweep_every):
-            sweep(self.root, self.config.upload_ttl, self.config.session_ttl)
-
-    def stop(self) -> None:
-        self.stopped.set()
-
-
 # -- the page ----------------------------------------------------------------------------------------------------
 
 
@@ -173,7 +110,7 @@ class WebApp:
         except BaseException:
             shutil.rmtree(self.cache, ignore_errors=True)
             raise
-        self.sweeper = Sweeper(self.cache, config)
+        self.sweeper = Sweeper(self.cache, config.sweep_every, config.upload_ttl, config.session_ttl)
 
     def new_visit(self) -> Visit:
         return Visit(Consultation(self.engine, SURFACE, store=self.store, max_images=self.config.max_images))

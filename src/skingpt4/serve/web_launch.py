@@ -134,22 +134,35 @@ class Running:
 
 
 def launch(engine: ChatEngine, config: WebConfig | None = None, store=None, block: bool = True) -> Running:
-    """Serve the app. With `block`, until Ctrl+C or SIGTERM, then everything is cleaned up; else returns at once."""
+    """Serve the app. With `block`, until Ctrl+C or SIGTERM, then everything is cleaned up; else returns at once.
+
+    SIGTERM is taken as a stop from the start: one that arrives while the server is still starting (a service manager
+    stopping it at once) cleans up and returns like one that arrives later.
+    """
     config = config or WebConfig()
     previous = os.environ.get("GRADIO_TEMP_DIR")  # before build_app replaces it
+    if not block:
+        return _start(engine, config, store, previous)
+    with _interrupt_on_sigterm():
+        running = None
+        try:
+            running = _start(engine, config, store, previous)
+            running.app.blocks.block_thread()  # returns on Ctrl+C
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if running is not None:
+                running.close()
+    return running
+
+
+def _start(engine: ChatEngine, config: WebConfig, store, previous: str | None) -> Running:
     running = Running(build_app(engine, config, store), "", previous)
     try:
         running.url = _serve(running.app, private_paths(engine, store))
     except BaseException:  # Ctrl+C during start-up, a port in use: no private directory is left behind
         running.close()
         raise
-    if not block:
-        return running
-    try:
-        with _interrupt_on_sigterm():
-            running.app.blocks.block_thread()  # returns on Ctrl+C
-    finally:
-        running.close()
     return running
 
 

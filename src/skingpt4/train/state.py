@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from skingpt4.checkpoints import sha256_file
-from skingpt4.convert import map_projection
 from skingpt4.errors import InputError, first_line
-from skingpt4.model import ModelMeta
+from skingpt4.folder import ModelMeta
+from skingpt4.keymap import map_projection
 
 CHECKPOINTS = "checkpoints"
 PROJECTION = ("language_projection.weight", "language_projection.bias")
