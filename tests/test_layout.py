@@ -1,0 +1,87 @@
+"""The package's shape, as docs/README's layout section describes it: no import cycles, small modules, and imports
+that point down (the core at the bottom, `cli` on top; subpackages meet only in the core or in `data`)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "skingpt4"
+SUBPACKAGES = {"cli", "data", "evaluate", "review", "serve", "train"}
+MAX_LINES = 400
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports() -> dict[str, set[str]]:
+    """Each module -> the skingpt4 modules it imports, at the top or inside a function."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("skingpt4"):
+                targets = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names if alias.name.startswith("skingpt4")]
+            else:
+                continue
+            found |= {t for t in targets if t in modules and t != "skingpt4"}
+        found.discard(name)
+        graph[name] = {t for t in found if not name.startswith(t + ".")}  # a package's own __init__ is not an edge
+    return graph
+
+
+def cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path, node, nxt]
+            if nxt not in state and (found := visit(nxt, [*path, node])):
+                return found
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node, [])):
+            return found
+    return None
+
+
+def family(module: str) -> str:
+    if module == "skingpt4.__main__":  # `python -m skingpt4`: the command line
+        return "cli"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in SUBPACKAGES) else "core"
+
+
+def test_no_import_cycle():
+    assert cycle(imports()) is None
+
+
+def test_the_cycle_finder_finds_one():
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_no_module_over_400_lines():
+    long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
+
+
+def test_imports_point_down():
+    """The core imports no subpackage; a subpackage imports the core, `data`, and itself; only `cli` imports all;
+    serving never imports training."""
+    wrong = []
+    for module, targets in imports().items():
+        for target in targets:
+            source, dest = family(module), family(target)
+            allowed = dest in ("core", "data", source) or source == "cli"
+            if not allowed or (source == "core" and dest != "core"):
+                wrong.append(f"{module} -> {target}")
+    assert wrong == []
