@@ -85,3 +85,14 @@ def test_imports_point_down():
             if not allowed or (source == "core" and dest != "core"):
                 wrong.append(f"{module} -> {target}")
     assert wrong == []
+
+
+def test_the_readme_names_every_module():
+    readme = (PACKAGE.parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index("src/skingpt4/\n") :]
+    block = block[: block.index("```")]
+    words = set(block.replace("+", " ").replace(",", " ").replace("(", " ").split())
+    listed = {w.removesuffix(".py") for w in words}
+    modules = {p.stem for p in PACKAGE.rglob("*.py") if p.stem not in ("__init__", "__main__")}
+    folders = {p.name + "/" for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert modules - listed == set() and folders - words == set()
