@@ -1,12 +1,15 @@
 """docs/reliability.md T-1: every malformed-input case through load_image and through the sandboxed Decoder.
 
 Each case must be accepted (RGB, no metadata once saved as PNG, within the limits, the case's own check) or refused
-with a one-line ImageRejected, as the case expects; never any other exception, never more than 5 s (a hang guard).
+with a one-line ImageRejected, as the case expects; never any other exception, and never a hang. The hang guard is
+60 s per decode, far above any normal decode even on a loaded machine: it catches a hang, not slowness, and no
+assertion here depends on speed (the seconds measured are only printed in the summary).
 """
 
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections import Counter
 
@@ -17,26 +20,52 @@ from PIL import Image
 from skingpt4.images import DEFAULT_LIMITS, ImageRejected, load_image
 from skingpt4.serve.sandbox import Decoder
 
-HANG_GUARD_S = 5.0
+HANG_GUARD_S = 60.0
+TOO_SLOW = "image took too long to decode"  # the Decoder's own timeout message: no case may end in it
 RESULTS: dict[tuple[str, str], tuple[str, float]] = {}  # (path, case name) -> (outcome, seconds)
 
 
 @pytest.fixture(scope="module")
 def decoder():
-    with Decoder() as dec:
+    # The child's timeout is generous too, so a slow decode on a busy machine is not mistaken for a refusal; a child
+    # that hangs still ends in TOO_SLOW, which `run` counts as a failure for every case.
+    with Decoder(timeout=HANG_GUARD_S / 2) as dec:
         dec.load(_case("8x8").data)  # start the child here, so that its start-up is not counted as decode time
         yield dec
 
 
+def within(seconds: float, work, *args):
+    """`work(*args)`, or a test failure if it has not returned after `seconds` (a hang guard). It runs in a daemon
+    thread, so a call that never returns cannot keep the test session from ending."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = work(*args)
+        except BaseException as exc:  # re-raised in the test's thread below
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"hang: {getattr(work, '__name__', work)} has not returned after {seconds:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def run(decode, case: Case) -> tuple[str, float]:
-    """Decode once; assert the outcome is well-formed and as expected. Returns (outcome, seconds)."""
+    """Decode once (under the hang guard); assert the outcome is well-formed and as expected. Returns (outcome,
+    seconds); the seconds are for the summary's report only."""
     start = time.perf_counter()
     try:
-        img = decode(case.data)
+        img = within(HANG_GUARD_S, decode, case.data)
     except ImageRejected as exc:
         seconds = time.perf_counter() - start
         message = str(exc)
         assert "\n" not in message and 0 < len(message) <= 200, repr(message)
+        assert message != TOO_SLOW, f"{case.name}: the decoder child hung (no answer in {HANG_GUARD_S / 2:.0f} s)"
         assert case.expect == "reject", f"{case.name}: expected accept, got ImageRejected({message!r})"
         return "reject", seconds
     seconds = time.perf_counter() - start
@@ -66,18 +95,14 @@ CASE_IDS = [c.name for c in image_cases()]
 def test_load_image(name):
     case = _case(name)
     RESULTS["load_image", name] = ("not as expected", float("nan"))  # replaced below unless an assertion fails
-    outcome, seconds = run(load_image, case)
-    RESULTS["load_image", name] = (outcome, seconds)
-    assert seconds < HANG_GUARD_S
+    RESULTS["load_image", name] = run(load_image, case)
 
 
 @pytest.mark.parametrize("name", CASE_IDS)
 def test_sandbox_decoder(name, decoder):
     case = _case(name)
     RESULTS["Decoder", name] = ("not as expected", float("nan"))
-    outcome, seconds = run(decoder.load, case)
-    RESULTS["Decoder", name] = (outcome, seconds)
-    assert seconds < HANG_GUARD_S
+    RESULTS["Decoder", name] = run(decoder.load, case)
 
 
 @pytest.mark.parametrize("name", [c.name for c in data_url_cases()])
@@ -88,10 +113,8 @@ def test_data_url_expectations_are_consistent(name):
 
 
 def test_corpus_shape():
-    start = time.perf_counter()
     all_cases.cache_clear()
-    cases = all_cases()
-    assert time.perf_counter() - start < 3.0
+    cases = within(HANG_GUARD_S, all_cases)  # building it must not hang (its speed is not asserted)
     assert len(cases) >= 45
     assert {c.category for c in cases} == set(CATEGORIES)
     for case in cases:
@@ -131,7 +154,9 @@ def test_summary(decoder, capsys):
         )
     with capsys.disabled():
         print("\n" + "\n".join(lines))
-    assert max(seconds for _, seconds in RESULTS.values() if seconds == seconds) < HANG_GUARD_S
+    # every case ran under the hang guard in `run` (a hang fails there); here: no case is missing from either path
+    for path in ("load_image", "Decoder"):
+        assert {name for p, name in RESULTS if p == path} == {c.name for c in image_cases()}, path
 
 
 def _case(name: str) -> Case:
