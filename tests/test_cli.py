@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 from conftest import image_bytes
@@ -41,7 +42,13 @@ def test_create_tiny_model_and_diagnose(tmp_path, capsys):
     [
         (["chat", "--model", "/no/such/model"], "error: model folder not found: /no/such/model"),
         (["diagnose", "--model", "tiny", "x.png", "--out", "o.txt"], "error: no such file or folder: x.png"),
-        (["chat", "--model", "tiny", "--temperature", "0"], "error: temperature must be in (0, 5]"),
+        (["chat", "--model", "tiny", "--temperature", "9"], "error: temperature must be in [0, 5] (0: greedy)"),
+        (["chat", "--model", "tiny", "--image", "notes.txt"], "error: no such file: notes.txt"),
+        (
+            ["chat", "--model", "tiny", "--image", str(Path(__file__).parents[1] / "README.md")],
+            "error: not an image file",
+        ),
+        (["serve", "--model", "tiny", "--max-tokens", "100000"], "error: --max-tokens must be 1..1999 (the context"),
         (["chat", "--model", "tiny", "--load-in-4bit"], "error: 8-bit and 4-bit loading need a CUDA GPU"),
         (["chat", "--model", "tiny", "--template", "vicuna"], "error: unknown template 'vicuna'"),
         (["convert", "--out", "o", "--llm", "l", "--projection", "p.pth"], "error: give either --vit and --qformer"),
@@ -67,6 +74,23 @@ def test_terminal_chat_commands(engine, tmp_path):
     assert saved["turns"][0]["text"] == "What's wrong with my skin?" and len(saved["images"]) == 1
     assert [t["role"] for t in saved["turns"]] == ["user", "assistant"]
     assert saved["turns"][1]["text"].endswith(DISCLAIMER) and text.startswith(INTENDED_USE)
+
+
+def test_terminal_chat_stops_when_a_starting_photo_is_bad(engine, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a photo")
+    out = io.StringIO()
+    code = run_chat(engine, GenerationSettings(), [str(tmp_path / "notes.txt")], io.StringIO("hello\n"), out)
+    assert code == 2 and "error: not an image file" in out.getvalue() and "skingpt4>" not in out.getvalue()
+
+
+def test_temperature_zero_is_greedy_everywhere():
+    from argparse import Namespace
+
+    from skingpt4.cli import flags
+
+    assert GenerationSettings(temperature=0).do_sample is False
+    given = {name: None for name in flags.GENERATION_FLAGS}
+    assert flags.settings(Namespace(**{**given, "greedy": False, "temperature": 0.0})).do_sample is False
 
 
 def test_terminal_chat_ends_at_eof(loaded):

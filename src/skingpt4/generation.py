@@ -26,9 +26,11 @@ class GenerationSettings:
     stop: tuple[str, ...] = ()  # extra stop strings (the template's own stop string always applies)
 
     def __post_init__(self):
+        if self.temperature == 0:  # as in OpenAI's API and most tools: no randomness at all
+            self.do_sample, self.temperature = False, 1.0
         checks = [
             (1 <= self.max_new_tokens < self.max_context, f"max_new_tokens must be 1..{self.max_context - 1}"),
-            (0.0 < self.temperature <= 5.0, "temperature must be in (0, 5]"),
+            (0.0 <= self.temperature <= 5.0, "temperature must be in [0, 5] (0: greedy)"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (1 <= self.num_beams <= 10, "num_beams must be 1..10"),
             (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),

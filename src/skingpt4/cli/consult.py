@@ -66,9 +66,13 @@ def cmd_chat(args) -> int:
 
     skingpt4 chat --model ./skingpt4 --image lesion.jpg      (or --model tiny to try it offline)
     """
+    from skingpt4.images import load_image
     from skingpt4.serve.terminal import run_chat
 
-    settings, engine = flags.settings(args), flags.engine(args)
+    settings = flags.settings(args)
+    for path in args.image:  # a bad photo at start is bad input: say so before the model loads, and stop
+        load_image(Path(path))
+    engine = flags.engine(args)
     with flags.records_store(args, engine) as store:
         return run_chat(engine, settings, args.image, store=store)
 

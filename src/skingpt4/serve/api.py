@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from skingpt4.chat import ChatEngine
-from skingpt4.errors import Cancelled, SkinGPT4Error, first_line
+from skingpt4.errors import Cancelled, InputError, SkinGPT4Error, first_line
 from skingpt4.generation import GenerationSettings
 from skingpt4.images import ImageRejected
 from skingpt4.serve.api_schema import ChatRequest, ImageFetcher, check_sizes, load_turns, settings_for
@@ -53,6 +53,21 @@ class ServeConfig:
     image_root: str | None = None
     shutdown_timeout_s: float = 30.0
     warmup: bool = True
+
+    def __post_init__(self):
+        """Limits that cannot work are refused at start-up, not on the first request that reaches them."""
+        context = GenerationSettings.__dataclass_fields__["max_context"].default
+        checks = [
+            (
+                1 <= self.max_tokens < context,
+                f"--max-tokens must be 1..{context - 1} (the context holds {context} tokens, prompt included)",
+            ),
+            (self.max_body_mb > 0 and self.max_image_mb > 0, "--max-body-mb and --max-image-mb must be positive"),
+            (self.queue_size >= 0, "--queue-size must be 0 or more"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
 
 
 class Health:

@@ -69,10 +69,8 @@ def settings_for(request: ChatRequest, max_tokens_cap: int) -> GenerationSetting
         raise InputError(f"max_tokens is {wanted}, above this server's limit of {max_tokens_cap}")
     default = GenerationSettings.__dataclass_fields__["max_new_tokens"].default
     options: dict = {"seed": request.seed, "max_new_tokens": wanted or min(default, max_tokens_cap)}
-    if request.temperature == 0:
-        options["do_sample"] = False
-    elif request.temperature is not None:
-        options["temperature"] = request.temperature
+    if request.temperature is not None:
+        options["temperature"] = request.temperature  # 0: greedy
     if request.top_p is not None:
         options["top_p"] = request.top_p
     stop = [request.stop] if isinstance(request.stop, str) else request.stop or []

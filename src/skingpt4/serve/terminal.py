@@ -36,7 +36,8 @@ def run_chat(
     if engine.loaded.warning:
         say(f"WARNING: {engine.loaded.warning}")
     for path in images:
-        _add_image(session, path, say)
+        if not _add_image(session, path, say):
+            return 2  # the photos given at start are the consultation: without one, stop rather than chat
     say(HELP)
     while True:
         stdout.write("you> ")
@@ -83,9 +84,11 @@ def _command(session, line: str, say) -> str | None:
     return None
 
 
-def _add_image(session, path: str, say) -> None:
+def _add_image(session, path: str, say) -> bool:
     try:
         digest = session.add_image(Path(path))
-        say(f"(image added: sha256 {digest[:12]}; now ask about it)")
     except (ImageRejected, SkinGPT4Error) as exc:
         say(f"error: {exc}")
+        return False
+    say(f"(image added: sha256 {digest[:12]}; now ask about it)")
+    return True
