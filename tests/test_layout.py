@@ -96,3 +96,15 @@ def test_the_readme_names_every_module():
     modules = {p.stem for p in PACKAGE.rglob("*.py") if p.stem not in ("__init__", "__main__")}
     folders = {p.name + "/" for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
     assert modules - listed == set() and folders - words == set()
+
+
+def test_the_formatter_and_the_linter_are_satisfied():
+    """The formatter wins (no `fmt: skip` anywhere): `ruff format --check` and `ruff check` pass on the tree."""
+    import subprocess
+    import sys
+
+    root = PACKAGE.parents[1]
+    for command in (["format", "--check"], ["check"]):
+        argv = [sys.executable, "-m", "ruff", *command, "src", "tests", "bench"]
+        done = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
