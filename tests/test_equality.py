@@ -126,14 +126,21 @@ def reference_embeds(model, sp, prompt: str, photos: list[bytes], size: int) -> 
 def plain_generate(model, embeds, suppressed, sp, **options):
     """Stock transformers, nothing of the engine: `LlamaForCausalLM.generate` on the embeddings."""
     config = GenerationConfig(
-        do_sample=False, suppress_tokens=suppressed, bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id(),
-        pad_token_id=sp.eos_id(), **options,
-    )  # fmt: skip
+        do_sample=False,
+        suppress_tokens=suppressed,
+        bos_token_id=sp.bos_id(),
+        eos_token_id=sp.eos_id(),
+        pad_token_id=sp.eos_id(),
+        **options,
+    )
     mask = torch.ones(embeds.shape[:2], dtype=torch.long)
     return model.language_model.generate(
-        inputs_embeds=embeds, attention_mask=mask, generation_config=config, return_dict_in_generate=True,
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        generation_config=config,
+        return_dict_in_generate=True,
         output_logits=True,
-    )  # fmt: skip
+    )
 
 
 def consult(probe: Probe, settings: GenerationSettings, recompute: bool) -> list[dict]:
@@ -150,11 +157,17 @@ def consult(probe: Probe, settings: GenerationSettings, recompute: bool) -> list
             session.cache = None
         session.answer(settings)
         ((new, forwards),) = probe.runs  # exactly one generate run per turn
-        turns.append({
-            "prompt": prompt, "photos": list(photos), "ids": new[0].tolist(), "reused": session.reused_tokens,
-            "prompt_tokens": session.prompt_tokens, "widths": [w for w, _ in forwards],
-            "logits": torch.cat([logits for _, logits in forwards]),
-        })  # fmt: skip
+        turns.append(
+            {
+                "prompt": prompt,
+                "photos": list(photos),
+                "ids": new[0].tolist(),
+                "reused": session.reused_tokens,
+                "prompt_tokens": session.prompt_tokens,
+                "widths": [w for w, _ in forwards],
+                "logits": torch.cat([logits for _, logits in forwards]),
+            }
+        )
         probe.runs.clear()
     return turns
 

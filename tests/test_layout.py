@@ -108,3 +108,13 @@ def test_the_formatter_and_the_linter_are_satisfied():
         argv = [sys.executable, "-m", "ruff", *command, "src", "tests", "bench"]
         done = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_no_formatter_exceptions():
+    root = PACKAGE.parents[1]
+    marked = [p.name for d in ("src", "tests", "bench") for p in (root / d).rglob("*.py") if _skips(p)]
+    assert marked == []
+
+
+def _skips(path: Path) -> bool:
+    return any(line.rstrip().endswith(("# fmt: skip", "# fmt: off")) for line in path.read_text().splitlines())
