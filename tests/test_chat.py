@@ -134,7 +134,7 @@ def test_image_placeholder_is_never_generated(tiny_dir):
     ("options", "message"),
     [
         ({"max_new_tokens": 0}, "max_new_tokens must be 1..1999"),
-        ({"temperature": 0}, r"temperature must be in \(0, 5\]"),
+        ({"temperature": -0.5}, r"temperature must be in \[0, 5\] \(0: greedy\)"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
         ({"num_beams": 11}, "num_beams must be 1..10"),
     ],

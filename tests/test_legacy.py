@@ -59,6 +59,7 @@ def test_clear_errors(tmp_path, capsys):
 def test_demo_py_at_the_repo_root_serves_the_web_app(tiny_dir, tmp_path):
     import signal
     import socket
+    import threading
     import time
 
     import httpx
@@ -70,9 +71,16 @@ def test_demo_py_at_the_repo_root_serves_the_web_app(tiny_dir, tmp_path):
         port = s.getsockname()[1]
     cmd = [sys.executable, "demo.py", "--cfg-path", str(cfg), "--gpu-id", "0", "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
         page, deadline = "", time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None and not page:
+        while (
+            time.monotonic() < deadline
+            and proc.poll() is None
+            and not (page and any("web app at" in x for x in lines))
+        ):
             try:
                 response = httpx.get(f"http://127.0.0.1:{port}/")
                 page = response.text if response.status_code == 200 else ""  # still starting: ask again
@@ -82,9 +90,12 @@ def test_demo_py_at_the_repo_root_serves_the_web_app(tiny_dir, tmp_path):
                 time.sleep(0.3)
         if "UNTRAINED" not in page:
             proc.kill()
-            pytest.fail(f"no web app page with the banner; demo.py said: {proc.communicate()[0][-2000:]}")
+            reader.join(30)
+            pytest.fail(f"no web app page with the banner; demo.py said: {''.join(lines)[-2000:]}")
         proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        reader.join(30)
+        output = "".join(lines)
     finally:
         proc.kill()
     assert proc.returncode == 0, output
