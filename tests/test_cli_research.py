@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from conftest import image_bytes
 
@@ -103,6 +104,23 @@ def test_eval_then_review_the_clinical_transcripts(tiny_dir, tmp_path, capsys):
     bad = ["eval", "--model", str(tiny_dir), "--data", data, "--out", str(tmp_path / "x"), "--labels", "eczema,acne"]
     assert main(bad) == 2
     assert "not in the label set" in capsys.readouterr().err
+
+
+def test_review_finds_the_photos_of_an_eval_run_with_relative_paths(tiny_dir, tmp_path, monkeypatch):
+    """As the README runs it: relative --data and --out from one folder, the review from another."""
+    from skingpt4.review.cases import display_png
+    from skingpt4.review.page import load_cases
+
+    data = Path(labelled_set(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    argv = ["eval", "--model", str(tiny_dir), "--data", data.name, "--out", "clinical", "--protocol", "clinical"]
+    assert main([*argv, "--max-new-tokens", "2", "--bootstrap", "10", "--no-progress"]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cases = load_cases(Path("../clinical/transcripts.jsonl"))
+    assert len(cases) == 4 and all(display_png(case)[0] for case in cases)  # every photo shows
+    missing = cases[0].__class__(cases[0].id, Path("../clinical/gone.png"), None, None, cases[0].turns)
+    assert display_png(missing) == (None, f"no such file: {(tmp_path / 'elsewhere/../clinical/gone.png')}")
 
 
 def test_prepare_data_then_train_then_chat_with_the_result(tiny_dir, tmp_path, capsys):

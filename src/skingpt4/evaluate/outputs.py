@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
@@ -78,7 +79,7 @@ def write_transcripts(out: Path, records: dict[tuple[str, int], dict]) -> dict[s
         cases.append(
             {
                 "case": r["case"],
-                "image": r["image"],
+                "image": _from(out, r["image"]),
                 "image_sha256": r["image_sha256"],
                 "label": r["label"],
                 "model": r["model"],
@@ -90,6 +91,12 @@ def write_transcripts(out: Path, records: dict[tuple[str, int], dict]) -> dict[s
     jsonl.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in cases), encoding="utf-8")
     md.write_text(_markdown(cases), encoding="utf-8")
     return {"transcripts": jsonl, "transcripts_md": md}
+
+
+def _from(folder: Path, image: str) -> str:
+    """The image's path as seen from `folder`, where the transcripts are: the review tool reads it from there,
+    whatever the working folder was when `eval` ran."""
+    return Path(os.path.relpath(os.path.abspath(image), os.path.abspath(folder))).as_posix()
 
 
 def _markdown(cases: list[dict]) -> str:

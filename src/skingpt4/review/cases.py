@@ -147,5 +147,7 @@ def display_png(case: Case) -> tuple[bytes | None, str]:
             return None, "the file differs from the one the model saw (image_sha256 does not match)"
         image = load_image(data)
     except (ImageRejected, OSError) as exc:
+        if not case.image.exists():  # name the full path tried: the reviewer can see where it was looked for
+            return None, f"no such file: {case.image.absolute()}"
         return None, first_line(exc)
     return png_bytes(thumbnail(image, DISPLAY_MAX_SIDE)), ""
