@@ -151,3 +151,12 @@ def test_prepare_data_then_train_then_chat_with_the_result(tiny_dir, tmp_path, c
         sys.stdin = stdin
     assert main(["train", "--config", str(config), "--set", "lerning_rate=1"]) == 2
     assert "unknown config key 'lerning_rate'" in capsys.readouterr().err
+
+
+def test_eval_exits_1_when_images_failed_as_diagnose_does(tiny_dir, tmp_path, capsys):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "set.jsonl").write_text(json.dumps({"image": "bad.png", "label": "eczema"}) + "\n")
+    argv = ["eval", "--model", str(tiny_dir), "--data", str(tmp_path / "set.jsonl"), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--labels", "eczema,acne", "--no-progress"]) == 1
+    assert "0 answered, 1 failed" in capsys.readouterr().out
+    assert main([*argv, "--labels", "eczema,acne", "--no-progress"]) == 1  # a rerun: the latest record still failed

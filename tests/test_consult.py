@@ -157,7 +157,8 @@ def test_summary_page_holds_thumbnails_turns_referral_and_escapes_text(engine):
     page = consultation.summary_html()
     assert page.count("data:image/png;base64,") == 1 and consultation.images[0]["thumbnail"].size == (256, 171)
     assert "<script>alert" not in page and "&lt;script&gt;" in page
-    assert "Referral:" in page and engine.loaded.model_id in page and "max_new_tokens" in page
+    assert "Referral:" in page and engine.loaded.model_id in page and "<th>max new tokens</th>" in page
+    assert "{" not in page.split("Model and settings")[1]  # named settings, not a Python dict
     assert "UNTRAINED" in page
 
 

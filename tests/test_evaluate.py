@@ -15,7 +15,7 @@ from skingpt4.chat import ChatEngine, GenerationSettings
 from skingpt4.conversation import CLINICAL_PROMPTS
 from skingpt4.data.manifest import collect
 from skingpt4.errors import InputError
-from skingpt4.evaluate.run import PredictionFile, canonical, run_eval
+from skingpt4.evaluate.run import PredictionFile, canonical, choose_split, run_eval
 from skingpt4.evaluate.scoring import ANSWER_FORMAT, score_labels, spoken
 
 GREEDY = GenerationSettings.greedy(max_new_tokens=4)
@@ -255,3 +255,26 @@ def test_label_scoring_runs_under_the_engine_lock(engine):
     finally:
         hook.remove()
     assert held and all(held)
+
+
+def test_the_test_split_is_scored_by_default_and_training_rows_are_warned_about(engine, tmp_path):
+    items = write_set(tmp_path / "data", n=6)
+    for item, split in zip(items, ["train", "train", "train", "val", "test", "test"]):
+        item.manifest["split"] = split
+    chosen, split, warnings = choose_split(items, None)
+    assert split == "test" and [i.manifest["split"] for i in chosen] == ["test", "test"] and warnings == []
+    chosen, split, warnings = choose_split(items, "all")
+    assert len(chosen) == 6 and warnings == ["3 of the 6 images scored are training images"]
+    with pytest.raises(InputError, match="no images in split 'tset' to evaluate .*splits are test, train, val"):
+        choose_split(items, "tset")
+    assert choose_split([i for i in write_set(tmp_path / "plain", n=2)], None)[1] == "all"  # no splits: every row
+    result = run_eval(engine, items, tmp_path / "out", labels=LABELS, **FAST)
+    assert result["split"] == "test" and result["metrics"]["n"] == 2 and result["metrics"]["run"]["split"] == "test"
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| split | test |" in report and "{" not in report.split("## Run")[1].split("##")[0]  # named settings
+
+
+def test_an_untrained_models_report_says_so(engine, tmp_path):
+    run_eval(engine, write_set(tmp_path / "data", n=2), tmp_path / "out", labels=LABELS, **FAST)
+    for name in ("report.md", "report.html"):
+        assert "UNTRAINED random model: these numbers measure noise" in (tmp_path / "out" / name).read_text()

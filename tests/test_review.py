@@ -358,14 +358,16 @@ def test_image_is_a_fresh_png_without_metadata(client, review_files):
     original = load_image(review_files["transcripts"].parent / "img" / "c1.jpg")
     assert shown.convert("RGB").tobytes() == original.tobytes()  # same pixels, nothing else
     missing = client.get("/image/2")
-    assert missing.status_code == 404 and missing.text == "image unavailable: no such file: gone.jpg"
+    gone = review_files["transcripts"].parent / "gone.jpg"
+    assert missing.status_code == 404 and missing.text == f"image unavailable: no such file: {gone}"
     assert client.get("/image/3").status_code == 404
 
 
-def test_unreadable_image_can_still_be_rated_and_navigation(client):
+def test_unreadable_image_can_still_be_rated_and_navigation(client, review_files):
     sign_in(client)
     page = client.get("/case/2").text
-    assert "<p class='warn' id='image-unavailable'>image unavailable: no such file: gone.jpg</p>" in page
+    gone = review_files["transcripts"].parent / "gone.jpg"
+    assert f"<p class='warn' id='image-unavailable'>image unavailable: no such file: {gone}</p>" in page
     saved = client.post("/case/2", data={**answers("neutral"), "token": client.token})
     assert saved.url.path == "/case/1" and "1 of 2 done" in saved.text  # next unrated, wrapping round
     done = client.post("/case/1", data={**answers("agree"), "comment": "ok", "token": client.token})
@@ -451,3 +453,15 @@ def test_browser_rating_is_reflected_by_summary(review_files):
     with ReviewStore(review_files["store"], create=False) as store:
         (rating,) = store.ratings()
     assert (rating.rater, rating.case, rating.comment) == ("Dr. Müller", "c1", "Plausible; would biopsy.")
+
+
+def test_an_untrained_models_transcripts_carry_the_notice(tmp_path):
+    (tmp_path / "c1.jpg").write_bytes(gps_jpeg())
+    rows = [{**case_row("c1", "c1.jpg"), "untrained": True}]
+    store = ReviewStore(tmp_path / "r.sqlite")
+    app = create_app(load_cases(write_cases(tmp_path, rows)), store)
+    with TestClient(app) as c:
+        c.token = app.state.review.token
+        sign_in(c)
+        assert "id='untrained'" in c.get("/case/1").text and "UNTRAINED random model" in c.get("/case/1").text
+    store.close()

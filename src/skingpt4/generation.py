@@ -65,6 +65,20 @@ class GenerationSettings:
         return GenerationConfig(**options)
 
 
+def setting_rows(settings: dict, prefix: str = "") -> list[list[str]]:
+    """Named settings as table rows: nested settings one row each ("settings: temperature"), lists joined."""
+    rows = []
+    for key, value in settings.items():
+        name = f"{prefix}{key}".replace("_", " ")
+        if isinstance(value, dict):
+            rows += setting_rows(value, f"{name}: ")
+        elif isinstance(value, (list, tuple)):
+            rows.append([name, "; ".join(map(str, value)) if value else "none"])
+        else:
+            rows.append([name, "none" if value is None else str(value)])
+    return rows
+
+
 def folder_generation_config(tokenizer, image_token_id: int):
     """generation_config.json for a model folder: the demo's defaults, and never the image placeholder."""
     return GenerationSettings().to_config(tokenizer, suppress_tokens=[image_token_id])

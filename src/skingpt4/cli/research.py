@@ -57,6 +57,10 @@ def add_commands(command) -> None:
         help="comma-separated label set, or paper15, ham10000, fitzpatrick17k(-3/-9), ddi "
         "(default: the manifest's labels)",
     )
+    ev.add_argument(
+        "--split",
+        help="manifest rows to score: train, val, test or all (default: test when the manifest has splits, else all)",
+    )
     ev.add_argument("--repeats", type=int, default=1, help="K sampled runs per case: the consistency ratio")
     ev.add_argument("--question", help="the question asked (default: the demo's first question)")
     ev.add_argument("--batch-size", type=int, default=8)
@@ -144,14 +148,16 @@ def cmd_eval(args) -> int:
     """
     from skingpt4.conversation import DEFAULT_QUESTION
     from skingpt4.data.manifest import collect
-    from skingpt4.evaluate.run import run_eval
+    from skingpt4.evaluate.run import choose_split, run_eval
 
     if args.batch_size < 1 or args.repeats < 1:
         raise InputError("--batch-size and --repeats must be at least 1")
     labels = args.labels
     if labels and "," in labels:
         labels = [label.strip() for label in labels.split(",") if label.strip()]
-    items = collect(args.data)
+    items, split, warnings = choose_split(collect(args.data), args.split)  # before the model loads: bad input
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     settings = _eval_settings(args)
     engine = flags.engine(args)
     flags.announce(engine)
@@ -169,12 +175,13 @@ def cmd_eval(args) -> int:
         question=args.question or DEFAULT_QUESTION,
         n_boot=args.bootstrap,
         progress=not args.no_progress,
+        split=split,
     )
     metrics = result.get("metrics") or {}
     accuracy = (metrics.get("accuracy") or {}).get("value")
-    line = f"{result['done']} answered, {result['failed']} failed, {result['skipped']} already done -> {args.out}"
-    print(line + (f"; accuracy {accuracy:.3f}" if accuracy is not None else ""))
-    return 0
+    line = f"{result['done']} answered, {result['failed']} failed, {result['skipped']} already done"
+    print(f"{line} (split: {split}) -> {args.out}" + (f"; accuracy {accuracy:.3f}" if accuracy is not None else ""))
+    return 1 if result["errors"] else 0  # as diagnose: any image whose latest record is an error
 
 
 def _eval_settings(args):

@@ -23,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from skingpt4.evaluate import metrics as M
+from skingpt4.generation import setting_rows
 
 DPI = 100
 SKIN_TONE_SIZE = (7.0, 4.5)  # inches
@@ -59,17 +60,23 @@ def fmt_ci(m: dict | None) -> str:
 
 def build_blocks(metrics: dict, title: str, consistency, latency, calib, images: dict[str, str]) -> list[tuple]:
     ci_name = f"{round(100 * metrics['bootstrap']['ci'])}% CI" if metrics.get("bootstrap") else "CI"
-    blocks = [("h1", title), ("p", _summary(metrics))]
-    if metrics.get("run"):
-        blocks += [
-            ("h2", "Run"),
-            ("table", ["Setting", "Value"], [[str(k), str(v)] for k, v in metrics["run"].items()]),
-        ]
+    run = metrics.get("run") or {}
+    blocks = [("h1", title)]
+    if run.get("untrained"):
+        blocks.append(("p", UNTRAINED_NOTICE))
+    blocks.append(("p", _summary(metrics)))
+    if run:
+        blocks += [("h2", "Run"), ("table", ["Setting", "Value"], setting_rows(run))]
     blocks += _overall(metrics, ci_name) + _per_class(metrics) + _confusion_blocks(metrics, images)
     blocks += _skin_blocks(metrics, ci_name, images) + _calibration_blocks(calib, images)
     blocks += _consistency_blocks(consistency, ci_name) + _latency_blocks(latency)
     blocks.append(("p", "A research tool, not a medical device: these numbers describe this data set only."))
     return blocks
+
+
+UNTRAINED_NOTICE = (
+    "UNTRAINED random model: these numbers measure noise, for trying the software only; they are not results."
+)
 
 
 def _summary(m: dict) -> str:

@@ -154,16 +154,17 @@ def run_eval(
     question: str = DEFAULT_QUESTION,
     n_boot: int = 1000,
     progress: bool = True,
+    split: str | None = None,
 ) -> dict:
     """Evaluate `items` (diagnose.Item with manifest fields `label`, `fitzpatrick`) into `out_dir`.
 
     Greedy by default; with `repeats` K > 1 each image is answered K times with sampling, seeds seed..seed+K-1
-    (the consistency ratio). Returns {"done", "skipped", "failed", "metrics", "files"}.
+    (the consistency ratio). `split` picks the manifest rows scored (`choose_split`). Returns {"done", "skipped",
+    "failed", "errors" (images whose latest record is an error), "split", "warnings", "metrics", "files"}.
     """
     if mode not in MODES or protocol not in PROTOCOLS:
         raise InputError(f"mode must be one of {MODES} and protocol one of {PROTOCOLS}")
-    if not items:
-        raise InputError("no images to evaluate")
+    items, split, warnings = choose_split(items, split)
     if repeats < 1 or (repeats > 1 and (mode == "choice" or protocol == "clinical")):
         raise InputError("repeats > 1 is for open-mode diagnosis (choice scores do not vary)")
     if protocol == "clinical" and mode == "choice":
@@ -176,6 +177,7 @@ def run_eval(
     out = Path(out_dir)
     config = {
         "model": engine.loaded.model_id,
+        "untrained": engine.loaded.meta.untrained,
         "mode": mode,
         "protocol": protocol,
         "labels": label_set,
@@ -183,7 +185,8 @@ def run_eval(
         "settings": asdict(settings),
         "seed": seed,
         "repeats": repeats,
-        "answer_format": ANSWER_FORMAT if mode == "choice" else None,
+        "split": split,
+        **({"answer_format": ANSWER_FORMAT} if mode == "choice" else {}),
     }
     check_run(out, config)
     file = PredictionFile(out / "predictions.jsonl")
@@ -192,7 +195,28 @@ def run_eval(
     records = current(file.latest(), items, truth)
     metrics = finish(out, records, label_set, config, n_boot) if label_set else None
     files = write_transcripts(out, records) if protocol == "clinical" else {}
-    return {**summary, "metrics": metrics, "files": {k: str(v) for k, v in files.items()}}
+    errors = sum(1 for record in records.values() if record.get("error"))
+    files = {k: str(v) for k, v in files.items()}
+    return {**summary, "errors": errors, "split": split, "warnings": warnings, "metrics": metrics, "files": files}
+
+
+def choose_split(items: list[Item], split: str | None) -> tuple[list[Item], str, list[str]]:
+    """The rows to score: `split` by name, "all", or by default `test` when the manifest has splits (else all).
+
+    Scoring training rows measures memory, not diagnosis: it is allowed (by name or "all") and warned about.
+    """
+    if not items:
+        raise InputError("no images to evaluate")
+    has_splits = any(item.manifest.get("split") for item in items)
+    split = split or ("test" if has_splits else "all")
+    chosen = items if split == "all" else [item for item in items if item.manifest.get("split") == split]
+    if not chosen:
+        found = sorted({str(item.manifest.get("split")) for item in items if item.manifest.get("split")})
+        where = f"the manifest's splits are {', '.join(found)}" if found else "the manifest has no 'split' field"
+        raise InputError(f"no images in split {split!r} to evaluate ({where}; --split all scores every row)")
+    training = sum(1 for item in chosen if item.manifest.get("split") == "train")
+    warnings = [f"{training} of the {len(chosen)} images scored are training images"] if training else []
+    return chosen, split, warnings
 
 
 def _settings(settings: GenerationSettings | None, seed: int, repeats: int) -> GenerationSettings:

@@ -5,6 +5,7 @@ optional reference answers, and each case's image decoded for display (a fresh P
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import threading
@@ -28,6 +29,7 @@ class Case:
     label: str | None
     turns: tuple[tuple[str, str], ...]  # (role, text)
     reference: str | None = None
+    untrained: bool = False  # the transcripts came from a random model
 
 
 # -- input files -------------------------------------------------------------------------------------------------
@@ -49,7 +51,7 @@ def load_cases(transcripts: Path, references: Path | None = None) -> list[Case]:
     answers = read_references(Path(references).expanduser())
     if not seen & set(answers):
         raise InputError(f"{references}: no reference answer names a case of {path.name}")
-    return [Case(c.id, c.image, c.image_sha256, c.label, c.turns, answers.get(c.id)) for c in cases]
+    return [dataclasses.replace(c, reference=answers.get(c.id)) for c in cases]
 
 
 def _lines(path: Path) -> list[str]:
@@ -85,7 +87,8 @@ def _case(line: str, path: Path, number: int) -> Case:
     image_path = Path(image).expanduser()
     image_path = image_path if image_path.is_absolute() else path.parent / image_path
     turn_pairs = tuple((t["role"], t["text"]) for t in turns)
-    return Case(case, image_path, item.get("image_sha256"), item.get("label"), turn_pairs)
+    untrained = item.get("untrained") is True
+    return Case(case, image_path, item.get("image_sha256"), item.get("label"), turn_pairs, untrained=untrained)
 
 
 def _is_turn(turn) -> bool:

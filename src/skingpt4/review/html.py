@@ -61,6 +61,9 @@ def rater_header(rater: str, done: int, total: int, token: str) -> str:
     )
 
 
+UNTRAINED = "UNTRAINED random model: these answers are noise, written to try the software, not to be rated as care."
+
+
 @dataclass
 class Entered:
     """What the form shows: the saved rating, or what was just entered (kept when the server refuses it)."""
@@ -91,8 +94,9 @@ def case_body(number: int, case: Case, reason: str, entered: Entered, total: int
         else ""
     )
     label = f"<details><summary>Dataset label</summary><p id='label'>{esc(case.label)}</p></details>"
+    untrained = f"<p class='warn' id='untrained'>{UNTRAINED}</p>" if case.untrained else ""
     return (
-        f"<nav>{nav}</nav><h1>Case {number} of {total}: <span id='case-id'>{esc(case.id)}</span></h1>"
+        f"<nav>{nav}</nav>{untrained}<h1>Case {number} of {total}: <span id='case-id'>{esc(case.id)}</span></h1>"
         f"<div class='case'><div>{figure}{label if case.label else ''}</div>"
         f"<div><section id='transcript'>{turns}</section>{reference}</div></div>"
         f"{rating_form(number, entered, token)}"

@@ -20,7 +20,7 @@ from pathlib import Path
 from skingpt4.chat import ChatEngine
 from skingpt4.conversation import neutralise
 from skingpt4.errors import InputError
-from skingpt4.generation import GenerationSettings
+from skingpt4.generation import GenerationSettings, setting_rows
 from skingpt4.images import DEFAULT_LIMITS, png_bytes, png_data_uri, read_source, sha256_bytes, thumbnail
 from skingpt4.serve.safety import INTENDED_USE, LEVELS, Guard, without_rails
 
@@ -157,10 +157,11 @@ class Consultation:
         for turn in self.turns:
             who = "Question" if turn["role"] == "user" else "Answer"
             parts.append(f"<h3>{who}</h3><div class='turn'>{esc(turn['text'])}</div>")
-        settings = asdict(self.settings) if self.settings else {}
+        settings = setting_rows(asdict(self.settings)) if self.settings else []
+        rows = "".join(f"<tr><th>{esc(name)}</th><td>{esc(value)}</td></tr>" for name, value in settings)
         parts.append(
-            f"<h2>Model and settings</h2><p>Model: {esc(loaded.model_id)}<br>Settings: {esc(str(settings))}"
-            f"<br>Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}</p>"
+            f"<h2>Model and settings</h2><p>Model: {esc(loaded.model_id)}<br>"
+            f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}</p><table>{rows}</table>"
         )
         return "\n".join(parts) + "\n"
 
