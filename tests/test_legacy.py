@@ -56,6 +56,18 @@ def test_clear_errors(tmp_path, capsys):
     assert main(["--cfg-path", str(tmp_path / "none.yaml")]) == 2
 
 
+def test_missing_weights_are_named_before_any_conversion_starts(tmp_path, lavis_files, llm_dir, capsys):
+    section = {"ckpt": str(lavis_files["proj"]), "llm_model": str(llm_dir), "vit_model": str(tmp_path / "no.pth")}
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {**section, "q_former_model": str(lavis_files["qformer"])}}))
+    cache = home_dir() / "converted"
+    before = sorted(cache.iterdir()) if cache.exists() else []
+    assert main(["--cfg-path", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: vit_model not found: {tmp_path / 'no.pth'}\n"  # one line; nothing said about converting
+    assert (sorted(cache.iterdir()) if cache.exists() else []) == before
+
+
 def test_demo_py_at_the_repo_root_serves_the_web_app(tiny_dir, tmp_path):
     import signal
     import socket

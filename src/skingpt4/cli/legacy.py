@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def model_folder(section: dict) -> Path:
     for name in ("projection", "vit", "qformer"):
         if str(sources[name]).startswith(("http://", "https://")):
             raise InputError(f"{name} is a URL ({sources[name]}); download it once and give the file path")
+    _check_sources(sources)
     target = home_dir() / "converted" / _fingerprint(sources)
     if not (target / "config.json").is_file():
         print(f"(converting the original checkpoints once into {target})", file=sys.stderr)
@@ -102,6 +104,18 @@ def model_folder(section: dict) -> Path:
         )
         convert(options, target)
     return target
+
+
+YAML_KEYS = {"projection": "ckpt", "llm": "llm_model", "vit": "vit_model", "qformer": "q_former_model"}
+
+
+def _check_sources(sources: dict) -> None:
+    """Every named file is there before anything is said or written (the LLM may be a hub id in the local cache)."""
+    for name, value in sources.items():
+        path = Path(value).expanduser()
+        hub_id = name == "llm" and re.fullmatch(r"[\w.-]+/[\w.-]+", str(value)) and not path.exists()
+        if not hub_id and not (path.is_dir() if name == "llm" else path.is_file()):
+            raise InputError(f"{YAML_KEYS[name]} not found: {path}")
 
 
 def _fingerprint(sources: dict) -> str:
