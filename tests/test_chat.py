@@ -367,3 +367,39 @@ def test_a_seeded_request_leaves_the_global_rng_alone(engine):
     assert torch.rand(8).tolist() == expected  # the global stream went on as if the request had not run
     torch.manual_seed(7)
     assert seeded_answer() == first  # same seed, same answer, whatever the global state
+
+
+def test_control_characters_never_reach_a_surface(engine, monkeypatch, tmp_path):
+    """A model that writes ESC sequences, a bell, C1 controls and invalid bytes (U+FFFD): the terminal, the stream,
+    the stored answer and diagnose's record hold none of them; newlines and tabs stay."""
+    import io
+    import json
+
+    from skingpt4.data.manifest import collect
+    from skingpt4.serve.diagnose import diagnose, results_file
+    from skingpt4.serve.terminal import run_chat
+
+    written = "Red \x1b[31mpatch\x1b[0m\x07 here\x9b2J.\n\tok \ufffd\ufffd end"
+    ids = engine.tokenizer(written, add_special_tokens=False).input_ids
+    assert engine.tokenizer.decode(ids) == written  # the model really can write these, through byte tokens
+
+    def scripted(rows, mask, features, settings, streamer, cancel=None, cache=None):
+        if streamer is not None:
+            streamer.put(rows[0])
+            for token in ids:
+                streamer.put(torch.tensor([token]))
+            streamer.end()
+        return torch.tensor([ids] * rows.shape[0])
+
+    monkeypatch.setattr(engine, "_run", scripted)
+    expected = "Red [31mpatch[0m here2J.\n\tok  end"
+    session = engine.session()
+    session.ask("What is it?")
+    assert "".join(session.stream(GREEDY)) == expected == session.conversation.messages[-1][1]
+    out = io.StringIO()
+    run_chat(engine, GREEDY, stdin=io.StringIO("What is it?\n/quit\n"), stdout=out)
+    assert expected in out.getvalue() and not set(out.getvalue()) & {"\x1b", "\x07", "\x9b", "\ufffd"}
+    (tmp_path / "a.png").write_bytes(image_bytes())
+    diagnose(engine, collect([str(tmp_path / "a.png")]), results_file(tmp_path / "r.jsonl"), progress=False)
+    record = json.loads((tmp_path / "r.jsonl").read_text())
+    assert record["answer"].startswith(expected) and "\\u001b" not in (tmp_path / "r.jsonl").read_text()
