@@ -197,3 +197,11 @@ def test_sections_present(rendered):
     ):
         assert f"\n## {heading}\n" in md_text
     assert "| p95 | 2.29 |" in md_text  # 0.8, 0.9, 1.1, 2.5: position 2.85 -> 1.1 + 0.85 * 1.4 = 2.29
+
+
+def test_no_known_skin_type_says_so_instead_of_an_empty_chart(tmp_path):
+    rows = [{**row, "fitzpatrick": None} for row in synthetic_rows(n=30)]
+    paths = report.write_report(evaluate_predictions(rows, LABELS, n_boot=20, seed=0), tmp_path)
+    assert "skin_tone" not in paths and not (tmp_path / "skin_tone.png").exists()
+    for name in ("report.md", "report.html"):
+        assert "No case has a known Fitzpatrick skin type" in (tmp_path / name).read_text()

@@ -252,6 +252,7 @@ def test_projection_only_changes_only_the_projection(tiny_dir, manifest, tmp_pat
     for name in ("config.json", "tokenizer.json", "generation_config.json"):  # copied byte for byte
         assert (result.model_dir / name).read_bytes() == (tiny_dir / name).read_bytes()
     loaded = load_model(result.model_dir, device="cpu")
+    assert loaded.model_id.startswith(f"{result.output_dir.name}@")  # named by its run, not "model@..."
     weight = load_file(result.trainable)["language_projection.weight"]
     assert torch.equal(loaded.model.language_projection.weight, weight)
 

@@ -32,6 +32,7 @@ class ModelMeta:
     image_std: tuple[float, float, float] = CLIP_STD
     post_layernorm_eps: float = 1e-5  # the original `ln_vision`; the ViT blocks use 1e-6 (in config.json)
     untrained: bool = False
+    name: str = ""  # what reports call the model; the folder's name when empty (a trained model: its run's name)
     description: str = ""
     sources: list[dict] = field(default_factory=list)  # [{"role", "name", "sha256", "bytes"}]
 

@@ -144,7 +144,7 @@ def model_id(path: Path, meta: ModelMeta) -> str:
     """Folder name plus a short fingerprint of its config and provenance (cheap: no weight hashing)."""
     digest = hashlib.sha256((path / "config.json").read_bytes())
     digest.update(json.dumps(asdict(meta), sort_keys=True).encode())
-    return f"{path.name}@{digest.hexdigest()[:12]}"
+    return f"{meta.name or path.name}@{digest.hexdigest()[:12]}"
 
 
 def load_model(

@@ -121,6 +121,9 @@ def _confusion_blocks(m: dict, images: dict) -> list[tuple]:
 
 def _skin_blocks(m: dict, ci_name: str, images: dict) -> list[tuple]:
     by = m["by_skin_type"]
+    if not _known_skin_types(by):
+        note = "No case has a known Fitzpatrick skin type: nothing can be said by skin type (no chart)."
+        return [("h2", "By Fitzpatrick skin type"), ("p", note)]
     rows = [
         [name, str(g["n"]), fmt_ci(g["accuracy"]), fmt_ci(g["balanced_accuracy"]), fmt_ci(g.get("auroc_macro"))]
         for name, g in by["groups"].items()
@@ -137,6 +140,10 @@ def _skin_blocks(m: dict, ci_name: str, images: dict) -> list[tuple]:
     else:
         blocks.append(("p", "Fewer than two skin-type groups have cases: no gap is reported."))
     return blocks
+
+
+def _known_skin_types(by_skin_type: dict) -> bool:
+    return any(name != M.UNKNOWN and group["n"] for name, group in by_skin_type["groups"].items())
 
 
 def _calibration_blocks(calib: dict | None, images: dict) -> list[tuple]:
@@ -360,8 +367,9 @@ def write_report(
     with matplotlib.style.context("default"), matplotlib.rc_context(_STYLE):
         png = {
             "confusion.png": plot_confusion(metrics["confusion"]),
-            "skin_tone.png": plot_skin_tone(metrics["by_skin_type"]),
         }
+        if _known_skin_types(metrics["by_skin_type"]):
+            png["skin_tone.png"] = plot_skin_tone(metrics["by_skin_type"])
         if calib is not None:
             png["calibration.png"] = plot_calibration(calib)
     images = {name.removesuffix(".png"): name for name in png}

@@ -216,6 +216,7 @@ def export_folder(base: Path, out: Path, net: torch.nn.Module, run_name: str) ->
             raise InputError(f"the base model folder {base} has no safetensors tensor {next(iter(changed))}")
         meta = ModelMeta.load(tmp)
         meta.description = f"{meta.description}; trained by skingpt4 train ({run_name})".strip("; ")
+        meta.name = run_name
         trained = out.parent / "trainable.safetensors"
         if trained.is_file():
             meta.sources.append(
