@@ -11,6 +11,7 @@ from conftest import image_bytes
 
 from skingpt4.chat import ChatEngine, GenerationSettings
 from skingpt4.cli.main import main
+from skingpt4.errors import SkinGPT4Error
 from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
 from skingpt4.serve.terminal import run_chat
 
@@ -33,6 +34,13 @@ def test_create_tiny_model_and_diagnose(tmp_path, capsys):
     code = main([*args, "--greedy", "--max-new-tokens", "4", "--no-progress", "--clinical"])
     captured = capsys.readouterr()
     assert code == 1 and "1 diagnosed, 1 failed, 0 already done" in captured.out and "UNTRAINED" in captured.err
+    assert f"failed: {tmp_path / 'in' / 'b.png'}: not an image file" in captured.err  # the failing file, named
+    assert main([*args, "--greedy", "--max-new-tokens", "4", "--no-progress", "--clinical"]) == 1  # a rerun
+    captured = capsys.readouterr()
+    assert (
+        "0 diagnosed, 0 failed, 2 already done" in captured.out
+        and "1 of them failed on an earlier run" in captured.err
+    )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2 and len(records[0]["answers"]) == 4
 
@@ -137,8 +145,12 @@ def test_records_commands(tmp_path, capsys):
     assert main(["records", "delete", "--records", str(db), "--id", ids[0]]) == 0
     assert main(["records", "delete", "--records", str(db)]) == 2  # says which selection is missing
     assert "exactly one of --id, --all" in capsys.readouterr().err
-    assert main(["records", "delete", "--records", str(db), "--all"]) == 0
+    assert main(["records", "delete", "--records", str(db), "--all"]) == 2  # no terminal to confirm on
+    assert "nothing deleted (--yes deletes without asking)" in capsys.readouterr().err
+    assert main(["records", "delete", "--records", str(db), "--all", "--yes"]) == 0
     assert "deleted 2 records" in capsys.readouterr().out
+    assert main(["records", "list", "--records", str(db)]) == 0
+    assert "no records in" in capsys.readouterr().err
     assert main(["chat", "--model", "tiny", "--keep-images"]) == 2
     assert "take effect with --record" in capsys.readouterr().err
     assert main(["records", "list", "--records", str(tmp_path / "typo.sqlite")]) == 2
@@ -226,3 +238,30 @@ def test_serve_finishes_in_flight_work_on_sigterm_and_logs_no_patient_text(tiny_
         proc.kill()
     assert proc.returncode == 0
     assert "zebracanary77" not in output and "serving" in output
+
+
+def test_small_cli_edges(tmp_path, capsys, monkeypatch):
+    assert main(["create-tiny-model", "--out", str(tmp_path / "t")]) == 0 and (tmp_path / "t" / "config.json").exists()
+    assert main(["create-tiny-model"]) == 2 and "give the folder to create once" in capsys.readouterr().err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("skingpt4.serve.diagnose.diagnose", interrupted)
+    (tmp_path / "a.png").write_bytes(image_bytes())
+    argv = ["diagnose", "--model", str(tmp_path / "t"), str(tmp_path / "a.png"), "--out", str(tmp_path / "r.jsonl")]
+    assert main(argv) == 130
+    assert capsys.readouterr().err.endswith("interrupted (run the same command again to resume where it stopped)\n")
+
+
+def test_a_busy_port_is_one_line_naming_the_flag(engine):
+    import socket
+
+    from skingpt4.serve.web_launch import WebConfig, launch
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SkinGPT4Error, match=f"port {port} on 127.0.0.1 is in use; choose another with --port"):
+            launch(engine, WebConfig(port=port), block=False)

@@ -59,6 +59,7 @@ def add_commands(command) -> None:
     records.add_argument("--all", action="store_true", help="delete: every record")
     records.add_argument("--older-than", type=float, metavar="DAYS", help="delete: records not updated for DAYS")
     records.add_argument("--out", help="export: JSON Lines file (default: standard output)")
+    records.add_argument("--yes", action="store_true", help="delete --all: do not ask for confirmation")
 
 
 def cmd_chat(args) -> int:
@@ -142,11 +143,14 @@ def cmd_records(args) -> int:
         raise InputError(f"no records database at {path} (records are kept with --record)")
     with RecordStore(path) as store:
         if args.action == "list":
-            for row in store.list():
+            rows = store.list()
+            for row in rows:
                 print(
                     f"{row['id']}  {row['updated']}  {row['surface']:<8} {row['model_id']}  "
                     f"{row['images']} images, {row['turns']} turns"
                 )
+            if not rows:
+                print(f"no records in {path}", file=sys.stderr)
         elif args.action == "export":
             count = store.export(args.out or sys.stdout, args.id or None)
             print(f"exported {count} records" + (f" to {args.out}" if args.out else ""), file=sys.stderr)
@@ -160,10 +164,23 @@ def _delete(store, args) -> int:
     if sum(chosen) != 1:
         raise InputError("delete needs exactly one of --id, --all or --older-than DAYS")
     if args.all:
+        count = len(store.list())
+        if count and not args.yes and not _confirm(f"delete all {count} records in {store.path}? [y/N] "):
+            raise InputError("nothing deleted (--yes deletes without asking)")
         return store.delete_all()
     if args.older_than is not None:
         return store.purge_older_than(args.older_than)
     return store.delete(args.id)
+
+
+MAX_LISTED = 10  # failing images named on the terminal; the records hold every one
+
+
+def _confirm(question: str) -> bool:
+    """A yes from the person at the terminal; with no terminal to ask (a script), no."""
+    if not sys.stdin.isatty():
+        return False
+    return input(question).strip().lower() in ("y", "yes")
 
 
 def cmd_diagnose(args) -> int:
@@ -188,10 +205,20 @@ def cmd_diagnose(args) -> int:
     with flags.records_store(args, engine) as store:
         summary = diagnose(engine, items, out, prompts, settings, args.batch_size, not args.no_progress, store)
     print(f"{summary.done} diagnosed, {summary.failed} failed, {summary.skipped} already done -> {args.out}")
+    failed = out.failures({item.key for item in items})  # earlier runs' failures count too
+    for key, error in list(failed.items())[:MAX_LISTED]:
+        print(f"failed: {key}: {error}", file=sys.stderr)
+    if len(failed) > MAX_LISTED:
+        print(
+            f"... and {len(failed) - MAX_LISTED} more (the 'error' field of their records says why)", file=sys.stderr
+        )
+    if len(failed) > summary.failed:
+        earlier = len(failed) - summary.failed
+        print(f"{earlier} of them failed on an earlier run (a rejected image stays rejected)", file=sys.stderr)
     if summary.stale:
         print(
             f"note: {summary.stale} of the images already done were answered by another model or other prompts; "
             "they were kept as they are (write to a new --out to redo them)",
             file=sys.stderr,
         )
-    return 1 if out.failures({item.key for item in items}) else 0  # earlier runs' failures count too
+    return 1 if failed else 0

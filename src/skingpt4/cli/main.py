@@ -14,6 +14,8 @@ from skingpt4.cli import consult, research, weights
 from skingpt4.errors import InputError, SkinGPT4Error
 from skingpt4.images import ImageRejected
 
+RESUMABLE = {"diagnose", "eval", "train"}  # their output records what is done; a rerun skips it
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        resume = " (run the same command again to resume where it stopped)" if args.command in RESUMABLE else ""
+        print(f"interrupted{resume}", file=sys.stderr)
         return 130
 
 
@@ -51,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=f"example:\n  {example}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        sub.set_defaults(run=run)
+        sub.set_defaults(run=run, command=name)
         return sub
 
     for family in (weights, consult, research):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from skingpt4.errors import InputError
+
 
 def add_commands(command) -> None:
     """`command(name, run)` makes a subparser (main.py's factory: help and example from `run`'s docstring)."""
     tiny = command("create-tiny-model", cmd_create_tiny)
-    tiny.add_argument("out", help="folder to create")
+    tiny.add_argument("out", nargs="?", help="folder to create")
+    tiny.add_argument("--out", dest="out_option", metavar="OUT", help="the same, as an option")
     tiny.add_argument("--seed", type=int, default=0)
 
     conv = command("convert", cmd_convert)
@@ -32,7 +35,9 @@ def cmd_create_tiny(args) -> int:
     """
     from skingpt4.tiny import create_tiny_model
 
-    out = create_tiny_model(args.out, seed=args.seed)
+    if bool(args.out) == bool(args.out_option):
+        raise InputError("give the folder to create once: skingpt4 create-tiny-model ./tiny")
+    out = create_tiny_model(args.out or args.out_option, seed=args.seed)
     print(f"wrote an UNTRAINED tiny random model to {out} (for trying the software; its answers are noise)")
     return 0
 

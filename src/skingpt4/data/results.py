@@ -57,10 +57,10 @@ class RecordFile:
                 raise InputError(f"{self.path.name} line {number} is not a JSON record (a results file?)") from None
         return records
 
-    def failures(self, keys: set[str]) -> int:
-        """How many of these images have an error as their latest record."""
+    def failures(self, keys: set[str]) -> dict[str, str]:
+        """These images whose latest record is an error, with the error, in the file's order."""
         latest = {r["image"]: r.get("error") for r in self.records()}
-        return sum(1 for key in keys if latest.get(key))
+        return {key: error for key, error in latest.items() if error and key in keys}
 
     def append(self, record: dict) -> None:
         if self.kind == "jsonl":

@@ -174,7 +174,12 @@ def _serve(app: WebApp, blocked: list[str]) -> str:
     os.environ["GRADIO_TEMP_DIR"] = str(app.cache)  # the server reads it when launched (build_app set it too)
     options = launch_options(config)
     options["blocked_paths"] += blocked
-    _, url, _ = app.blocks.launch(**options, prevent_thread_lock=True)
+    try:
+        _, url, _ = app.blocks.launch(**options, prevent_thread_lock=True)
+    except OSError as exc:  # Gradio's own text points at GRADIO_SERVER_PORT, which our users do not set
+        if "port" not in str(exc).lower():
+            raise
+        raise InputError(f"port {config.port} on {config.host} is in use; choose another with --port") from None
     print(f"SkinGPT-4 web app at {url}", file=sys.stderr)
     return url
 
