@@ -33,8 +33,8 @@ from skingpt4.generation import GenerationSettings
 from skingpt4.net import is_loopback
 from skingpt4.serve.consult import Consultation
 from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
-from skingpt4.serve.uploads import take_upload
-from skingpt4.serve.web import WebConfig
+from skingpt4.serve.uploads import Uploads, sweep
+from skingpt4.serve.web import ADD_PHOTO, ASK, NOTICE, WebConfig
 from skingpt4.serve.web_launch import (
     exposure_warning,
     launch,
@@ -102,6 +102,11 @@ def data_uri_images(text: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", text)]
 
 
+def summary_of(download: str) -> str:
+    """The consultation summary that the download link carries (built in memory: no file on the server)."""
+    return base64.b64decode(re.search(r"href='data:text/html;charset=utf-8;base64,([^']+)'", download)[1]).decode()
+
+
 def assistant_texts(history: list[dict]) -> list[str]:
     return [m["content"][0]["text"] for m in history if m["role"] == "assistant"]
 
@@ -163,16 +168,21 @@ def test_take_upload_deletes_and_stays_inside(tmp_path):
     (root / "abc").mkdir(parents=True)
     upload = root / "abc" / "mole.png"
     upload.write_bytes(b"pixels")
-    assert take_upload(str(upload), root) == b"pixels"
+    uploads = Uploads(root, ttl=120)
+    assert uploads.take(str(upload)) == b"pixels"
     assert not upload.exists() and not (root / "abc").exists()  # the file and its hash folder
+    assert uploads.take(str(upload)) == b"pixels"  # a twin event (the same photo from another tab) gets the bytes
+    uploads.forget_old(now=time.monotonic() + 121)
+    with pytest.raises(InputError, match="not found"):
+        uploads.take(str(upload))  # and only for a while, in memory only
     outside = tmp_path / "patient.txt"
     outside.write_text("keep me")
     for path in [str(outside), str(root / ".." / "patient.txt")]:
         with pytest.raises(InputError, match="not found"):
-            take_upload(path, root)
+            uploads.take(path)
     assert outside.read_text() == "keep me"  # never read, never deleted
     with pytest.raises(InputError, match="not found"):
-        take_upload(str(root / "gone.png"), root)
+        uploads.take(str(root / "gone.png"))
 
 
 # -- the running app ---------------------------------------------------------------------------------------------
@@ -204,13 +214,9 @@ def test_upload_is_deleted_at_once_and_no_exif_survives(web, tmp_path):
     original = gps_jpeg()
     c = client(web)
     strip, status, download = c.predict([handle_file(write(tmp_path, "mole.jpg", original))], api_name="/add_photos")
-    assert "1 photo(s)" in status
-    files = cached_files(web)
-    assert [p.name for p in files if p.parent != web.app.cache] == ["consultation-summary.html"] * len(files)
-    for path in files:
-        data = path.read_bytes()
-        assert original not in data and not has_metadata(data)
-    for thumb in data_uri_images(strip) + data_uri_images(files[0].read_text()):
+    assert "1 photo(s)" in status and "aria-disabled" in download  # no summary before an answer
+    assert cached_files(web) == []  # nothing of the upload on disk
+    for thumb in data_uri_images(strip):
         assert not has_metadata(thumb)
     c.close()
 
@@ -220,7 +226,7 @@ def test_bad_photo_and_long_question_are_rejected_in_one_line(web, tmp_path):
     _, status, _ = c.predict(
         [handle_file(write(tmp_path, "x.png", b"<html>not a photo</html>"))], api_name="/add_photos"
     )
-    assert "photo 1 was not added" in status and "Traceback" not in status and "No photo yet" in status
+    assert "Photo 1 was not added" in status and "Traceback" not in status and "No photo yet" in status
     assert not [p for p in cached_files(web) if b"not a photo" in p.read_bytes()]
     history, _, _, status = c.predict("Anything?", *GREEDY, api_name="/ask")
     assert history == [] and "Add a photo" in status
@@ -237,17 +243,18 @@ def test_answers_end_with_the_disclaimer_and_show_as_text(web, tmp_path):
     history, _, download, status = job.result(timeout=60)
     answers = [assistant_texts(out[0])[-1] for out in job.outputs() if assistant_texts(out[0])]
     assert status == "Answered." and all(b.startswith(a) for a, b in zip(answers, answers[1:]))
-    assert answers[-1].endswith(html.escape(DISCLAIMER))
+    assert answers[-1].endswith(html.escape(NOTICE)) and DISCLAIMER not in answers[-1]  # one line per answer
     assert user_texts(history) == ["What is this &lt;img src=x&gt;?"]  # shown as text, never as HTML
-    summary = Path(download["value"]["path"]).read_text()
-    assert "What is this &lt;img src=x&gt;?" in summary and "UNTRAINED" in summary
-    assert web.app.engine.loaded.model_id in summary and "max_new_tokens&#x27;: 4" in summary
+    summary = summary_of(download)
+    assert "What is this &lt;img src=x&gt;?" in summary and "UNTRAINED" in summary and cached_files(web) == []
+    assert web.app.engine.loaded.model_id in summary and "<th>max new tokens</th><td>4</td>" in summary
+    for thumb in data_uri_images(summary):
+        assert not has_metadata(thumb)
     history, *_ = c.predict(*GREEDY, api_name="/clinical_4")
     assert user_texts(history)[-1] == html.escape(CLINICAL_PROMPTS[3]) and len(assistant_texts(history)) == 2
     history, status = c.predict(api_name="/stop")  # nothing in progress: the turns that stand are shown
     assert len(assistant_texts(history)) == 2 and "Stopped" in status
     c.predict(api_name="/restart")
-    assert not Path(download["value"]["path"]).exists()
     history, _, _, status = c.predict("Again?", *GREEDY, api_name="/ask")
     assert history == [] and "Add a photo" in status
     c.close()
@@ -305,8 +312,9 @@ def test_auth_required_when_set(web, loaded, capsys):
         assert anonymous.get("gradio_api/info").status_code == 401
         assert anonymous.post("gradio_api/upload", files={"files": ("a.png", image_bytes())}).status_code == 401
         assert anonymous.post("login", data={"username": "ann", "password": "no"}).status_code == 400
-        api = Client(running.url, auth=("ann", "pw"), verbose=False).view_api(print_info=False, return_format="dict")
-        assert "/ask" in api["named_endpoints"]
+        signed_in = Client(running.url, auth=("ann", "pw"), verbose=False)
+        assert signed_in.view_api(print_info=False, return_format="dict")["named_endpoints"] == {}  # no API page
+        assert "Stopped" in signed_in.predict(api_name="/stop")[1]  # the app's own events work once signed in
     finally:
         running.close()
     assert not running.app.cache.exists()
@@ -326,7 +334,7 @@ def test_sixteen_sessions_do_not_cross(web, tmp_path):
             start = time.perf_counter()
             history, _, download, _ = c.predict(f"canary{i:02d}z turn {turn}?", *GREEDY, api_name="/ask")
             latencies.append(time.perf_counter() - start)
-        summary = Path(download["value"]["path"]).read_text()
+        summary = summary_of(download)
         c.close()
         return history, summary, latencies
 
@@ -361,28 +369,54 @@ def test_browser_flow(web, tmp_path):
             page.goto(web.url)
             expect(page.locator("#untrained-banner")).to_contain_text(web.app.engine.loaded.warning)
             expect(page.locator("#intended-use")).to_contain_text(INTENDED_USE)
+            expect(page.get_by_text("Use via API")).to_have_count(0)  # the documented API is `skingpt4 serve`
+            expect(page.locator("#download[aria-disabled=true]")).to_have_count(1)  # nothing to sum up yet
             page.locator("input[type=file]").set_input_files(photo)
             expect(page.locator("#photo-strip img")).to_have_count(1, timeout=30_000)
             page.locator("#start").click()
+            expect(page.locator("#question textarea")).to_have_attribute("placeholder", ASK)
             page.locator("#question textarea").fill("Is this mole changing?")
             page.locator("#question textarea").press("Enter")
             bot = page.locator("#chat [data-testid=bot]")
             expect(bot).to_have_count(1, timeout=30_000)
-            expect(bot.first).to_contain_text(disclaimer, timeout=30_000)
+            expect(bot.first).to_contain_text(NOTICE, timeout=30_000)
             page.locator("#clinical-1").click()
             expect(bot).to_have_count(2, timeout=30_000)
-            expect(bot.nth(1)).to_contain_text(disclaimer, timeout=30_000)
+            expect(bot.nth(1)).to_contain_text(NOTICE, timeout=30_000)
             expect(page.locator("#chat [data-testid=user]").nth(1)).to_contain_text(CLINICAL_PROMPTS[0])
+            assert page.locator("body").inner_text().count(disclaimer) == 1  # the full text once, below the chat
             with page.expect_download() as download:
                 page.locator("#download").click()
             summary = Path(download.value.path()).read_text()
-            assert "Is this mole changing?" in summary and INTENDED_USE in summary
+            assert "Is this mole changing?" in summary and INTENDED_USE in summary and summary.count(disclaimer) == 2
             page.locator("#restart").click()
             expect(bot).to_have_count(0, timeout=30_000)
             expect(page.locator("#photo-strip img")).to_have_count(0)
+            expect(page.locator("#question textarea")).to_have_attribute("placeholder", ADD_PHOTO)
         finally:
             browser.close()
-    assert not [p for p in cached_files(web) if original in p.read_bytes() or has_metadata(p.read_bytes())]
+    assert cached_files(web) == []  # after a download and a Restart nothing of the consultation is on disk
+
+
+def test_two_tabs_add_the_same_photo_at_once(web, tmp_path):
+    """Gradio stores identical uploads at one path: both events must still get the photo."""
+    from playwright.sync_api import expect, sync_playwright
+
+    photo = write(tmp_path, "same.jpg", gps_jpeg())
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            pages = [browser.new_context().new_page() for _ in range(3)]
+            for page in pages:
+                page.goto(web.url)
+            for page in pages:
+                page.locator("input[type=file]").set_input_files(photo)
+            for page in pages:
+                expect(page.locator("#photo-strip img")).to_have_count(1, timeout=30_000)
+                expect(page.locator("#status")).to_contain_text("1 photo(s) in this consultation")
+        finally:
+            browser.close()
+    assert cached_files(web) == []
 
 
 def test_malformed_corpus_through_the_upload(web, tmp_path):
@@ -399,9 +433,9 @@ def test_malformed_corpus_through_the_upload(web, tmp_path):
         # 60 s catches a hang, not slowness (TimeoutError); the seconds are only reported
         _, status, _ = c.submit([photo], api_name="/add_photos").result(timeout=60)
         slowest = max(slowest, time.perf_counter() - start)
-        refused = "photo 1 was not added" in status
+        refused = "Photo 1 was not added" in status
         assert refused == (case.expect == "reject"), (case.name, status)
-        assert "Traceback" not in status and "\n" not in status
+        assert "Traceback" not in status and all("\n" not in line for line in status.split("\n\n"))  # a line each
         outcomes["refused" if refused else "accepted"] += 1
         for path in cached_files(web):
             data = path.read_bytes()
@@ -411,20 +445,13 @@ def test_malformed_corpus_through_the_upload(web, tmp_path):
     print(f"\nweb upload corpus: {sum(outcomes.values())} cases, {outcomes}, slowest {slowest:.2f} s")
 
 
-def test_sweep_removes_untaken_uploads_and_forgotten_summaries(tmp_path):
-    from skingpt4.serve.uploads import SUMMARY_NAME, sweep
-
+def test_sweep_removes_untaken_uploads(tmp_path):
     upload = tmp_path / ("a" * 64) / "mole.jpg"
     upload.parent.mkdir()
     upload.write_bytes(gps_jpeg())
-    summary = tmp_path / ("b" * 32) / SUMMARY_NAME
-    summary.parent.mkdir()
-    summary.write_text("<html>")
     now = time.time()
-    assert sweep(tmp_path, upload_ttl=120, summary_ttl=3600, now=now + 60) == 0  # both young
-    assert sweep(tmp_path, upload_ttl=120, summary_ttl=3600, now=now + 121) == 1  # the upload outlived its event
-    assert not upload.parent.exists() and summary.exists()
-    assert sweep(tmp_path, upload_ttl=120, summary_ttl=3600, now=now + 3601) == 1  # the session is long gone
+    assert sweep(tmp_path, ttl=120, now=now + 60) == 0  # young: its event may still come
+    assert sweep(tmp_path, ttl=120, now=now + 121) == 1  # the upload outlived its event
     assert list(tmp_path.iterdir()) == []
 
 
@@ -464,3 +491,23 @@ def test_stop_mid_answer_cancels_the_model_through_the_server(web, tmp_path):
     assert 20 <= at_stop < 1500 and after <= 10
     assert assistant_texts(history) == [] and "Stopped" in status
     assert job.done()
+
+
+def test_the_fifth_photo_is_refused_by_its_number_once(web, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    photos = [write(tmp_path, f"p{i}.png", image_bytes(noise_seed=60 + i)) for i in range(5)]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(web.url)
+            page.locator("input[type=file]").set_input_files(photos[:4])
+            expect(page.locator("#photo-strip img")).to_have_count(4, timeout=30_000)
+            page.locator("input[type=file]").set_input_files(photos[4])
+            expect(page.locator("#status")).to_contain_text("Photo 5 was not added", timeout=30_000)
+            page.wait_for_timeout(1000)  # let any second toast arrive before counting
+            toasts = page.get_by_text("Photo 5 was not added")
+            assert toasts.count() == 2, page.locator("body").inner_text()  # the status line and one toast
+        finally:
+            browser.close()

@@ -21,15 +21,14 @@ options, credentials, clean-up) is `web_launch.py`'s job.
 
 from __future__ import annotations
 
+import base64
 import html
 import logging
 import os
-import secrets
 import shutil
 import threading
 from contextlib import closing
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from types import SimpleNamespace
 
 from skingpt4.chat import ChatEngine
@@ -39,7 +38,7 @@ from skingpt4.generation import GenerationSettings
 from skingpt4.images import ImageRejected, png_data_uri
 from skingpt4.serve.consult import Consultation
 from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
-from skingpt4.serve.uploads import SUMMARY_NAME, Sweeper, private_cache, take_upload
+from skingpt4.serve.uploads import Sweeper, Uploads, private_cache
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before Gradio is imported: it reads this at several points
 import gradio as gr  # noqa: E402
@@ -49,6 +48,11 @@ log = logging.getLogger(__name__)
 SURFACE = "web"
 CLINICAL_LABELS = ("1. Describe it", "2. Other features", "3. Cause", "4. Treatment")  # CLINICAL_PROMPTS, in order
 STOPPED = "Stopped; the question was withdrawn."
+ADD_PHOTO = "Add a photo and press Start chat"
+ASK = "Ask about the photo(s), or use a clinical question below"
+SUMMARY_NAME = "consultation-summary.html"
+DOWNLOAD = "Download summary"
+NOTICE = "(Research tool, not a diagnosis: see the notice below the chat.)"  # under each answer; the full text once
 _EXPECTED = (SkinGPT4Error, ImageRejected)  # one-line reasons meant for the user
 
 
@@ -78,22 +82,15 @@ class WebConfig:
 
 @dataclass
 class Visit:
-    """One browser session: its consultation and the current summary file (one at a time, replaced on change)."""
+    """One browser session: its consultation, and the event that stops its answer in progress."""
 
     consultation: Consultation
-    summary: Path | None = None
     cancel: threading.Event = field(default_factory=threading.Event)  # set by Stop, Restart or a closed tab
-
-    def forget_summary(self) -> None:
-        if self.summary is not None:
-            shutil.rmtree(self.summary.parent, ignore_errors=True)
-            self.summary = None
 
 
 def _drop_visit(visit) -> None:  # gr.State's delete_callback: the tab closed, or the state expired
     if isinstance(visit, Visit):
         visit.cancel.set()
-        visit.forget_summary()
 
 
 # -- the page ----------------------------------------------------------------------------------------------------
@@ -105,12 +102,13 @@ class WebApp:
     def __init__(self, engine: ChatEngine, config: WebConfig, store=None):
         self.engine, self.config, self.store = engine, config, store
         self.cache = private_cache(config.temp_parent)
+        self.uploads = Uploads(self.cache, config.upload_ttl)
         try:
             self.blocks = self._build()
         except BaseException:
             shutil.rmtree(self.cache, ignore_errors=True)
             raise
-        self.sweeper = Sweeper(self.cache, config.sweep_every, config.upload_ttl, config.session_ttl)
+        self.sweeper = Sweeper(self.uploads, config.sweep_every)
 
     def new_visit(self) -> Visit:
         return Visit(Consultation(self.engine, SURFACE, store=self.store, max_images=self.config.max_images))
@@ -124,21 +122,22 @@ class WebApp:
         payloads, problems = [], []
         for item in items:  # take (and so delete) every upload before anything can fail
             try:
-                payloads.append(take_upload(str((item or {}).get("path", "")), self.cache))
+                payloads.append(self.uploads.take(str((item or {}).get("path", ""))))
             except InputError as exc:
-                problems.append(str(exc))
+                problems.append(f"{exc}.")
         visit = visit or self.new_visit()
-        for number, data in enumerate(payloads, 1):
+        for data in payloads:
+            number = len(visit.consultation.images) + 1  # its place in the consultation, as the strip shows it
             try:
                 visit.consultation.add_image(data)
             except Exception as exc:  # one line for the user, never a stack trace
-                problems.append(f"photo {number} was not added: {_reason(exc, 'photo')}")
+                problems.append(f"Photo {number} was not added: {_reason(exc, 'photo')}.")
         count = len(visit.consultation.images)
         note = f"{count} photo(s) in this consultation." if count else "No photo yet."
         if problems:
             _warn(" ".join(problems))
-        status = " ".join([*problems, note])
-        return visit, self.thumbnails(visit), _text(status), self.refresh_summary(visit)
+        status = "\n\n".join([*problems, note])  # one sentence a line
+        return visit, self.thumbnails(visit), _text(status), self.download_link(visit)
 
     def start(self, visit: Visit | None):
         """The released demo's "start chatting": questions open once there is a photo."""
@@ -146,7 +145,8 @@ class WebApp:
         message = "Ask a question, or use a clinical question below." if ready else "Add a photo first."
         if not ready:
             _warn(message)
-        return [gr.update(interactive=ready)] * (2 + len(CLINICAL_PROMPTS)) + [_text(message)]
+        question = gr.update(interactive=ready, placeholder=ASK if ready else ADD_PHOTO)
+        return [question] + [gr.update(interactive=ready)] * (1 + len(CLINICAL_PROMPTS)) + [_text(message)]
 
     def ask(self, question: str, beams, temperature, greedy, visit: Visit | None):
         """Stream the answer into the chat; the shown history is rebuilt from the session's own turns."""
@@ -154,7 +154,7 @@ class WebApp:
         problem = self._question_problem(question, visit)
         if problem:
             _warn(problem)
-            yield self._history(visit), question, self._summary_update(visit), _text(problem), visit
+            yield self._history(visit), question, gr.skip(), _text(problem), visit
             return
         try:
             settings = replace(
@@ -165,22 +165,22 @@ class WebApp:
             visit.cancel = threading.Event()
             pieces = visit.consultation.reply(question, settings, visit.cancel)
             shown = self._history(visit) + [_message("user", question), _message("assistant", "")]
-            yield shown, "", self._summary_update(visit), _text("Answering..."), visit
+            yield shown, "", gr.skip(), _text("Answering..."), visit
             with closing(pieces):  # and when Gradio does close this generator, closing the stream cancels too
                 text = ""
                 for piece in pieces:
                     text += piece
                     shown[-1] = _message("assistant", text)
-                    yield shown, "", self._summary_update(visit), _text("Answering..."), visit
+                    yield shown, "", gr.skip(), _text("Answering..."), visit
         except Cancelled:
-            yield self._history(visit), question, self._summary_update(visit), _text(STOPPED), visit
+            yield self._history(visit), question, gr.skip(), _text(STOPPED), visit
             return
         except Exception as exc:  # the user gets one line, never a stack trace
             message = _reason(exc, "answer")
             _warn(message)
-            yield self._history(visit), question, self._summary_update(visit), _text(message), visit
+            yield self._history(visit), question, gr.skip(), _text(message), visit
             return
-        yield self._history(visit), "", self.refresh_summary(visit), _text("Answered."), visit
+        yield self._history(visit), "", self.download_link(visit), _text("Answered."), visit
 
     def clinical(self, index: int):
         question = CLINICAL_PROMPTS[index]
@@ -200,17 +200,16 @@ class WebApp:
         """A new consultation; the old one's answer in progress stops and its summary file goes at once."""
         if visit is not None:
             visit.cancel.set()
-            visit.forget_summary()
         locked = gr.update(interactive=False)
         fresh = self.new_visit()
         return [
             fresh,
             [],
             self.thumbnails(fresh),
-            gr.update(interactive=False, value=""),
+            gr.update(interactive=False, value="", placeholder=ADD_PHOTO),
             locked,
             *[locked] * len(CLINICAL_PROMPTS),  # question, send, ...
-            gr.update(value=None, interactive=False),
+            self.download_link(None),
             _text("New consultation: add a photo."),
         ]
 
@@ -236,29 +235,26 @@ class WebApp:
         images = visit.consultation.images if visit is not None else []
         tags = [
             f"<img src='{png_data_uri(image['thumbnail'])}' "
-            f"alt='photo {number}' style='height:96px;margin:2px;border:1px solid #ccc'>"
+            f"alt='photo {number}' style='height:96px;border:1px solid #ccc'>"
             for number, image in enumerate(images, 1)
         ]
-        return "<div id='photos'>" + "".join(tags) + "</div>"
+        return "<div id='photos' style='display:flex;flex-wrap:wrap;gap:4px'>" + "".join(tags) + "</div>"
 
-    def refresh_summary(self, visit: Visit):
-        """Write the summary anew (the old file goes) and point the download button at it."""
-        visit.forget_summary()
-        if not visit.consultation.images and not visit.consultation.turns:
-            return gr.update(value=None, interactive=False)
-        folder = self.cache / secrets.token_hex(16)  # inside the cache, so Gradio serves it without a copy
-        try:
-            folder.mkdir(mode=0o700)
-            visit.summary = folder / SUMMARY_NAME
-            visit.summary.write_text(visit.consultation.summary_html(), encoding="utf-8")
-        except Exception as exc:  # a summary that cannot be written must not lose the answer
-            visit.forget_summary()
-            _warn(f"the summary could not be written: {_reason(exc, 'summary')}")
-        return self._summary_update(visit)
+    @staticmethod
+    def download_link(visit: Visit | None) -> str:
+        """The summary, built in memory and handed to the browser inside the link: no file on the server.
 
-    def _summary_update(self, visit: Visit | None):
-        path = visit.summary if visit is not None else None
-        return gr.update(value=str(path) if path else None, interactive=path is not None)
+        Offered once there is an answer to sum up.
+        """
+        if visit is None or not visit.consultation.turns:
+            return (
+                "<span id='download' aria-disabled='true' style='opacity:.5'>Download summary (after an answer)</span>"
+            )
+        page = base64.b64encode(visit.consultation.summary_html().encode("utf-8")).decode("ascii")
+        return (
+            f"<a id='download' download='{SUMMARY_NAME}' href='data:text/html;charset=utf-8;base64,{page}' "
+            f"style='font-weight:600'>{DOWNLOAD}</a>"
+        )
 
     # -- layout -----------------------------------------------------------------------------------------------
 
@@ -271,7 +267,7 @@ class WebApp:
         return blocks
 
     def _header(self) -> None:
-        gr.Markdown("# SkinGPT-4 — research demo")
+        gr.Markdown("# SkinGPT-4: research demo")
         if warning := self.engine.loaded.warning:
             style = "background:#fee;border:2px solid #c00;padding:8px;font-weight:bold"
             gr.HTML(f"<div id='untrained-banner' style='{style}'>{html.escape(warning)}</div>")
@@ -291,7 +287,7 @@ class WebApp:
                 ui.beams = gr.Slider(1, 10, value=settings.num_beams, step=1, label="Beam search numbers")
                 ui.temperature = gr.Slider(0.1, 2.0, value=settings.temperature, step=0.1, label="Temperature")
                 ui.greedy = gr.Checkbox(value=not settings.do_sample, label="Greedy (repeatable answers)")
-                ui.download = gr.DownloadButton("Download summary", interactive=False, elem_id="download")
+                ui.download = gr.HTML(self.download_link(None), elem_id="download-box")
             with gr.Column(scale=2):
                 ui.chat = gr.Chatbot(
                     [],
@@ -303,7 +299,7 @@ class WebApp:
                     feedback_options=None,
                 )
                 ui.question = gr.Textbox(
-                    placeholder="Add a photo and press Start chat",
+                    placeholder=ADD_PHOTO,
                     show_label=False,
                     interactive=False,
                     max_length=config.max_question_chars,
@@ -322,8 +318,10 @@ class WebApp:
         return ui
 
     def _wire(self, ui: SimpleNamespace) -> None:
-        model = dict(concurrency_id="model", concurrency_limit=1)  # every event that runs the model, one at a time
-        cheap = dict(concurrency_limit=None)
+        # Every event that runs the model, one at a time. Events stay callable (the tests drive them), but none is
+        # listed on an API page: the documented API is `skingpt4 serve`.
+        model = dict(concurrency_id="model", concurrency_limit=1, api_visibility="undocumented")
+        cheap = dict(concurrency_limit=None, api_visibility="undocumented")
         knobs = [ui.beams, ui.temperature, ui.greedy, ui.state]
         shown = [ui.chat, ui.question, ui.download, ui.status, ui.state]
         adding = ui.upload.upload(
@@ -339,7 +337,7 @@ class WebApp:
         )
         asks = [
             ui.question.submit(self.ask, [ui.question, *knobs], shown, api_name="ask", **model),
-            ui.send.click(self.ask, [ui.question, *knobs], shown, api_visibility="private", **model),
+            ui.send.click(self.ask, [ui.question, *knobs], shown, **{**model, "api_visibility": "private"}),
         ]
         for index, button in enumerate(ui.clinical):
             asks.append(button.click(self.clinical(index), knobs, shown, api_name=f"clinical_{index + 1}", **model))
@@ -350,7 +348,11 @@ class WebApp:
 
 
 def _message(role: str, text: str) -> dict:
-    return {"role": role, "content": html.escape(text)}  # see the module docstring: shown as text, never HTML
+    """A chat message shown as text, never HTML (see the module docstring). An answer's full disclaimer is
+    shortened to one line: the page shows it in full once, and the downloaded summary keeps every copy."""
+    if role == "assistant":
+        text = text.replace(DISCLAIMER, NOTICE)
+    return {"role": role, "content": html.escape(text)}
 
 
 def _text(message: str) -> str:

@@ -95,7 +95,7 @@ def launch_options(config: WebConfig) -> dict:
         run_history=False,  # else inputs and outputs are kept in the browser
         pwa=False,
         state_session_capacity=config.max_sessions,
-        footer_links=["api", "settings"],
+        footer_links=["settings"],  # no "Use via API" page: the documented API is `skingpt4 serve`
         quiet=True,
     )
 
