@@ -20,7 +20,7 @@ from skingpt4.errors import InputError
 from skingpt4.images import load_image
 from skingpt4.review.page import create_app, exposure_warning, load_cases, serve_review
 from skingpt4.review.stats import fleiss_kappa, format_summary, summarise, summary, wilson
-from skingpt4.review.store import ANSWERS, STATEMENT_KEYS, STATEMENTS, Rating, ReviewStore, clean_rater
+from skingpt4.review.store import ANSWERS, COLUMNS, STATEMENT_KEYS, STATEMENTS, Rating, ReviewStore, clean_rater
 
 CHROMIUM = "/usr/bin/chromium"
 SCRIPT = "<script>alert('x')</script> Likely eczema & not <b>melanoma</b>."
@@ -179,10 +179,10 @@ def test_store_upsert_private_wal_and_reopen(tmp_path):
     path = tmp_path / "new" / "reviews.sqlite"
     with ReviewStore(path) as store:
         first = store.save(Rating(" Dr. Ann ", "c1", answers("agree"), "first look", "aa"))
-        assert first.rater == "Dr. Ann" and first.updated
+        assert first.rater == "dr. ann" and first.updated  # as it counts: spaces and case folded
         store.save(Rating("Dr. Ann", "c1", answers("disagree", privacy="neutral"), "changed my mind", "aa"))
         store.save(Rating("Bob", "c1", answers("neutral")))
-        assert store.rated_cases("Dr. Ann") == {"c1"} and store.rated_cases("nobody") == set()
+        assert store.rated_cases("DR.  ANN") == {"c1"} and store.rated_cases("nobody") == set()
         with store._locked() as conn:
             assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
@@ -195,7 +195,7 @@ def test_store_upsert_private_wal_and_reopen(tmp_path):
         assert store.integrity() == "ok"
         again = store.get("Dr. Ann", "c1")
         assert again.answers == answers("disagree", privacy="neutral") and again.comment == "changed my mind"
-        assert [(r.rater, r.case) for r in store.ratings()] == [("Bob", "c1"), ("Dr. Ann", "c1")]
+        assert [(r.rater, r.case) for r in store.ratings()] == [("bob", "c1"), ("dr. ann", "c1")]
 
 
 def test_store_refuses_bad_ratings_and_foreign_files(tmp_path):
@@ -208,7 +208,8 @@ def test_store_refuses_bad_ratings_and_foreign_files(tmp_path):
     for bad in ["", "   ", "x" * 65, "ann\x00", "an\u200bn", "tab\there"]:
         with pytest.raises(InputError, match="1-64 characters"):
             clean_rater(bad)
-    assert clean_rater("  Dr. Müller-Lüdenscheidt ") == "Dr. Müller-Lüdenscheidt" and clean_rater("x" * 64)
+    assert clean_rater("  Dr.  Müller-Lüdenscheidt ") == "dr. müller-lüdenscheidt" and clean_rater("x" * 64)
+    assert clean_rater("BOB ") == clean_rater("bob") == "bob"
     (tmp_path / "text.sqlite").write_text("not a database at all")
     foreign = sqlite3.connect(tmp_path / "foreign.sqlite")
     foreign.execute("CREATE TABLE t (x)")
@@ -307,7 +308,7 @@ def test_rater_is_asked_for_and_sanitised(client):
         assert cross.status_code == 403 and "cross-site" in cross.text
     sign_in(client, "  <b>Ann</b>  ")
     page = client.get("/case/1").text
-    assert "<b id='rater'>&lt;b&gt;Ann&lt;/b&gt;</b>" in page and "0 of 2 done" in page
+    assert "<b id='rater'>&lt;b&gt;ann&lt;/b&gt;</b>" in page and "0 of 2 done" in page
     client.cookies.clear()
     client.cookies.set("skingpt4_rater", "%00bad")
     assert "Who is rating?" in client.get("/", follow_redirects=True).text  # a tampered cookie is no rater
@@ -376,8 +377,8 @@ def test_unreadable_image_can_still_be_rated_and_navigation(client, review_files
     assert "You rated this case" in again and again.count(" checked>") == 7 and ">ok</textarea>" in again
     client.post("/case/1", data={**answers("strongly_disagree"), "token": client.token})  # re-rating replaces
     ratings = {(r.rater, r.case): r for r in client.store.ratings()}
-    assert len(ratings) == 2 and ratings[("Dr. Ann", "c1")].answers == answers("strongly_disagree")
-    assert ratings[("Dr. Ann", "c1")].comment == ""
+    assert len(ratings) == 2 and ratings[("dr. ann", "c1")].answers == answers("strongly_disagree")
+    assert ratings[("dr. ann", "c1")].comment == ""
     assert client.get("/case/9").status_code == 404
 
 
@@ -440,6 +441,14 @@ def test_browser_rating_is_reflected_by_summary(review_files):
                 expect(page.locator("#case-id")).to_have_text("c2")  # on to the next unrated case
                 expect(page.locator("#progress")).to_have_text("1 of 2 done")
                 expect(page.locator("#image-unavailable")).to_contain_text("image unavailable: no such file")
+                forger = browser.new_context()  # another browser that hand-sets the cookie to rate as Dr. Müller
+                forger.add_cookies([{"name": "skingpt4_rater", "value": "dr.%20m%C3%BCller", "url": running.url}])
+                forged = forger.new_page()
+                forged.goto(running.url)
+                expect(forged.locator("h1")).to_have_text("Who is rating?")  # refused: the name form again
+                forger.add_cookies([{"name": "skingpt4_rater", "value": "dr.%20m%C3%BCller.00ff", "url": running.url}])
+                forged.goto(f"{running.url}case/1")
+                expect(forged.locator("h1")).to_have_text("Who is rating?")
             finally:
                 browser.close()
     finally:
@@ -452,7 +461,7 @@ def test_browser_rating_is_reflected_by_summary(review_files):
     assert [next(a for a in ANSWERS if s["counts"][a]) for s in result["statements"]] == chosen
     with ReviewStore(review_files["store"], create=False) as store:
         (rating,) = store.ratings()
-    assert (rating.rater, rating.case, rating.comment) == ("Dr. Müller", "c1", "Plausible; would biopsy.")
+    assert (rating.rater, rating.case, rating.comment) == ("dr. müller", "c1", "Plausible; would biopsy.")
 
 
 def test_an_untrained_models_transcripts_carry_the_notice(tmp_path):
@@ -464,4 +473,46 @@ def test_an_untrained_models_transcripts_carry_the_notice(tmp_path):
         c.token = app.state.review.token
         sign_in(c)
         assert "id='untrained'" in c.get("/case/1").text and "UNTRAINED random model" in c.get("/case/1").text
+    store.close()
+
+
+def test_a_forged_cookie_names_no_one(client):
+    sign_in(client, "Bob")
+    good = client.cookies.get("skingpt4_rater")
+    assert good.startswith("bob.") and "bob" in client.get("/case/1").text
+    for forged in ["bob", "ann." + good.split(".", 1)[1], good[:-1] + ("0" if good[-1] != "0" else "1")]:
+        client.cookies.clear()
+        client.cookies.set("skingpt4_rater", forged)
+        assert "Who is rating?" in client.get("/", follow_redirects=True).text
+
+
+def test_bob_and_BOB_are_one_rater(tmp_path):
+    """Names count folded: a store written before that (raw rows "bob" and "BOB ") still counts one rater."""
+    path = tmp_path / "r.sqlite"
+    with ReviewStore(path) as store:
+        store.save(Rating("bob", "c1", answers("agree")))
+        store.save(Rating("BOB ", "c1", answers("disagree")))  # the same rater, re-rating
+        store.save(Rating("ann", "c1", answers("agree")))
+        assert len(store.ratings()) == 2
+        with store._locked() as conn:  # as an older version wrote them, without folding
+            conn.execute("UPDATE ratings SET rater = 'Ann ' WHERE rater = 'ann'")
+            columns = ", ".join(["'ANN'", *COLUMNS[1:-1], "'9999'"])  # a later rating, as 'ANN'
+            conn.execute(f"INSERT INTO ratings SELECT {columns} FROM ratings WHERE rater = 'bob'")
+    result = summary(path)
+    assert (result["raters"], result["ratings"]) == (2, 2)  # ann's later rating (disagree, from ANN) stands
+    assert [s["agree"] for s in result["statements"]] == [0] * 7
+
+
+def test_per_rater_links(tmp_path, review_files):
+    store = ReviewStore(tmp_path / "r.sqlite")
+    app = create_app(load_cases(review_files["transcripts"]), store, raters=["Ann", "Bob"])
+    links = app.state.review.links
+    assert sorted(links.values()) == ["ann", "bob"] and all(len(link) >= 20 for link in links)
+    with TestClient(app) as c:
+        assert c.get("/").status_code == 403 and "Open the rater link" in c.get("/").text
+        token = app.state.review.token
+        assert c.post("/rater", data={"name": "Ann", "token": token}).status_code == 403  # names cannot be typed
+        assert c.get("/as/not-a-link").status_code == 404
+        bob = next(link for link, name in links.items() if name == "bob")
+        assert "<b id='rater'>bob</b>" in c.get(f"/as/{bob}").text
     store.close()

@@ -77,6 +77,11 @@ def add_commands(command) -> None:
     review.add_argument("--references", help="the clinician's own answers (.csv or .jsonl with case, answer)")
     review.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     review.add_argument("--port", type=int, default=7870)
+    review.add_argument(
+        "--raters",
+        help="comma-separated names: each gets a link of their own (printed at start); "
+        "names cannot then be typed in, nor a cookie edited to rate as another",
+    )
     review.add_argument("--out", help="summary: folder for ratings.csv, summary.json and agreement.png")
 
 
@@ -209,12 +214,12 @@ def cmd_review(args) -> int:
         return 0
     from skingpt4.review.page import serve_review
 
+    raters = [name.strip() for name in args.raters.split(",") if name.strip()] if args.raters else None
     transcripts = Path(args.transcripts)
     store = Path(args.store) if args.store else transcripts.parent / "ratings.sqlite"
     try:
-        serve_review(
-            transcripts, store, host=args.host, port=args.port, references=flags.optional_path(args.references)
-        )
+        references = flags.optional_path(args.references)
+        serve_review(transcripts, store, host=args.host, port=args.port, references=references, raters=raters)
     except KeyboardInterrupt:  # the server stops on Ctrl+C or SIGTERM; the ratings are already saved
         pass
     print(f"ratings are in {store}", file=sys.stderr)

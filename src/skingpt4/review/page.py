@@ -40,7 +40,8 @@ from skingpt4.review.store import (
 )
 
 COOKIE = "skingpt4_rater"
-COOKIE_MAX_AGE_S = 30 * 24 * 3600  # "entered once": the name survives a browser restart for a month
+COOKIE_MAX_AGE_S = 30 * 24 * 3600  # "entered once": the name survives a browser restart (not a server restart)
+LINKS_ONLY = "<h1>Who is rating?</h1><p id='message'>Open the rater link you were given to start rating.</p>"
 MAX_FORM_BYTES = 64 * 1024  # seven radio buttons and a 4000-character comment fit many times over
 CSP = (
     "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -62,11 +63,29 @@ class Refused(Exception):
 class Review:
     """The state one app serves: the cases, the store, decoded images and the per-run form token."""
 
-    def __init__(self, cases: list[Case], store: ReviewStore):
+    def __init__(self, cases: list[Case], store: ReviewStore, raters: list[str] | None = None):
         self.cases, self.store = cases, store
         self.images = CaseImages(cases)
         self.token = secrets.token_urlsafe(24)
         self.index = {case.id: i for i, case in enumerate(cases)}
+        self._key = secrets.token_bytes(32)  # signs the rater cookie: a hand-edited cookie names no one
+        # With named raters each gets a link of their own and names cannot be typed in; else names are typed.
+        self.links = {secrets.token_urlsafe(16): clean_rater(name) for name in raters} if raters else None
+
+    def cookie(self, rater: str) -> str:
+        return f"{quote(rater, safe='')}.{self._signature(rater)}"
+
+    def rater_of(self, request: Request) -> str | None:
+        """The rater the signed cookie names; a missing, forged or tampered cookie names no one."""
+        value, _, signature = request.cookies.get(COOKIE, "").rpartition(".")
+        try:
+            rater = clean_rater(unquote(value))
+        except InputError:
+            return None
+        return rater if hmac.compare_digest(signature, self._signature(rater)) else None
+
+    def _signature(self, rater: str) -> str:
+        return hmac.new(self._key, rater.encode("utf-8"), "sha256").hexdigest()
 
     def done(self, rater: str) -> set[int]:
         return {self.index[c] for c in self.store.rated_cases(rater) if c in self.index}
@@ -92,10 +111,14 @@ class Review:
         return self.cases[number - 1]
 
 
-def create_app(cases: list[Case], store: ReviewStore, *, allowed_hosts: set[str] | None = None) -> FastAPI:
-    """The review app over loaded cases and an open store. `allowed_hosts`: accepted Host headers (None: any)."""
+def create_app(
+    cases: list[Case], store: ReviewStore, *, allowed_hosts: set[str] | None = None, raters: list[str] | None = None
+) -> FastAPI:
+    """The review app over loaded cases and an open store. `allowed_hosts`: accepted Host headers (None: any);
+    `raters`: the names allowed to rate, each signed in by a link of their own (`app.state.review.links`)."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    review = app.state.review = Review(cases, store)
+    review = app.state.review = Review(cases, store, raters)
+    rater_of = review.rater_of
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -117,6 +140,8 @@ def create_app(cases: list[Case], store: ReviewStore, *, allowed_hosts: set[str]
     @app.get("/")
     def home(request: Request):
         rater = rater_of(request)
+        if rater is None and review.links is not None:
+            return HTMLResponse(page("Who is rating?", LINKS_ONLY), 403)
         if rater is None:
             return HTMLResponse(rater_page(review.token))
         return next_redirect(rater, 0)
@@ -124,13 +149,26 @@ def create_app(cases: list[Case], store: ReviewStore, *, allowed_hosts: set[str]
     @app.post("/rater")
     async def set_rater(request: Request):
         form = await read_form(request, review.token)
+        if review.links is not None:
+            raise Refused(403, "this review gives each rater a link of their own: open yours")
         name = (form.get("name") or [""])[0]
         try:
             rater = clean_rater(name)
         except InputError as exc:
             return HTMLResponse(rater_page(review.token, name[:MAX_RATER], str(exc)), 400)
+        return signed_in(rater)
+
+    @app.get("/as/{link}")
+    def rater_link(link: str):
+        rater = (review.links or {}).get(link)
+        if rater is None:
+            raise Refused(404, "this rater link is not valid for this run of the review page")
+        return signed_in(rater)
+
+    def signed_in(rater: str) -> Response:
         response = RedirectResponse("/", 303)
-        response.set_cookie(COOKIE, quote(rater, safe=""), max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="strict")
+        cookie = review.cookie(rater)
+        response.set_cookie(COOKIE, cookie, max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="strict")
         return response
 
     @app.post("/signout")
@@ -179,14 +217,6 @@ def create_app(cases: list[Case], store: ReviewStore, *, allowed_hosts: set[str]
         return Response(png, media_type="image/png")
 
     return app
-
-
-def rater_of(request: Request) -> str | None:
-    """The rater named by the cookie; a tampered or invalid cookie counts as no rater."""
-    try:
-        return clean_rater(unquote(request.cookies.get(COOKIE, "")))
-    except InputError:
-        return None
 
 
 async def read_form(request: Request, token: str) -> dict[str, list[str]]:
@@ -245,6 +275,7 @@ def serve_review(
     port: int = 7870,
     references: Path | None = None,
     block: bool = True,
+    raters: list[str] | None = None,
 ) -> RunningReview | None:
     """Serve the review page until interrupted (`block=True`), or start it in a thread and return a handle."""
     import uvicorn
@@ -263,7 +294,9 @@ def serve_review(
     if warning := exposure_warning(host):
         allowed = None  # reached by this machine's address(es), whatever names they go by
         print(warning, file=sys.stderr)
-    app = create_app(cases, opened, allowed_hosts=allowed)
+    app = create_app(cases, opened, allowed_hosts=allowed, raters=raters)
+    for link, name in (app.state.review.links or {}).items():
+        print(f"rater {name}: {url}as/{link}", file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     if block:
         print(f"review page: {url} ({len(cases)} cases); Ctrl+C stops it", file=sys.stderr)

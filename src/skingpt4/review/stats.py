@@ -13,6 +13,7 @@ counted rating falls in one answer, chance agreement is 1 and kappa is undefined
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from skingpt4.errors import InputError, first_line
 from skingpt4.private_files import write_private
-from skingpt4.review.store import AGREEING, ANSWER_LABELS, ANSWERS, STATEMENTS, Rating, ReviewStore
+from skingpt4.review.store import AGREEING, ANSWER_LABELS, ANSWERS, STATEMENTS, Rating, ReviewStore, clean_rater
 
 Z95 = 1.959963984540054  # the 97.5th percentile of the standard normal
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # cells a spreadsheet would run as a formula
@@ -62,7 +63,7 @@ def fleiss_kappa(table: list[list[int]]) -> float | None:
 def summary(store: Path, out: Path | None = None) -> dict:
     """Summarise a review store; with `out` (a folder) also write ratings.csv, summary.json and agreement.png."""
     with ReviewStore(store, create=False) as opened:
-        ratings = opened.ratings()
+        ratings = one_per_rater(opened.ratings())
     if not ratings:
         raise InputError(f"{store} holds no ratings yet; rate some cases with `skingpt4 review` first")
     result = summarise(ratings)
@@ -73,6 +74,17 @@ def summary(store: Path, out: Path | None = None) -> dict:
         plot(result, folder / "agreement.png")
         result["files"] = [str(folder / name) for name in ("ratings.csv", "summary.json", "agreement.png")]
     return result
+
+
+def one_per_rater(ratings: list[Rating]) -> list[Rating]:
+    """Names as they count now (a store written before names were normalised may hold "BOB" and "bob"); where one
+    rater rated a case twice under such names, the later rating stands. Order kept."""
+    latest: dict[tuple[str, str], Rating] = {}
+    for rating in ratings:
+        key = (clean_rater(rating.rater), rating.case)
+        if key not in latest or (rating.updated or "") >= (latest[key].updated or ""):
+            latest[key] = dataclasses.replace(rating, rater=key[0])
+    return [r for r in latest.values()]
 
 
 def summarise(ratings: list[Rating]) -> dict:

@@ -80,9 +80,11 @@ COLUMNS = ("rater", "case_id", "image_sha256", *STATEMENT_KEYS, "comment", "upda
 
 
 def clean_rater(value: object) -> str:
-    """A rater's name or token, trimmed: 1-64 characters, no control or invisible formatting characters."""
-    name = value.strip() if isinstance(value, str) else ""
-    if not 1 <= len(name) <= MAX_RATER or any(unicodedata.category(c).startswith("C") for c in name):
+    """A rater's name as it counts: spaces collapsed and case folded ("Bob ", "BOB" and "bob" are one rater);
+    1-64 characters, no control or invisible formatting characters."""
+    value = value if isinstance(value, str) else ""
+    name = " ".join(value.split()).casefold()
+    if not 1 <= len(name) <= MAX_RATER or any(unicodedata.category(c).startswith("C") for c in value):
         raise InputError(f"a rater name is 1-{MAX_RATER} characters, without control characters")
     return name
 
@@ -140,12 +142,13 @@ class ReviewStore(PrivateStore):
         return Rating(rating.rater, rating.case, rating.answers, rating.comment, rating.image_sha256, stamp)
 
     def get(self, rater: str, case: str) -> Rating | None:
-        rows = self._select("WHERE rater = ? AND case_id = ?", (rater, case))
+        rows = self._select("WHERE rater = ? AND case_id = ?", (clean_rater(rater), case))
         return rows[0] if rows else None
 
     def rated_cases(self, rater: str) -> set[str]:
         with self._locked() as conn:
-            return {row[0] for row in conn.execute("SELECT case_id FROM ratings WHERE rater = ?", (rater,))}
+            rows = conn.execute("SELECT case_id FROM ratings WHERE rater = ?", (clean_rater(rater),))
+            return {row[0] for row in rows}
 
     def ratings(self) -> list[Rating]:
         """Every rating, by case then rater (a stable order for the CSV)."""
