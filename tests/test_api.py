@@ -151,6 +151,10 @@ BAD_REQUESTS = {
     "not-base64": (image_part("data:,abc"), "must be base64"),
     "gif": (image_part(data_url(b"GIF89a" + b"\0" * 20)), "GIF"),
     "five-stops": ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    "logprobs": ({"logprobs": True, "top_logprobs": 2}, "logprobs: not supported by this server"),
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools: not supported by this server"),
+    "json-mode": ({"response_format": {"type": "json_object"}}, "response_format: not supported"),
+    "penalty": ({"presence_penalty": 0.5}, "presence_penalty: not supported"),
 }
 
 
@@ -161,6 +165,22 @@ def test_bad_requests_get_400_with_one_line(server, change, message):
     assert response.status_code == 400, response.text
     error = response.json()["error"]["message"]
     assert message in error and "\n" not in error
+
+
+def test_fields_that_change_nothing_are_accepted(server):
+    body = {"messages": [user("hi")], "max_tokens": 2, "user": "u1", "logprobs": False, "presence_penalty": 0}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("text", ["\\ud800", "a\\udfffb", "\\udcff.jpg"])
+def test_a_lone_surrogate_is_400_not_500(server, text):
+    """Valid JSON (a `\\ud800` escape) whose text is no text: one line, never a server error."""
+    raw = '{"messages": [{"role": "user", "content": "TEXT"}], "max_tokens": 2}'.replace("TEXT", text)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=raw, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"].startswith("messages[0].content holds a lone surrogate")
 
 
 def test_body_cap_counts_declared_and_chunked_bodies(loaded):

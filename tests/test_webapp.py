@@ -511,3 +511,20 @@ def test_the_fifth_photo_is_refused_by_its_number_once(web, tmp_path):
             assert toasts.count() == 2, page.locator("body").inner_text()  # the status line and one toast
         finally:
             browser.close()
+
+
+def test_a_stalled_upload_is_closed_at_its_deadline(loaded):
+    """The web app's server (Gradio's uvicorn) gets the same slow-client bounds as the API."""
+    running = launch(ChatEngine(loaded), WebConfig(port=free_port(), request_timeout_s=2.0), block=False)
+    try:
+        port = int(running.url.rstrip("/").rsplit(":", 1)[1])
+        conn = socket.create_connection(("127.0.0.1", port))
+        head = b"POST /gradio_api/upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        conn.sendall(head + b"Content-Length: 5000\r\n\r\n--b\r\n")  # an upload that stops coming
+        conn.settimeout(60)  # a hang guard; the deadline is 2 s
+        reply = conn.recv(4096)
+        conn.close()
+        assert reply.startswith(b"HTTP/1.1 408 Request Timeout")
+        assert httpx.get(running.url).status_code == 200
+    finally:
+        running.close()

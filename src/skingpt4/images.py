@@ -33,6 +33,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from skingpt4.text import readable
+
 __all__ = [
     "ALLOWED_FORMATS",
     "DEFAULT_LIMITS",
@@ -137,7 +139,7 @@ def read_source(source: ImageSource, max_bytes: int) -> bytes:
 
 def _read_path(path: Path, max_bytes: int) -> bytes:
     """Open without blocking (a FIFO would hang a plain open), then check it is a regular file via fstat."""
-    name = path.name or str(path)
+    name = readable(path.name or str(path))  # one line for a person: a name that is not UTF-8, written out
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:

@@ -37,6 +37,7 @@ def add_commands(command) -> None:
     demo.add_argument("--auth-file", help="file of user:password lines required to open the app (recommended)")
     demo.add_argument("--auth", help="user:password (visible in the process list: prefer --auth-file)")
     demo.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the model")
+    flags.connection_flags(demo)
     flags.record_flags(demo)
 
     serve = command("serve", cmd_serve)
@@ -50,6 +51,7 @@ def add_commands(command) -> None:
     serve.add_argument("--queue-size", type=int, help="requests that may wait; more get 503 (default 8)")
     serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off: SSRF)")
     serve.add_argument("--image-root", help="allow file:// image paths under this folder")
+    flags.connection_flags(serve)
     flags.record_flags(serve)
 
     records = command("records", cmd_records)
@@ -88,7 +90,12 @@ def cmd_demo(args) -> int:
     auth = [parse_auth(args.auth)] if args.auth else []
     auth += read_auth_file(args.auth_file) if args.auth_file else []
     config = WebConfig(
-        host=args.host, port=args.port, auth=auth or None, queue_size=args.queue_size, settings=flags.settings(args)
+        host=args.host,
+        port=args.port,
+        auth=auth or None,
+        queue_size=args.queue_size,
+        settings=flags.settings(args),
+        **{k: getattr(args, k) for k in ("request_timeout_s", "max_connections") if getattr(args, k) is not None},
     )
     engine = flags.engine(args)
     flags.announce(engine)
@@ -112,7 +119,8 @@ def cmd_serve(args) -> int:
         key = Path(args.api_key_file).read_text().strip()
         if not key:
             raise InputError(f"{args.api_key_file} is empty")
-    options = {name: getattr(args, name) for name in ("max_body_mb", "max_image_mb", "max_tokens", "queue_size")}
+    names = ("max_body_mb", "max_image_mb", "max_tokens", "queue_size", "request_timeout_s", "max_connections")
+    options = {name: getattr(args, name) for name in names}
     config = ServeConfig(
         host=args.host,
         port=args.port,

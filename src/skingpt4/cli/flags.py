@@ -39,6 +39,18 @@ def record_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-images", action="store_true", help="records keep the photos' pixels too")
 
 
+def connection_flags(parser: argparse.ArgumentParser) -> None:
+    """Slow and idle clients (`skingpt4.connections`); a flag left out keeps the default."""
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        dest="request_timeout_s",
+        metavar="SECONDS",
+        help="a request's headers and body must arrive within this (default 60)",
+    )
+    parser.add_argument("--max-connections", type=int, help="open connections; past it 503 at once (default 400)")
+
+
 def settings(args):
     """`GenerationSettings` from the generation flags that were given."""
     from skingpt4.generation import GenerationSettings

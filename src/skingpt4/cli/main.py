@@ -13,6 +13,7 @@ import sys
 from skingpt4.cli import consult, research, weights
 from skingpt4.errors import InputError, SkinGPT4Error
 from skingpt4.images import ImageRejected
+from skingpt4.text import readable
 
 RESUMABLE = {"diagnose", "eval", "train"}  # their output records what is done; a rerun skips it
 
@@ -29,11 +30,11 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("--records and --keep-images take effect with --record")
         return args.run(args) or 0
     except (SkinGPT4Error, ImageRejected) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {readable(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # a path that cannot be created, read or written
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(readable(f"error: {exc.strerror or exc}{where}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         resume = " (run the same command again to resume where it stopped)" if args.command in RESUMABLE else ""

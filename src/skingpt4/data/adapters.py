@@ -44,6 +44,7 @@ from pathlib import Path
 
 from skingpt4.data.captions import concept_caption, diagnosis_caption
 from skingpt4.errors import InputError
+from skingpt4.text import readable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -260,7 +261,9 @@ def folder(root: Path, images: Path | None = None, *, source: str = "folder") ->
     records = []
     for top in tops:
         for class_dir in sorted(p for p in top.iterdir() if p.is_dir()):
-            label = _class_name(class_dir.name, source)
+            label = _class_name(readable(class_dir.name), source)  # a folder name that is not UTF-8, shown
+            if not label:
+                raise InputError(f"{source}: the class folder {readable(str(class_dir))!r} names no class")
             for path in sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
                 records.append(_record(path, source, label=label))
     return records

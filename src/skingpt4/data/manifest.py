@@ -10,6 +10,7 @@ read and written here too. `collect` turns command-line inputs (files, folders, 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -19,9 +20,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from skingpt4.data.results import lines
 from skingpt4.errors import InputError
 from skingpt4.images import DEFAULT_LIMITS, ImageRejected, load_image, read_source, sha256_bytes
 from skingpt4.private_files import write_private
+from skingpt4.text import has_surrogate, readable, readable_values
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 JPEG_QUALITY = 95  # MiniGPT-4 folders hold re-encoded JPEGs
@@ -42,11 +45,11 @@ def collect(inputs: list[str]) -> list[Item]:
     for raw in inputs:
         path = Path(raw).expanduser()
         if path.is_dir():
-            found = [Item(str(p), p) for p in walk_folder(path)]
+            found = [Item(readable(str(p)), p) for p in walk_folder(path)]
         elif path.suffix.lower() in (".jsonl", ".csv") and path.is_file():
             found = list(read_manifest(path))
         elif path.is_file():
-            found = [Item(str(path), path)]  # any file is tried; the image loader says why it is not an image
+            found = [Item(readable(str(path)), path)]  # any file is tried; the loader says why it is not an image
         else:
             raise InputError(f"no such file or folder: {raw}")
         for item in found:
@@ -73,11 +76,12 @@ def read_manifest(path: Path) -> Iterator[Item]:
         if not isinstance(image, str) or not image:
             raise InputError(f"{path.name} line {number}: record has no 'image' path")
         target = path.parent / image
-        yield Item(str(target), target, {k: v for k, v in row.items() if k != "image"})
+        fields = readable_values({k: v for k, v in row.items() if k != "image"})
+        yield Item(readable(str(target)), target, fields)
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(lines(_text(path)), 1):
         if not line.strip():
             continue
         try:
@@ -90,8 +94,14 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        yield from enumerate(csv.DictReader(f), 2)
+    yield from enumerate(csv.DictReader(io.StringIO(_text(path), newline="")), 2)
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark from a spreadsheet is not part of a field
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{readable(path.name)} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
 
 
 def load_images(batch: list[Item], blank) -> tuple[list[dict], list[dict], list]:
@@ -117,9 +127,16 @@ def write_manifest(records: list[dict], path: Path, *, overwrite: bool = False) 
     if path.exists() and not overwrite:
         raise InputError(f"{path} already exists (--overwrite replaces it)")
     base = path.parent.resolve()
-    lines = [json.dumps({**r, "image": _relative(r["image"], base)}, ensure_ascii=False) for r in records]
+    lines = [_json_line({**r, "image": _relative(r["image"], base)}) for r in records]
     text = "".join(line + "\n" for line in lines)
     write_private(path, lambda f: f.write(text))
+
+
+def _json_line(record: dict) -> str:
+    """One record as UTF-8 JSON; a record holding a file name that is not UTF-8 is written with ASCII escapes
+    (`\udcff`), which JSON allows and which `read_manifest` turns back into the same name (lossless)."""
+    text = json.dumps(record, ensure_ascii=False)
+    return text if not has_surrogate(text) else json.dumps(record)
 
 
 def _relative(image: str, base: Path) -> str:

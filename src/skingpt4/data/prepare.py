@@ -33,6 +33,7 @@ from skingpt4.data import adapters, captions, options
 from skingpt4.data.manifest import read_minigpt4, write_manifest, write_minigpt4
 from skingpt4.errors import InputError
 from skingpt4.images import DEFAULT_LIMITS, ImageRejected, load_image, read_source
+from skingpt4.text import readable
 
 SPLITS = ("train", "val", "test")
 SKIN_TYPES = ("I-II", "III-IV", "V-VI", "unknown")
@@ -184,12 +185,12 @@ def scan(records: list[dict], report: Report, *, decode: bool = True, drop_dupli
     usable, groups = [], {}
     for record, (digest, problem) in zip(records, results):
         if problem == "missing":
-            report.missing.append(record["image"])
+            report.missing.append(readable(record["image"]))  # the report is text: names as they can be shown
         elif problem:
-            report.unreadable[record["image"]] = problem
+            report.unreadable[readable(record["image"])] = problem
         else:
             seen = digest in groups
-            groups.setdefault(digest, []).append(record["image"])
+            groups.setdefault(digest, []).append(readable(record["image"]))
             if not (drop_duplicates and seen):
                 usable.append({**record, "source_sha256": digest})
     report.duplicates = [images for images in groups.values() if len(images) > 1]

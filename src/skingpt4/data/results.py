@@ -12,9 +12,11 @@ import csv
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 from skingpt4.errors import InputError
+from skingpt4.text import readable_values
 
 RETRY = "generation failed"  # errors worth another try on a rerun
 
@@ -46,9 +48,9 @@ class RecordFile:
             return []
         text = self.path.read_text(encoding="utf-8")
         if self.kind == "csv":
-            return list(csv.DictReader(io.StringIO(text)))
+            return [{k: _from_cell(v) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text))]
         records = []
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(lines(text), 1):
             if not line.strip():
                 continue
             try:
@@ -63,6 +65,7 @@ class RecordFile:
         return {key: error for key, error in latest.items() if error and key in keys}
 
     def append(self, record: dict) -> None:
+        record = readable_values(record)  # a file name that is not UTF-8 is written out, never a crash mid-run
         if self.kind == "jsonl":
             line = json.dumps(record, ensure_ascii=False) + "\n"
         else:
@@ -79,8 +82,24 @@ class RecordFile:
         self.done.add(record["image"])
 
 
+def lines(text: str) -> list[str]:
+    """JSON Lines split at newlines only (`str.splitlines` also splits at U+2028, U+0085 and others, which JSON
+    strings may hold as they are)."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _csv_cell(value):
-    """Lists and dicts as JSON; line breaks as the two characters \\n, so that each record is one line and a record
-    cut short by a kill is recognisable (and redone) on the next run."""
+    """Lists and dicts as JSON; line breaks as the two characters \\n (and a backslash as two), so that each record
+    is one line, a record cut short by a kill is recognisable (and redone) on the next run, and every cell reads
+    back as it was written."""
     text = json.dumps(value, ensure_ascii=False) if isinstance(value, list | dict) else value
-    return text.replace("\r", "\\r").replace("\n", "\\n") if isinstance(text, str) else text
+    if not isinstance(text, str):
+        return text
+    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+
+
+_ESCAPED = re.compile(r"\\([\\rn])")
+
+
+def _from_cell(cell: str | None) -> str | None:
+    return None if cell is None else _ESCAPED.sub(lambda m: {"\\": "\\", "r": "\r", "n": "\n"}[m[1]], cell)

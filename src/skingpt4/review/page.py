@@ -29,6 +29,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from skingpt4 import net
+from skingpt4.connections import install
 from skingpt4.errors import InputError, first_line
 from skingpt4.review.cases import Case, CaseImages, load_cases
 from skingpt4.review.html import STYLE, Entered, case_body, esc, page, rater_header, rater_page, read_rating
@@ -297,7 +298,8 @@ def serve_review(
     app = create_app(cases, opened, allowed_hosts=allowed, raters=raters)
     for link, name in (app.state.review.links or {}).items():
         print(f"rater {name}: {url}as/{link}", file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    protocol = install()  # slow and idle clients bounded (skingpt4.connections)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, http=protocol))
     if block:
         print(f"review page: {url} ({len(cases)} cases); Ctrl+C stops it", file=sys.stderr)
         try:

@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from skingpt4.chat import ChatEngine
+from skingpt4.connections import MAX_CONNECTIONS, REQUEST_TIMEOUT_S, install
 from skingpt4.errors import Cancelled, InputError, SkinGPT4Error, first_line
 from skingpt4.generation import GenerationSettings
 from skingpt4.images import ImageRejected
@@ -53,6 +54,8 @@ class ServeConfig:
     image_root: str | None = None
     shutdown_timeout_s: float = 30.0
     warmup: bool = True
+    request_timeout_s: float = REQUEST_TIMEOUT_S  # headers and body must arrive within this (slow clients)
+    max_connections: int = MAX_CONNECTIONS  # open connections; past it 503 at once
 
     def __post_init__(self):
         """Limits that cannot work are refused at start-up, not on the first request that reaches them."""
@@ -64,6 +67,7 @@ class ServeConfig:
             ),
             (self.max_body_mb > 0 and self.max_image_mb > 0, "--max-body-mb and --max-image-mb must be positive"),
             (self.queue_size >= 0, "--queue-size must be 0 or more"),
+            (self.request_timeout_s > 0 and self.max_connections > 0, "--request-timeout and --max-connections > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -328,11 +332,13 @@ def serve(engine: ChatEngine, config: ServeConfig, store=None) -> None:
     # handler that does nothing lets the command end normally (exit 0), as a process supervisor expects.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     app = create_app(engine, config, store)
+    protocol = install(config.request_timeout_s, config.max_connections)
     uvicorn.run(
         app,
         host=config.host,
         port=config.port,
         access_log=False,
         log_level="warning",
+        http=protocol,
         timeout_graceful_shutdown=config.shutdown_timeout_s,
     )

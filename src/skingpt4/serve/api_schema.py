@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from skingpt4.conversation import DEFAULT_QUESTION
 from skingpt4.errors import InputError
 from skingpt4.generation import GenerationSettings
+from skingpt4.text import check_text
 
 
 class TextPart(BaseModel):
@@ -46,9 +47,10 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """Fields we honour; other OpenAI fields are accepted and ignored, as clients send many."""
+    """The fields we honour. Any other field set to a value is refused by name (`unsupported`), never ignored:
+    a client that asks for `logprobs` or `tools` must learn it got neither."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     messages: list[Message] = Field(min_length=1, max_length=64)
     stream: bool = False
@@ -87,12 +89,31 @@ def parts(message: Message) -> tuple[list[str], list[str]]:
     return texts, images
 
 
+HARMLESS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}  # say nothing about the answer
+NEUTRAL = {"logprobs": (False,), "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0)}  # values that are ours
+
+
+def unsupported(request: ChatRequest) -> None:
+    """A one-line error naming the first field this server does not honour, if one is set."""
+    for name, value in (request.model_extra or {}).items():
+        if value is None or name in HARMLESS or value in NEUTRAL.get(name, ()):
+            continue
+        honoured = ", ".join(sorted(set(ChatRequest.model_fields) - {"n"}))
+        raise InputError(f"{name}: not supported by this server (it honours {honoured}, and n=1)")
+
+
 def check_sizes(request: ChatRequest, max_text_chars: int, max_images: int) -> None:
+    unsupported(request)
     texts, images = [], []
-    for message in request.messages:
+    for number, message in enumerate(request.messages):
         t, i = parts(message)
+        for text in t:
+            check_text(text, f"messages[{number}].content")
         texts += t
         images += i
+    stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    for stop in stops:
+        check_text(stop, "stop")
     if sum(len(t) for t in texts) > max_text_chars:
         raise InputError(f"the messages hold more than {max_text_chars} characters of text")
     if len(images) > max_images:

@@ -26,6 +26,7 @@ from pathlib import Path
 from skingpt4.errors import InputError, first_line
 from skingpt4.private_files import write_private
 from skingpt4.sqlite_files import Kind, PrivateStore
+from skingpt4.text import readable_values
 
 SCHEMA_VERSION = 1  # PRAGMA user_version; a newer file is refused rather than misread
 APPLICATION_ID = 0x536B4734  # PRAGMA application_id, "SkG4": marks the file as ours
@@ -95,7 +96,7 @@ class RecordStore(PrivateStore):
 
     def save(self, record: dict) -> str:
         """Insert or replace one consultation in one transaction; returns its id once committed (durable)."""
-        row, images = _to_row(record, self.keep_images)
+        row, images = _to_row(readable_values(record), self.keep_images)  # text SQLite can store
         with self._transaction("BEGIN IMMEDIATE") as conn:
             old = conn.execute("SELECT created FROM consultations WHERE id = ?", (row["id"],)).fetchone()
             row["created"] = row["created"] or (old[0] if old else row["updated"])

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 from skingpt4.chat import ChatEngine
+from skingpt4.connections import MAX_CONNECTIONS, REQUEST_TIMEOUT_S
 from skingpt4.conversation import CLINICAL_PROMPTS
 from skingpt4.errors import Cancelled, InputError, SkinGPT4Error, first_line
 from skingpt4.generation import GenerationSettings
@@ -74,6 +75,8 @@ class WebConfig:
     login_delay: float = 1.0  # seconds added to each failed login (Gradio's login has no rate limit)
     blocked_paths: list[str] = field(default_factory=list)  # never served, whatever a bug returns (data, records)
     temp_parent: str | None = None  # where the private cache directory goes (default: the system's temp dir)
+    request_timeout_s: float = REQUEST_TIMEOUT_S  # a request (an upload too) must arrive within this
+    max_connections: int = MAX_CONNECTIONS  # open connections; past it 503 at once
     settings: GenerationSettings = field(default_factory=GenerationSettings)  # sliders set beams/temperature
 
 

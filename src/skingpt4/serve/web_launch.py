@@ -20,6 +20,7 @@ from pathlib import Path
 
 from skingpt4 import net
 from skingpt4.chat import ChatEngine
+from skingpt4.connections import install
 from skingpt4.errors import InputError, first_line
 from skingpt4.serve.web import WebApp, WebConfig
 
@@ -174,6 +175,7 @@ def _serve(app: WebApp, blocked: list[str]) -> str:
     os.environ["GRADIO_TEMP_DIR"] = str(app.cache)  # the server reads it when launched (build_app set it too)
     options = launch_options(config)
     options["blocked_paths"] += blocked
+    install(config.request_timeout_s, config.max_connections)  # Gradio's uvicorn gets our protocol this way
     try:
         _, url, _ = app.blocks.launch(**options, prevent_thread_lock=True)
     except OSError as exc:  # Gradio's own text points at GRADIO_SERVER_PORT, which our users do not set
