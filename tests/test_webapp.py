@@ -16,6 +16,7 @@ import re
 import socket
 import stat
 import statistics
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +25,8 @@ import httpx
 import pytest
 from conftest import image_bytes
 from gradio_client import Client, handle_file
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import ExifTags, Image
 
 from skingpt4.chat import ChatEngine
@@ -528,3 +531,23 @@ def test_a_stalled_upload_is_closed_at_its_deadline(loaded):
         assert httpx.get(running.url).status_code == 200
     finally:
         running.close()
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.text(st.characters(codec="utf-8", exclude_characters="/\0"), min_size=1, max_size=40))
+def test_any_upload_name_is_taken(web, tmp_path, name):
+    """A photo's file name comes from the user's system: whatever it is, the photo is added (the name is unused)."""
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    try:
+        path = folder / name
+        path.write_bytes(image_bytes())
+    except OSError:  # a name this file system cannot hold (too long in bytes): nothing to upload
+        return
+    c = client(web)
+    try:
+        _, status, _ = c.predict([handle_file(str(path))], api_name="/add_photos")
+        assert "1 photo(s) in this consultation" in status and "Traceback" not in status
+    finally:
+        c.predict(api_name="/restart")
+        c.close()
+    assert cached_files(web) == []
