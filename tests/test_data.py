@@ -281,9 +281,11 @@ def test_split_is_leakage_free_seeded_and_close_to_fractions():
     for r in records:
         by_patient.setdefault(r.get("patient_id") or r["image"], set()).add(r["split"])
     assert all(len(splits) == 1 for splits in by_patient.values())  # no patient in two splits
+    groups = len(by_patient)
     counts = Counter(r["split"] for r in records)
     for split, fraction in zip(("train", "val", "test"), (0.8, 0.1, 0.1)):
-        assert abs(counts[split] - fraction * len(records)) <= 4  # within one group (at most 4 images) of target
+        # Each group's split is its own draw: the shares are binomial around the fractions (4 sd, in images).
+        assert abs(counts[split] - fraction * len(records)) <= 4 * 4 * (groups * fraction * (1 - fraction)) ** 0.5
 
     again = patients()
     random.Random(1).shuffle(again)  # the same records in another order: the same assignment
@@ -293,10 +295,28 @@ def test_split_is_leakage_free_seeded_and_close_to_fractions():
     assign_splits(other, (0.8, 0.1, 0.1), seed=1)
     assert split_of(other) != split_of(records)
 
-    # Without ids every image is its own group, so fractions are met to the image.
-    singles = [{"image": f"/d/{i}.jpg", "source_sha256": str(i)} for i in range(100)]
-    assign_splits(singles, (0.7, 0.2, 0.1), seed=3)
-    assert Counter(r["split"] for r in singles) == {"train": 70, "val": 20, "test": 10}
+
+def test_an_image_has_one_split_in_every_manifest():
+    """The split follows from the image's content and the seed alone: other records (another data set, with other
+    images around it and no patient ids) do not move it."""
+    records = patients()
+    assign_splits(records, (0.8, 0.1, 0.1), seed=0)
+    solos = [r for r in records if "patient_id" not in r]
+    subset = [{"image": f"/elsewhere/{r['image'][3:]}", "source_sha256": r["source_sha256"]} for r in solos[::2]]
+    assign_splits(subset + [{"image": "/x/new.jpg", "source_sha256": "new"}], (0.8, 0.1, 0.1), seed=0)
+    assert [r["split"] for r in subset] == [r["split"] for r in solos[::2]]
+
+
+def test_stratified_splits_meet_fractions_per_class():
+    # Without ids every image is its own group, so fractions are met to the image, in every class.
+    singles = [{"image": f"/d/{i}.jpg", "source_sha256": str(i), "label": "ab"[i % 2]} for i in range(200)]
+    assign_splits(singles, (0.7, 0.2, 0.1), seed=3, stratify=True)
+    for label in "ab":
+        counts = Counter(r["split"] for r in singles if r["label"] == label)
+        assert counts == {"train": 70, "val": 20, "test": 10}
+    small = [{"image": f"/s/{i}.jpg", "source_sha256": f"s{i}", "label": "rare"} for i in range(6)]
+    assign_splits(small + singles, (0.7, 0.2, 0.1), seed=3, stratify=True)
+    assert set(Counter(r["split"] for r in small)) == {"train", "val", "test"}  # a class of 6 reaches every split
 
 
 def test_split_keeps_duplicates_together_end_to_end(tmp_path):

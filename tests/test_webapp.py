@@ -67,7 +67,8 @@ def web(loaded):
 
 
 def client(web) -> Client:
-    return Client(web.url, verbose=False, download_files=False)  # the client's own downloads would go to /tmp
+    # Its own downloads would go to /tmp; its default 5 s timeout would test speed on a busy machine.
+    return Client(web.url, verbose=False, download_files=False, httpx_kwargs={"timeout": 120})
 
 
 def cached_files(web) -> list[Path]:

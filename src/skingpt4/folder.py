@@ -20,6 +20,7 @@ from skingpt4.pixels import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, PixelSpec
 IMAGE_TOKEN = "<image>"  # one added special token; 32 copies stand for each image
 NUM_QUERY_TOKENS = 32
 META_FILE = "skingpt4.json"
+TRAINING_IMAGES = "training-images.sha256"  # a trained model's training images, by content (`eval` warns on them)
 
 
 @dataclass

@@ -24,6 +24,28 @@ def add_commands(command) -> None:
     data.add_argument("--no-image-check", action="store_true", help="do not decode every image (faster)")
     data.add_argument("--drop-duplicates", action="store_true", help="keep one copy of identical images")
     data.add_argument("--overwrite", action="store_true")
+    data.add_argument(
+        "--stratify",
+        action="store_true",
+        help="balance classes across splits (default: each image's "
+        "split follows from its content and the seed alone, the same in every manifest)",
+    )
+    data.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="MANIFEST[:SPLIT]",
+        help="leave out images found in another manifest (or one of its splits); repeatable",
+    )
+    data.add_argument(
+        "--label-column",
+        help="fitzpatrick17k: label (114 classes, default), three_partition_label or nine_partition_label",
+    )
+    data.add_argument(
+        "--skin-type-columns",
+        help="fitzpatrick17k: columns tried in order for the skin type "
+        "(default fitzpatrick_scale,fitzpatrick_centaur: the scale, else Centaur's estimate)",
+    )
 
     tr = command("train", cmd_train)
     tr.add_argument("--config", required=True, help="YAML of settings (configs/train/*.yaml are the recipe's)")
@@ -113,9 +135,19 @@ def cmd_prepare_data(args) -> int:
         check_images=not args.no_image_check,
         drop_duplicates=args.drop_duplicates,
         overwrite=args.overwrite,
+        stratify=args.stratify,
+        exclude=args.exclude,
+        adapter_options=_adapter_options(args),
     )
     print(report.text())
     return 0
+
+
+def _adapter_options(args) -> dict:
+    options = {"label_column": args.label_column} if args.label_column else {}
+    if args.skin_type_columns:
+        options["skin_type_columns"] = tuple(c.strip() for c in args.skin_type_columns.split(",") if c.strip())
+    return options
 
 
 def cmd_train(args) -> int:
@@ -182,6 +214,8 @@ def cmd_eval(args) -> int:
         progress=not args.no_progress,
         split=split,
     )
+    for warning in result["warnings"][len(warnings) :]:  # found while scoring (training images, by content)
+        print(f"warning: {warning}", file=sys.stderr)
     metrics = result.get("metrics") or {}
     accuracy = (metrics.get("accuracy") or {}).get("value")
     line = f"{result['done']} answered, {result['failed']} failed, {result['skipped']} already done"

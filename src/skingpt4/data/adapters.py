@@ -159,15 +159,27 @@ def read_csv(path: Path, what: str, required: Iterable[str] = ()) -> tuple[list[
         raise InputError(f"{what}: no such file: {path}")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
+            reader = csv.DictReader(f, delimiter=delimiter(path))
             header = list(reader.fieldnames or [])
             rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"{what} {path.name}: not a readable UTF-8 CSV ({type(exc).__name__})") from None
     missing = [c for c in required if c not in header]
     if missing:
-        raise InputError(f"{what} {path.name}: missing column(s) {', '.join(missing)}")
+        raise InputError(
+            f"{what} {path.name}: missing column(s) {', '.join(missing)} (read as {SEPARATORS[delimiter(path)]})"
+        )
     return header, rows
+
+
+SEPARATORS = {",": "comma-separated", "\t": "tab-separated", ";": "semicolon-separated"}
+
+
+def delimiter(path: Path) -> str:
+    """The separator of a CSV or TSV file, from its header line: the one of comma, tab and semicolon it holds most."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        header = f.readline()
+    return max(SEPARATORS, key=header.count)
 
 
 class ImageIndex:
@@ -278,15 +290,29 @@ def dermnet(root: Path, images: Path | None = None) -> list[dict]:
     return folder(root, images, source="dermnet")
 
 
-def fitzpatrick17k(csv_path: Path, images: Path) -> list[dict]:
+FITZPATRICK17K_LABELS = ("label", "three_partition_label", "nine_partition_label")  # 114, 3 or 9 classes
+FITZPATRICK17K_SKIN = ("fitzpatrick_scale", "fitzpatrick_centaur")  # the default: scale, else centaur
+
+
+def fitzpatrick17k(
+    csv_path: Path, images: Path, label_column: str = "label", skin_type_columns=FITZPATRICK17K_SKIN
+) -> list[dict]:
+    """`label_column` picks the class (`label`, or a partition: `three_partition_label`, `nine_partition_label`);
+    the skin type is the first of `skin_type_columns` that is known (1-6; the CSV writes -1 for unknown)."""
+    if label_column not in FITZPATRICK17K_LABELS:
+        raise InputError(f"--label-column must be one of {', '.join(FITZPATRICK17K_LABELS)}, not {label_column!r}")
+    if not skin_type_columns or set(skin_type_columns) - set(FITZPATRICK17K_SKIN):
+        raise InputError(f"--skin-type-columns takes {' and/or '.join(FITZPATRICK17K_SKIN)}, in the order to try")
     index, records = ImageIndex(images), []
-    for row in read_csv(csv_path, "fitzpatrick17k CSV", ["md5hash", "fitzpatrick_scale", "label"])[1]:
-        fitz = _fitzpatrick(row["fitzpatrick_scale"])
+    header, rows = read_csv(csv_path, "fitzpatrick17k CSV", ["md5hash", skin_type_columns[0], label_column])
+    for row in rows:
+        fitz = next(filter(None, (_fitzpatrick(row.get(c, "")) for c in skin_type_columns)), None)
         extra = {k: row[k] for k in ("three_partition_label", "nine_partition_label", "qc") if row.get(k)}
+        extra.update({"fine_label": row["label"]} if label_column != "label" and row.get("label") else {})
         record = _record(
             index.find(row["md5hash"]),
             "fitzpatrick17k",
-            label=row["label"],
+            label=row[label_column],
             fitzpatrick=fitz,
             fitzpatrick_group=_skin_group(fitz),
             **extra,
@@ -317,13 +343,14 @@ def ham10000(csv_path: Path, images: Path) -> list[dict]:
     index, records = ImageIndex(images), []
     for row in read_csv(csv_path, "ham10000 CSV", ["lesion_id", "image_id", "dx"])[1]:
         extra = {k: row[k] for k in ("dx_type", "age", "sex", "localization") if row.get(k)}
-        label = HAM10000_NAMES.get(row["dx"], row["dx"])
+        code = row["dx"].lower()  # published in lower case; some copies write MEL, NV, ...
+        label = HAM10000_NAMES.get(code, code)
         records.append(
             _record(
                 index.find(row["image_id"]),
                 "ham10000",
                 label=label,
-                dx=row["dx"],
+                dx=code,
                 patient_id=row["lesion_id"],
                 lesion_id=row["lesion_id"],
                 **extra,
@@ -337,7 +364,7 @@ def pad_ufes_20(csv_path: Path, images: Path) -> list[dict]:
     for row in read_csv(csv_path, "pad-ufes-20 CSV", ["patient_id", "lesion_id", "img_id", "diagnostic"])[1]:
         fitz = _fitzpatrick(row.get("fitspatrick", ""))
         extra = {k: row[k] for k in ("region", "age", "gender", "biopsed") if row.get(k)}
-        label = PAD_UFES_NAMES.get(row["diagnostic"], row["diagnostic"])
+        label = PAD_UFES_NAMES.get(row["diagnostic"].upper(), row["diagnostic"])
         records.append(
             _record(
                 index.find(row["img_id"], ".png"),

@@ -21,8 +21,8 @@ Choices, and why:
 
 from __future__ import annotations
 
+import math
 import os
-import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,7 +30,7 @@ from hashlib import sha256
 from pathlib import Path
 
 from skingpt4.data import adapters, captions, options
-from skingpt4.data.manifest import read_minigpt4, write_manifest, write_minigpt4
+from skingpt4.data.manifest import read_manifest, read_minigpt4, write_manifest, write_minigpt4
 from skingpt4.errors import InputError
 from skingpt4.images import DEFAULT_LIMITS, ImageRejected, load_image, read_source
 from skingpt4.text import readable
@@ -59,12 +59,20 @@ class Report:
     classes: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> label -> images
     skin_types: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> I-II/III-IV/V-VI/unknown
     concepts_matched: int | None = None  # labelled images that got a concept sentence (with `concepts`)
+    stratified: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def absent_classes(self) -> dict[str, list[str]]:
+        """Per split, the classes found in the manifest but not in that split."""
+        labels = sorted({label for counts in self.classes.values() for label in counts})
+        absent = {s: [label for label in labels if not counts.get(label)] for s, counts in self.classes.items()}
+        return {s: missing for s, missing in absent.items() if missing}
 
     def unreadable_reasons(self) -> dict[str, int]:
         return dict(Counter(self.unreadable.values()).most_common())
 
     def text(self) -> str:
-        lines = [f"{self.format}: {self.written} of {self.read} images written to {self.out}"]
+        lines = [f"{self.format}: {self.written} of {self.read} images written to {self.out}", *self.notes]
         for reason, n in self.excluded.items():
             lines.append(f"excluded: {n} ({reason})")
         if self.missing:
@@ -90,6 +98,9 @@ class Report:
                 f"  {label}: " + " / ".join(str(self.classes[s].get(label, 0)) for s in self.splits)
                 for label in labels
             ]
+        for split, absent in self.absent_classes().items():
+            hint = "" if self.stratified else " (--stratify balances classes across splits)"
+            lines.append(f"warning: {len(absent)} classes have no image in {split}: {', '.join(absent[:5])}{hint}")
         return "\n".join(lines)
 
 
@@ -111,12 +122,24 @@ def prepare(
     check_images: bool = True,
     drop_duplicates: bool = False,
     overwrite: bool = False,
+    stratify: bool = False,
+    exclude: list[str] = (),
+    adapter_options: dict | None = None,
 ) -> Report:
-    """Read `source` (a CSV, or a folder for folder/dermnet/minigpt4) in `format`, write `out`, report."""
+    """Read `source` (a CSV, or a folder for folder/dermnet/minigpt4) in `format`, write `out`, report.
+
+    `exclude`: other manifests, each `PATH` or `PATH:SPLIT`, whose images (by content) are left out of this one;
+    `adapter_options`: the format's own options (fitzpatrick17k: `label_column`, `skin_type_columns`).
+    """
     source, out = Path(source), Path(out)
     _check_options(format, layout, fractions, out, overwrite, concepts, mapping)
-    records = read_source_records(format, source, images)
+    excluded = {spec: excluded_hashes(spec) for spec in exclude}  # before any work: a bad path is bad input
+    if adapter_options and format != "fitzpatrick17k":
+        raise InputError(f"--label-column and --skin-type-columns are fitzpatrick17k's options, not {format}'s")
+    records = read_source_records(format, source, images, adapter_options or {})
     report = Report(format, out, read=len(records))
+    if source.is_file() and (separator := adapters.delimiter(source)) != ",":
+        report.notes.append(f"{source.name} read as {adapters.SEPARATORS[separator]} (the separator its header uses)")
     report.excluded = dict(Counter(r["exclude"] for r in records if "exclude" in r))
     records = [r for r in records if "exclude" not in r]
     if mapping is not None:
@@ -125,9 +148,15 @@ def prepare(
         report.concepts_matched = options.add_concepts(records, Path(concepts))
     captions.finish_captions(records)
     records = scan(records, report, decode=check_images or layout == "minigpt4", drop_duplicates=drop_duplicates)
+    for spec, hashes in excluded.items():
+        kept = [r for r in records if r["source_sha256"] not in hashes]
+        if len(kept) < len(records):
+            report.excluded[f"in {spec}"] = len(records) - len(kept)
+        records = kept
     if not records:
         raise InputError(f"no usable images from {source} ({_why_empty(report)})")
-    assign_splits(records, fractions, seed)
+    assign_splits(records, fractions, seed, stratify)
+    report.stratified = stratify
     summarise(records, report)
     if layout == "manifest":
         write_manifest(records, out, overwrite=overwrite)
@@ -137,13 +166,32 @@ def prepare(
     return report
 
 
-def read_source_records(format: str, source: Path, images: Path | None = None) -> list[dict]:
+def excluded_hashes(spec: str) -> set[str]:
+    """Content hashes of the images of a manifest (`PATH`), or of one of its splits (`PATH:SPLIT`)."""
+    path, _, split = spec.rpartition(":") if spec.rpartition(":")[2] in SPLITS else (spec, "", "")
+    if not Path(path).is_file():
+        raise InputError(f"--exclude: no such manifest: {path}")
+    hashes = set()
+    for item in read_manifest(Path(path)):
+        if split and item.manifest.get("split") != split:
+            continue
+        digest = item.manifest.get("source_sha256")
+        if not digest and item.path.is_file():
+            digest = sha256(item.path.read_bytes()).hexdigest()
+        if digest:
+            hashes.add(digest)
+    return hashes
+
+
+def read_source_records(
+    format: str, source: Path, images: Path | None = None, options: dict | None = None
+) -> list[dict]:
     """The adapter's records, with ``image`` an absolute path."""
     if format == "minigpt4":
         records = read_minigpt4(source)
         return [{**r, "image": os.path.abspath(source / r["image"])} for r in records]
     default = source if format in ("folder", "dermnet") else source.parent
-    records = adapters.ADAPTERS[format](source, Path(images) if images else default)
+    records = adapters.ADAPTERS[format](source, Path(images) if images else default, **(options or {}))
     return [{**r, "image": os.path.abspath(r["image"])} for r in records]
 
 
@@ -214,24 +262,54 @@ def _inspect(path: Path, decode: bool) -> tuple[str | None, str | None]:
 # Splits
 
 
-def assign_splits(records: list[dict], fractions=(0.8, 0.1, 0.1), seed: int = 0) -> None:
-    """Set ``split`` on every record: seeded, by group (same patient or same bytes), closest to `fractions`."""
+def assign_splits(records: list[dict], fractions=(0.8, 0.1, 0.1), seed: int = 0, stratify: bool = False) -> None:
+    """Set ``split`` on every record, by group (same patient or same bytes).
+
+    By default a group's split is a pure function of its key (its images' smallest SHA-256) and the seed: an image
+    lands in the same split in every manifest and every data set made with that seed, so SKINCON (step 1) and
+    Fitzpatrick17k (step 2, and its test split) never disagree about a photo they share. The shares come out
+    near `fractions`, not exactly, and a small class may miss a split (the report says so). `stratify` balances
+    each class across the splits instead, as far as groups allow; an image shared with another manifest may then
+    land elsewhere there (`--exclude` keeps such sets apart).
+    """
     groups = _groups(records)
-    order = sorted(groups)
-    random.Random(seed).shuffle(order)
-    targets = [f * len(records) for f in fractions]
-    counts = [0] * len(SPLITS)
-    for key in order:
-        members = groups[key]
-        # The split furthest below its target takes the group; ties go to the earlier split.
-        best = max(range(len(SPLITS)), key=lambda i: targets[i] - counts[i] if fractions[i] > 0 else float("-inf"))
-        counts[best] += len(members)
-        for index in members:
-            records[index]["split"] = SPLITS[best]
+    if not stratify:
+        for key, members in groups.items():
+            for index in members:
+                records[index]["split"] = split_of(key, fractions, seed)
+        return
+    by_class: dict[str, list[str]] = {}
+    for key, members in groups.items():
+        by_class.setdefault(str(records[members[0]].get("label") or ""), []).append(key)
+    for keys in by_class.values():
+        targets = [f * sum(len(groups[k]) for k in keys) for f in fractions]
+        counts = [0.0] * len(SPLITS)
+        for key in sorted(keys, key=lambda k: _draw(k, seed)):
+            # The split furthest below its target takes the group; ties go to the earlier split.
+            best = max(range(len(SPLITS)), key=lambda i: targets[i] - counts[i] if fractions[i] > 0 else -math.inf)
+            counts[best] += len(groups[key])
+            for index in groups[key]:
+                records[index]["split"] = SPLITS[best]
+
+
+def split_of(key: str, fractions, seed: int) -> str:
+    """The split of a group with this key: where its seeded draw falls among the cumulative fractions."""
+    u, edge = _draw(key, seed), 0.0
+    for split, share in zip(SPLITS, fractions):
+        edge += share
+        if u < edge and share > 0:
+            return split
+    return next(s for s, f in zip(reversed(SPLITS), reversed(fractions)) if f > 0)
+
+
+def _draw(key: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by (seed, key) alone."""
+    return int.from_bytes(sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
 
 
 def _groups(records: list[dict]) -> dict[str, list[int]]:
-    """Union-find over records that share a patient id or content hash; each group keyed by its smallest id."""
+    """Union-find over records that share a patient id or content hash; each group keyed by its smallest content
+    hash, which does not depend on the data set, the row order or the file names."""
     parent = list(range(len(records)))
 
     def root(i: int) -> int:
@@ -242,7 +320,7 @@ def _groups(records: list[dict]) -> dict[str, list[int]]:
 
     first: dict[str, int] = {}
     for i, record in enumerate(records):
-        keys = [f"sha:{record.get('source_sha256') or record['image']}"]
+        keys = [f"sha:{_content(record)}"]
         if record.get("patient_id") not in (None, ""):
             keys.append(f"patient:{record['patient_id']}")
         for key in keys:
@@ -251,12 +329,11 @@ def _groups(records: list[dict]) -> dict[str, list[int]]:
     groups: dict[int, list[int]] = {}
     for i in range(len(records)):
         groups.setdefault(root(i), []).append(i)
-    # Keyed by content, not position, so the assignment does not depend on the CSV's row order.
-    return {min(_identity(records[i]) for i in members): members for members in groups.values()}
+    return {min(_content(records[i]) for i in members): members for members in groups.values()}
 
 
-def _identity(record: dict) -> str:
-    return f"{record.get('patient_id') or ''}|{record.get('source_sha256') or ''}|{record['image']}"
+def _content(record: dict) -> str:
+    return record.get("source_sha256") or record["image"]
 
 
 def skin_type(record: dict) -> str:

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 
-def finish(out: Path, records: dict[tuple[str, int], dict], labels: list[str], config: dict, n_boot: int) -> dict:
+def finish(out: Path, records: dict, labels: list[str], config: dict, n_boot: int, warnings=()) -> dict:
     """metrics.json and the report from the latest record of every image and repeat."""
     from skingpt4.evaluate.metrics import consistency, evaluate_predictions, latency
     from skingpt4.evaluate.report import write_report
@@ -19,6 +19,7 @@ def finish(out: Path, records: dict[tuple[str, int], dict], labels: list[str], c
     errors = [r for r in first if r.get("error")]
     rows = [{k: r.get(k) for k in ("label", "prediction", "probs", "fitzpatrick")} for r in good]
     metrics = {"run": config, "errors": {"count": len(errors), "excluded": [r["image"] for r in errors]}}
+    metrics["warnings"] = list(warnings)
     metrics["match"] = _match_counts(good)
     if not rows:
         metrics["note"] = "no image was answered: nothing to score"

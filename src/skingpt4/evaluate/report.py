@@ -64,6 +64,7 @@ def build_blocks(metrics: dict, title: str, consistency, latency, calib, images:
     blocks = [("h1", title)]
     if run.get("untrained"):
         blocks.append(("p", UNTRAINED_NOTICE))
+    blocks += [("p", f"Warning: {warning}.") for warning in metrics.get("warnings", ())]
     blocks.append(("p", _summary(metrics)))
     if run:
         blocks += [("h2", "Run"), ("table", ["Setting", "Value"], setting_rows(run))]

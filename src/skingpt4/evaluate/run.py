@@ -42,6 +42,7 @@ from skingpt4.evaluate import synonyms as S
 from skingpt4.evaluate.metrics import SKIN_GROUPS
 from skingpt4.evaluate.outputs import finish, write_transcripts
 from skingpt4.evaluate.scoring import ANSWER_FORMAT, score_labels
+from skingpt4.folder import TRAINING_IMAGES
 from skingpt4.generation import GenerationSettings
 
 SKIN_GROUP_NAMES = tuple(SKIN_GROUPS)
@@ -193,11 +194,23 @@ def run_eval(
     context = Context(engine, label_set, truth, prompts, mode, settings, case_ids(items))
     summary = _answer_all(context, items, repeats, batch_size, file, progress)
     records = current(file.latest(), items, truth)
-    metrics = finish(out, records, label_set, config, n_boot) if label_set else None
+    warnings += seen_in_training(engine, records)
+    metrics = finish(out, records, label_set, config, n_boot, warnings) if label_set else None
     files = write_transcripts(out, records) if protocol == "clinical" else {}
     errors = sum(1 for record in records.values() if record.get("error"))
     files = {k: str(v) for k, v in files.items()}
     return {**summary, "errors": errors, "split": split, "warnings": warnings, "metrics": metrics, "files": files}
+
+
+def seen_in_training(engine: ChatEngine, records: dict) -> list[str]:
+    """A warning when images scored are among the model's training images (its folder lists them by content)."""
+    listed = engine.loaded.path / TRAINING_IMAGES if engine.loaded.path else None
+    if listed is None or not listed.is_file():
+        return []
+    trained = set(listed.read_text().split())
+    scored = {r.get("image_sha256") for r in records.values() if r.get("image_sha256")}
+    seen = len(scored & trained)
+    return [f"{seen} of the {len(scored)} images scored were in this model's training data"] if seen else []
 
 
 def choose_split(items: list[Item], split: str | None) -> tuple[list[Item], str, list[str]]:

@@ -38,6 +38,7 @@ class TrainConfig:
     model: str = "tiny"  # base model folder (made by `skingpt4 convert`) or "tiny"
     data: str = "data/manifest.jsonl"  # JSON Lines/CSV manifest (image, caption, split) or a MiniGPT-4 folder
     output_dir: str = "runs/train"
+    eval_data: str | None = None  # the evaluation manifest: no training image may be in its val or test split
     init_from: str | None = None  # a previous run's output folder (step 1 for step 2), or a SkinGPT-4 .pth
     train_split: str = "train"  # records of this split, and records without a split, train
     val_split: str = "val"

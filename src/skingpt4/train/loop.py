@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from skingpt4.checkpoints import sha256_file
+from skingpt4.data.prepare import excluded_hashes
 from skingpt4.errors import InputError
 from skingpt4.model import load_model
 from skingpt4.train.config import TrainConfig, load_config
@@ -82,6 +84,7 @@ class Run:
     num_prompts: int
     tracker: Tracker
     base_dir: Path
+    image_hashes: list[str]  # SHA-256 of each training image, in record order (the model folder keeps them)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,7 +199,7 @@ def finish(run: Run, result: TrainResult) -> None:
     elif run.cfg.export_pth:
         log.warning("LoRA run: no skingpt4_proj.pth (the original code has no LoRA); use model/ instead")
     if run.cfg.export_folder:
-        result.model_dir = export_folder(run.base_dir, run.out / "model", run.net, run.out.name)
+        result.model_dir = export_folder(run.base_dir, run.out / "model", run.net, run.out.name, run.image_hashes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,6 +221,9 @@ def prepare(cfg: TrainConfig, resume: bool) -> Run:
     if not records:
         raise InputError(f"{cfg.data}: no training records (split '{cfg.train_split}' or no split)")
     val_records = read_records(cfg.data, cfg.val_split, default_split=False)
+    image_hashes = content_hashes(records)
+    if cfg.eval_data:
+        check_apart(records, image_hashes, cfg.eval_data)
     loaded = load_model(cfg.model, device=str(accelerator.device), dtype=WEIGHTS_DTYPE[precision])
     net = loaded.model
     make_trainable(net, cfg)
@@ -232,8 +238,36 @@ def prepare(cfg: TrainConfig, resume: bool) -> Run:
     if accelerator.is_main_process:
         tracker.write_config(cfg.to_dict())
     return Run(
-        cfg, out, accelerator, net, model, optimizer, scheduler, train_set, val_set, len(prompts), tracker, loaded.path
+        cfg,
+        out,
+        accelerator,
+        net,
+        model,
+        optimizer,
+        scheduler,
+        train_set,
+        val_set,
+        len(prompts),
+        tracker,
+        loaded.path,
+        image_hashes,
     )
+
+
+def content_hashes(records) -> list[str]:
+    """SHA-256 of each training image's bytes (how an image is recognised in any manifest, whatever its name)."""
+    return [sha256_file(record.image) for record in records]
+
+
+def check_apart(records, hashes: list[str], eval_data: str) -> None:
+    """Refuse, with one line, training images that are in the evaluation manifest's val or test split."""
+    held_out = excluded_hashes(f"{eval_data}:test") | excluded_hashes(f"{eval_data}:val")
+    shared = [record.image for record, digest in zip(records, hashes) if digest in held_out]
+    if shared:
+        raise InputError(
+            f"{len(shared)} training images are in the test or val split of {eval_data} (first: {shared[0].name}); "
+            f"leave them out, e.g. prepare-data ... --exclude {eval_data}:test --exclude {eval_data}:val"
+        )
 
 
 def make_trainable(net: torch.nn.Module, cfg: TrainConfig) -> None:

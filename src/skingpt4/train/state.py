@@ -18,7 +18,7 @@ import torch
 
 from skingpt4.checkpoints import sha256_file
 from skingpt4.errors import InputError, first_line
-from skingpt4.folder import ModelMeta
+from skingpt4.folder import TRAINING_IMAGES, ModelMeta
 from skingpt4.keymap import map_projection
 
 CHECKPOINTS = "checkpoints"
@@ -189,7 +189,7 @@ def changed_tensors(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return changed
 
 
-def export_folder(base: Path, out: Path, net: torch.nn.Module, run_name: str) -> Path:
+def export_folder(base: Path, out: Path, net: torch.nn.Module, run_name: str, image_hashes=()) -> Path:
     """A full copy of the base folder in which the weight files holding changed tensors are rewritten.
 
     Every other file (tokenizer, config, generation config) is copied byte for byte; each changed tensor keeps the
@@ -228,6 +228,7 @@ def export_folder(base: Path, out: Path, net: torch.nn.Module, run_name: str) ->
                 }
             )
         meta.save(tmp)
+        (tmp / TRAINING_IMAGES).write_text("".join(f"{h}\n" for h in sorted(set(image_hashes))))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
