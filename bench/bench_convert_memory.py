@@ -17,7 +17,6 @@ Run:  python bench/bench_convert_memory.py      (needs ~36 GB free on /tmp; abou
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import resource
@@ -167,31 +166,13 @@ def write_safetensors_zeros(path: Path, shapes: dict[str, tuple[int, ...]]) -> N
 
 def write_tokenizer(folder: Path) -> None:
     """The tiny SentencePiece BPE (as `build_tiny_tokenizer` trains it) padded to 32000 pieces, WITHOUT `<image>`."""
-    import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as pb
     from transformers import LlamaTokenizer
 
-    from skingpt4.tiny import TINY_CORPUS
+    from skingpt4.tiny import train_tiny_sentencepiece
 
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TINY_CORPUS * 8),
-        model_writer=buffer,
-        vocab_size=512,
-        model_type="bpe",
-        byte_fallback=True,
-        split_digits=True,
-        character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        minloglevel=2,
-    )
     proto = pb.ModelProto()
-    proto.ParseFromString(buffer.getvalue())
+    proto.ParseFromString(train_tiny_sentencepiece())
     low = min(piece.score for piece in proto.pieces)
     for i in range(len(proto.pieces), LLAMA_2_7B["vocab_size"]):  # never produced by tokenization: filler ids
         proto.pieces.add(piece=f"\u2581pad{i:05d}", score=low - 1 - i, type=pb.ModelProto.SentencePiece.NORMAL)

@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,21 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(HOME, ignore_errors=True)
 
 
+# Fitzpatrick17k's published CSV header (fitzpatrick17k.csv; the first column is an unnamed index).
+FITZPATRICK17K_HEADER = [
+    "",
+    "md5hash",
+    "fitzpatrick_scale",
+    "fitzpatrick_centaur",
+    "label",
+    "nine_partition_label",
+    "three_partition_label",
+    "qc",
+    "url",
+    "url_alphanum",
+]
+
+
 def image_bytes(color=(200, 120, 90), size=(64, 48), fmt="PNG", noise_seed: int | None = None) -> bytes:
     """An encoded test image: a solid colour, or seeded noise when `noise_seed` is given."""
     if noise_seed is None:
@@ -46,6 +62,27 @@ def endless(engine) -> None:
     vocab = engine.tokenizer.convert_ids_to_tokens(list(range(len(engine.tokenizer))))
     ends = [i for i, t in enumerate(vocab) if "#" in t] + [engine.tokenizer.eos_token_id]
     engine.suppress_tokens = sorted({*engine.suppress_tokens, *ends})
+
+
+def within(seconds: float, work, *args):
+    """`work(*args)`, or a test failure if it has not returned after `seconds` (a hang guard). It runs in a daemon
+    thread, so a call that never returns cannot keep the test session from ending."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = work(*args)
+        except BaseException as exc:  # re-raised in the test's thread below
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"hang: {getattr(work, '__name__', work)} has not returned after {seconds:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 @pytest.fixture(scope="session")

@@ -272,7 +272,7 @@ def test_cancel_stops_within_one_step_and_withdraws_the_question(engine):
     long = GenerationSettings(max_new_tokens=200, temperature=0.1, seed=0)
     with pytest.raises(Cancelled):
         engine.generate([session], long, counter, cancel)
-    assert counter.steps == 4  # transformers checks stopping before streaming a step: one more step ran
+    assert counter.steps in (3, 4)  # within one step (transformers >= 5.x streams a step before checking the stop)
     assert session.conversation.messages == before  # the question was withdrawn
     session.ask("again")
     assert session.answer(GREEDY)  # the session still works

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import FITZPATRICK17K_HEADER
 from malformed import gps_exif
 from PIL import Image
 
@@ -152,17 +153,7 @@ def test_concept_prefix_and_regroup(tmp_path):
 
 
 def test_fitzpatrick17k_adapter(tmp_path):
-    header = [
-        "md5hash",
-        "fitzpatrick_scale",
-        "fitzpatrick_centaur",
-        "label",
-        "nine_partition_label",
-        "three_partition_label",
-        "qc",
-        "url",
-        "url_alphanum",
-    ]
+    header = FITZPATRICK17K_HEADER[1:]
     rows = [
         ["5e82a45b", 3, 3, "psoriasis", "inflammatory", "non-neoplastic", "", "https://x/1.jpg", "x1.jpg"],
         ["9bc21ae9", -1, -1, "melanoma", "malignant melanoma", "malignant", "1 Diagnostic", "u", "x2.jpg"],

@@ -7,25 +7,13 @@ import csv
 from pathlib import Path
 
 import pytest
-from conftest import image_bytes
+from conftest import FITZPATRICK17K_HEADER, image_bytes
 
 from skingpt4.data import adapters
 from skingpt4.data.manifest import read_manifest
 from skingpt4.data.prepare import prepare
 from skingpt4.errors import InputError
 
-FITZ_HEADER = [
-    "",
-    "md5hash",
-    "fitzpatrick_scale",
-    "fitzpatrick_centaur",
-    "label",
-    "nine_partition_label",
-    "three_partition_label",
-    "qc",
-    "url",
-    "url_alphanum",
-]
 FINE = {  # label -> (nine-partition, three-partition), as the published CSV pairs them
     "melanoma": ("malignant melanoma", "malignant"),
     "basal cell carcinoma": ("malignant epidermal", "malignant"),
@@ -52,7 +40,7 @@ def fitzpatrick_set(folder: Path, n: int = 40) -> Path:
         label = list(FINE)[i % len(FINE)]
         scale = -1 if i % 5 == 0 else i % 6 + 1
         rows.append([i, name, scale, (i + 2) % 6 + 1, label, *FINE[label], "", "", ""])
-    return write_table(folder / "fitzpatrick17k.csv", FITZ_HEADER, rows)
+    return write_table(folder / "fitzpatrick17k.csv", FITZPATRICK17K_HEADER, rows)
 
 
 def skincon_set(folder: Path, images: list[str]) -> Path:

@@ -18,6 +18,7 @@ def module_name(path: Path) -> str:
 
 def imports() -> dict[str, set[str]]:
     """Each module -> the skingpt4 modules it imports, at the top or inside a function."""
+    assert PACKAGE.is_dir(), f"no package at {PACKAGE}: these checks read the source tree"
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():

@@ -9,11 +9,11 @@ assertion here depends on speed (the seconds measured are only printed in the su
 from __future__ import annotations
 
 import io
-import threading
 import time
 from collections import Counter
 
 import pytest
+from conftest import within
 from malformed import CATEGORIES, Case, all_cases, data_url_cases, decode_data_url, has_metadata, image_cases
 from PIL import Image
 
@@ -32,27 +32,6 @@ def decoder():
     with Decoder(timeout=HANG_GUARD_S / 2) as dec:
         dec.load(_case("8x8").data)  # start the child here, so that its start-up is not counted as decode time
         yield dec
-
-
-def within(seconds: float, work, *args):
-    """`work(*args)`, or a test failure if it has not returned after `seconds` (a hang guard). It runs in a daemon
-    thread, so a call that never returns cannot keep the test session from ending."""
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = work(*args)
-        except BaseException as exc:  # re-raised in the test's thread below
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        pytest.fail(f"hang: {getattr(work, '__name__', work)} has not returned after {seconds:.0f} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def run(decode, case: Case) -> tuple[str, float]:

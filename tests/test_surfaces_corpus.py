@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 from collections import Counter
 
 import pytest
+from conftest import within
 from malformed import all_cases, data_url_cases, has_metadata, image_cases
 
 from skingpt4.chat import ChatEngine
@@ -34,27 +34,6 @@ def http(loaded):
     app = create_app(ChatEngine(loaded), ServeConfig(max_tokens=1, max_image_mb=50, max_body_mb=80, warmup=False))
     with TestClient(app) as client:
         yield client
-
-
-def within(seconds: float, work, *args):
-    """`work(*args)`, or a test failure if it has not returned after `seconds` (a hang guard). It runs in a daemon
-    thread, so a call that never returns cannot keep the test session from ending."""
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = work(*args)
-        except BaseException as exc:  # re-raised in the test's thread below
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        pytest.fail(f"hang: no answer after {seconds:.0f} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def post_image(http, url: str):

@@ -27,6 +27,18 @@ from skingpt4.model import LoadedModel
 from skingpt4.processing import common_prefix, image_keys, prompt_ids, truncate_left
 
 
+def _cache_argument() -> str:
+    """`generate`'s name for a key/value cache to continue: `cache` from transformers 5.24 (the old name,
+    `past_key_values`, still works there but warns), `past_key_values` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+
+
+CACHE_ARGUMENT = _cache_argument()
+
+
 class ChatEngine:
     """Shared, thread-safe wrapper around one model; generation is serialised by a lock."""
 
@@ -146,7 +158,7 @@ class ChatEngine:
             streamer=streamer,
             logits_processor=LogitsProcessorList([_NoIdsFrom(self.tokens)] if untokenized else []),
             stopping_criteria=StoppingCriteriaList([_Until(cancel)] if cancel is not None else []),
-            **({"cache": cache} if cache is not None else {}),
+            **({CACHE_ARGUMENT: cache} if cache is not None else {}),
         )
 
     def _generate_cached(self, session, ids, features, first_image, settings, streamer, cancel) -> torch.Tensor:

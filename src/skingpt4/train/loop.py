@@ -276,7 +276,9 @@ def make_trainable(net: torch.nn.Module, cfg: TrainConfig) -> None:
     if cfg.lora:
         add_lora(net, cfg)
     if cfg.gradient_checkpointing:
-        net.language_model.activation_checkpointing_enable({"use_reentrant": False})
+        lm = net.language_model  # transformers 5.23 renamed gradient_checkpointing_enable
+        enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     net.language_projection.float().requires_grad_(True)
     for name, param in net.named_parameters():
         if "lora_" in name:
