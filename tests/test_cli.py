@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from skingpt4.chat import ChatEngine, GenerationSettings
 from skingpt4.cli.main import main
 from skingpt4.errors import SkinGPT4Error
 from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
-from skingpt4.serve.terminal import run_chat
+from skingpt4.serve.terminal import HELP, run_chat
 
 
 def test_help_has_examples(capsys):
@@ -104,6 +107,63 @@ def test_temperature_zero_is_greedy_everywhere():
 def test_terminal_chat_ends_at_eof(loaded):
     out = io.StringIO()
     assert run_chat(ChatEngine(loaded), GenerationSettings(), stdin=io.StringIO(""), stdout=out) == 0
+
+
+def test_the_chat_prompt_shows_while_the_model_loads(engine):
+    """With a model still loading, the prompt comes first; the first question waits for the model, then its
+    warning, then the answer."""
+    loading, out = Future(), io.StringIO()
+
+    class Typist:  # types a question once the prompt is shown; the model finishes loading only then
+        lines, seen = ["What is it?\n", "/quit\n"], []
+
+        def readline(self):
+            self.seen.append((out.getvalue(), loading.done()))
+            if not loading.done():
+                loading.set_result(engine)
+            return self.lines.pop(0)
+
+    typist = Typist()
+    assert run_chat(loading, GenerationSettings.greedy(max_new_tokens=3), stdin=typist, stdout=out) == 0
+    assert typist.seen[0] == (f"{INTENDED_USE}\n{HELP}\nyou> ", False)
+    text = out.getvalue()
+    assert text.index("WARNING: UNTRAINED") < text.index("skingpt4> ") < text.index(DISCLAIMER)
+
+
+def test_a_model_that_fails_to_load_is_reported_at_the_first_question(capsys, monkeypatch):
+    from skingpt4.cli import flags
+    from skingpt4.errors import ModelLoadError
+
+    def broken(args):
+        raise ModelLoadError("cannot load the model in x: damaged file")
+
+    monkeypatch.setattr(flags, "engine", broken)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert main(["chat", "--model", "tiny"]) == 2
+    captured = capsys.readouterr()
+    assert "you> " in captured.out and captured.err == "error: cannot load the model in x: damaged file\n"
+
+
+def test_commands_start_without_importing_torch():
+    """`--help` of every command, and the chat up to its prompt, import neither torch nor transformers (the chat's
+    model load is held back here, to show that nothing else imports them)."""
+    code = """
+import io, sys, threading
+from skingpt4.cli import flags
+from skingpt4.cli.main import build_parser, main
+held = threading.Event()
+flags.engine = lambda args: held.wait()
+for name in [None, *build_parser()._subparsers._group_actions[0].choices]:
+    try:
+        main([name, "--help"] if name else ["--help"])
+    except SystemExit:
+        pass
+sys.stdin = io.StringIO("/quit\\n")
+code = main(["chat", "--model", "tiny"])
+print("RESULT", code, sorted(m for m in ("torch", "transformers") if m in sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "you> " in result.stdout and result.stdout.strip().endswith("RESULT 0 []"), result.stderr[-2000:]
 
 
 def test_convert_command(tmp_path, lavis_files, llm_dir, dims, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +113,50 @@ def test_a_damaged_skingpt4_json_is_one_line(tmp_path, tiny_dir, text):
     (folder / META_FILE).write_bytes(text.encode("utf-8", "surrogateescape"))
     with pytest.raises(ModelLoadError, match=r"skingpt4.json is damaged .*convert the model again"):
         load_model(folder, device="cpu")
+
+
+def byte_level_tokenizer():
+    """A small Llama-3-style tokenizer: byte-level BPE, trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=alphabet)
+    backend.train_from_iterator(["the rash is red, dry and itchy"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+def test_a_folder_names_the_tokenizer_class_its_tokenizer_json_needs(tmp_path, tiny_dir):
+    """Byte-level tokenizers are declared `TokenizersBackend` (as `LlamaTokenizer`, transformers warns on every load
+    and swaps the class); SentencePiece-style ones keep `LlamaTokenizer`, and both read text back unchanged."""
+    from transformers.models.auto.tokenization_auto import logger as auto_logger
+
+    from skingpt4.folder import save_tokenizer
+
+    byte_level = byte_level_tokenizer()
+    saved = byte_level.save_pretrained
+
+    def save_as_llama(folder):  # as transformers versions that keep the LLM folder's declared class do
+        saved(folder)
+        config = json.loads((Path(folder) / "tokenizer_config.json").read_text())
+        (Path(folder) / "tokenizer_config.json").write_text(
+            json.dumps({**config, "tokenizer_class": "LlamaTokenizer"})
+        )
+
+    byte_level.save_pretrained = save_as_llama
+    save_tokenizer(byte_level, tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
+    assert json.loads((tiny_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == "LlamaTokenizer"
+    warned = []
+    auto_logger.warning_once = auto_logger.warning = lambda message, *a, **k: warned.append(message)
+    try:
+        for folder in (tmp_path, tiny_dir):
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            text = "the rash is red, dry and itchy"
+            assert tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids) == text
+    finally:
+        del auto_logger.warning_once, auto_logger.warning
+    assert warned == []

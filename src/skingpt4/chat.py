@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from skingpt4.conversation import AnswerText, Conversation, get_template
+from skingpt4.decoding import Forbid, StopWhen, TokenBytes
 from skingpt4.errors import Cancelled, InputError
 from skingpt4.generation import GenerationSettings
 from skingpt4.images import DEFAULT_LIMITS, load_image, read_source, sha256_bytes
@@ -52,10 +53,25 @@ class ChatEngine:
         self.tokenizer = loaded.tokenizer
         self.template = get_template(template or loaded.meta.template)
         self.lock = threading.RLock()
+        self.pieces = TokenBytes(self.tokenizer)  # each token's text, for the stop-string check
         # Never emit the image placeholder, nor vocabulary rows that have no token (a random model may have them).
         self.tokens = len(self.tokenizer)
         folder = getattr(self.model.generation_config, "suppress_tokens", None) or []
-        self.suppress_tokens = sorted({loaded.image_token_id, *(i for i in folder if i < self.tokens)})
+        self.suppress_tokens = [loaded.image_token_id, *folder]
+
+    @property
+    def suppress_tokens(self) -> list[int]:
+        """Ids never generated (besides the rows past the tokenizer's vocabulary); setting them remakes the mask."""
+        return self._suppressed
+
+    @suppress_tokens.setter
+    def suppress_tokens(self, ids) -> None:
+        rows = self.model.language_model.get_output_embeddings().weight.shape[0]
+        self._suppressed = sorted({i for i in ids if i < self.tokens})
+        mask = torch.zeros(rows, dtype=torch.bool)
+        mask[self._suppressed] = True
+        mask[self.tokens :] = True
+        self.forbid = Forbid(mask.to(self.loaded.device))
 
     def session(self) -> Session:
         return Session(self)
@@ -146,18 +162,17 @@ class ChatEngine:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         embeds = self.embed(ids, features)
-        untokenized = self.model.config.text_config.vocab_size > self.tokens
-        stop = self.stops(settings) or None
+        stop = self.stops(settings)
         # Only embeddings, as the original: the output is the new tokens alone, and a repetition penalty sees only
-        # them (given the prompt ids, transformers would penalise the whole conversation).
+        # them (given the prompt ids, transformers would penalise the whole conversation). The mask is applied
+        # where transformers' own `suppress_tokens` would be: after a repetition penalty, before sampling.
         return self.model.language_model.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
-            generation_config=settings.to_config(self.tokenizer, self.suppress_tokens, stop),
-            tokenizer=self.tokenizer,
+            generation_config=settings.to_config(self.tokenizer),
             streamer=streamer,
-            logits_processor=LogitsProcessorList([_NoIdsFrom(self.tokens)] if untokenized else []),
-            stopping_criteria=StoppingCriteriaList([_Until(cancel)] if cancel is not None else []),
+            logits_processor=LogitsProcessorList([self.forbid]),
+            stopping_criteria=StoppingCriteriaList([StopWhen(self.pieces, stop, cancel)] if stop or cancel else []),
             **({CACHE_ARGUMENT: cache} if cache is not None else {}),
         )
 
@@ -214,27 +229,6 @@ def seeded(seed: int | None):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
-
-
-class _NoIdsFrom:
-    """Logits processor: ids >= `first` have no token in the tokenizer; never generate them (one slice, any size)."""
-
-    def __init__(self, first: int):
-        self.first = first
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores[:, self.first :] = float("-inf")
-        return scores
-
-
-class _Until:
-    """Stopping criterion: stop every row once the event is set (checked after each token step)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class Session:

@@ -28,7 +28,7 @@ from skingpt4.checkpoints import (
 )
 from skingpt4.conversation import get_template
 from skingpt4.errors import ConversionError, first_line
-from skingpt4.folder import NUM_QUERY_TOKENS, ModelMeta, add_image_token, make_config
+from skingpt4.folder import NUM_QUERY_TOKENS, ModelMeta, add_image_token, make_config, save_tokenizer
 from skingpt4.folder import qformer_config as make_qformer_config
 from skingpt4.folder import vision_config as make_vision_config
 from skingpt4.generation import folder_generation_config
@@ -239,7 +239,7 @@ def _convert_into(options: ConvertOptions, folder: Path) -> None:
     writer.close()
 
     config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
     folder_generation_config(tokenizer, image_token_id).save_pretrained(folder)
     meta = ModelMeta(template=options.template, image_size=vcfg["image_size"], sources=sources)
     meta.description = "converted by skingpt4 convert"

@@ -20,6 +20,7 @@ from skingpt4.pixels import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, PixelSpec
 IMAGE_TOKEN = "<image>"  # one added special token; 32 copies stand for each image
 NUM_QUERY_TOKENS = 32
 META_FILE = "skingpt4.json"
+TINY = "tiny"  # `--model tiny`: the random tiny model, built offline on first use
 TRAINING_IMAGES = "training-images.sha256"  # a trained model's training images, by content (`eval` warns on them)
 
 
@@ -114,6 +115,36 @@ def add_image_token(tokenizer) -> int:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def model_folder(model: str | Path) -> Path | None:
+    """The folder `model` names, checked to be a model folder (None for `tiny`); cheap, without loading anything."""
+    if str(model) == TINY:
+        return None
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model folder not found: {model} (give a folder made by `skingpt4 convert`, or `--model tiny`)"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{model} has no config.json: is it a model folder made by `skingpt4 convert`?")
+    return path
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """Save `tokenizer` into a model folder, its tokenizer_config.json naming a class that reads the saved
+    tokenizer.json as it is. A byte-level tokenizer (Llama 3 style) declared as `LlamaTokenizer` would be warned
+    about on every load (transformers then swaps the class); it is declared `TokenizersBackend` instead.
+    SentencePiece-style tokenizers (Metaspace with byte fallback, Llama 1/2) keep their class."""
+    tokenizer.save_pretrained(folder)
+    serialized = json.loads((Path(folder) / "tokenizer.json").read_text(encoding="utf-8"))
+    parts = [serialized.get("pre_tokenizer") or {}, serialized.get("decoder") or {}]
+    parts += [p for part in parts for p in part.get("pretokenizers", []) + part.get("decoders", [])]
+    if any(p.get("type") == "ByteLevel" for p in parts):
+        config_file = Path(folder) / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config["tokenizer_class"] = "TokenizersBackend"
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def home_dir() -> Path:

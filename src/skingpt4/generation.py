@@ -44,8 +44,12 @@ class GenerationSettings:
     def greedy(cls, **overrides) -> GenerationSettings:
         return cls(do_sample=False, **overrides)
 
-    def to_config(self, tokenizer, suppress_tokens: list[int], stop_strings: list[str] | None = None):
-        """These settings as a transformers `GenerationConfig` (sampling knobs only when sampling)."""
+    def to_config(self, tokenizer, suppress_tokens: list[int] | None = None):
+        """These settings as a transformers `GenerationConfig` (sampling knobs only when sampling).
+
+        The chat engine passes no `suppress_tokens` and no stop strings: it applies both itself, at O(1) per token
+        (`decoding.py`); a model folder's generation_config.json carries the suppressed ids for plain transformers.
+        """
         from transformers import GenerationConfig
 
         options = dict(
@@ -56,12 +60,11 @@ class GenerationSettings:
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            suppress_tokens=list(suppress_tokens),
         )
+        if suppress_tokens:
+            options["suppress_tokens"] = list(suppress_tokens)
         if self.do_sample:
             options.update(temperature=self.temperature, top_p=self.top_p)
-        if stop_strings:
-            options["stop_strings"] = stop_strings
         return GenerationConfig(**options)
 
 

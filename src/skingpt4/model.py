@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from skingpt4.errors import ModelLoadError, first_line
-from skingpt4.folder import IMAGE_TOKEN, ModelMeta
-from skingpt4.tiny import TINY, tiny_model_dir
+from skingpt4.folder import IMAGE_TOKEN, ModelMeta, model_folder
+from skingpt4.tiny import tiny_model_dir
 
 
 @dataclass
@@ -47,21 +47,8 @@ class LoadedModel:
 
 
 def resolve_model_path(model: str | Path) -> Path:
-    """`tiny` or a model folder; anything else gets a one-line explanation."""
-    if str(model) == TINY:
-        return tiny_model_dir()
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise ModelLoadError(
-            f"model folder not found: {model} (give a folder made by `skingpt4 convert`, or `--model tiny`)"
-        )
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{model} has no config.json: is it a model folder made by `skingpt4 convert`?")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loading
+    """`tiny` (built on first use) or a model folder; anything else gets a one-line explanation."""
+    return model_folder(model) or tiny_model_dir()
 
 
 DTYPES = {

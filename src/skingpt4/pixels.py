@@ -13,10 +13,13 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: a model folder's metadata needs none of it
+    import torch
 
 __all__ = [
     "CLIP_MEAN",
@@ -82,6 +85,8 @@ def train_transform(
 
 def to_pixel_batch(images: Sequence[Image.Image], size: int = IMAGE_SIZE) -> torch.Tensor:
     """Stack ``eval_transform`` outputs into [B, 3, size, size]; an empty list gives a [0, 3, size, size] tensor."""
+    import torch
+
     if len(images) == 0:
         return torch.empty((0, 3, size, size), dtype=torch.float32)
     return torch.stack([eval_transform(img, size) for img in images])
@@ -145,6 +150,8 @@ def _require_rgb(img: Image.Image) -> None:
 
 def _to_normalised_tensor(img: Image.Image, mean: Triple, std: Triple) -> torch.Tensor:
     """torchvision ``ToTensor`` then ``Normalize``, same float32 operations in the same order."""
+    import torch
+
     array = np.array(img, dtype=np.uint8, copy=True)  # [H, W, 3]
     tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
     return tensor.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))

@@ -19,12 +19,10 @@ from skingpt4.folder import (
     home_dir,
     make_config,
     qformer_config,
+    save_tokenizer,
     vision_config,
 )
 from skingpt4.generation import folder_generation_config
-
-TINY = "tiny"
-
 
 TINY_CORPUS = (
     "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide it to "
@@ -117,7 +115,7 @@ def create_random_model(
     model.generation_config = folder_generation_config(tokenizer, image_token_id)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     ModelMeta(untrained=True, description=f"random model, seed {seed}").save(out)
     return out
 

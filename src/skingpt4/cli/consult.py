@@ -75,7 +75,9 @@ def cmd_chat(args) -> int:
     settings = flags.settings(args)
     for path in args.image:  # a bad photo at start is bad input: say so before the model loads, and stop
         load_image(Path(path))
-    engine = flags.engine(args)
+    # Photos given at start and records (their model hash) need the model first; otherwise the prompt shows
+    # at once and the first question waits for the model.
+    engine = flags.engine(args) if args.image or args.record else flags.engine_loading(args)
     with flags.records_store(args, engine) as store:
         return run_chat(engine, settings, args.image, store=store)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -62,16 +64,47 @@ def settings(args):
 def engine(args):
     """Load the model named by the model flags into a `ChatEngine`."""
     from skingpt4.chat import ChatEngine
-    from skingpt4.conversation import get_template
     from skingpt4.model import load_model
 
+    check_model_flags(args)
+    loaded = load_model(args.model, args.device, args.dtype, args.device_map, args.load_in_8bit, args.load_in_4bit)
+    return ChatEngine(loaded, args.template)
+
+
+def check_model_flags(args) -> None:
+    """What can be checked of the model flags without loading anything (no torch import): the folder, the template."""
+    from skingpt4.conversation import get_template
+    from skingpt4.folder import model_folder
+
+    model_folder(args.model)
     if args.template:
         try:
             get_template(args.template)
         except ValueError as exc:
             raise InputError(str(exc)) from None
-    loaded = load_model(args.model, args.device, args.dtype, args.device_map, args.load_in_8bit, args.load_in_4bit)
-    return ChatEngine(loaded, args.template)
+
+
+def engine_loading(args) -> Future:
+    """`engine(args)` in a background thread, after the quick checks: a command can show its prompt while the
+    model loads (most of that time is importing torch and transformers), and wait for it when it is needed.
+
+    A device, precision or quantization flag needs torch to be checked: then the model loads here, first, so that
+    a wrong flag is reported before the prompt.
+    """
+    check_model_flags(args)
+    future: Future = Future()
+    if args.device not in ("auto", "cpu") or args.dtype or args.device_map or args.load_in_8bit or args.load_in_4bit:
+        future.set_result(engine(args))
+        return future
+
+    def load():
+        try:
+            future.set_result(engine(args))
+        except BaseException as exc:  # raised where the engine is awaited
+            future.set_exception(exc)
+
+    threading.Thread(target=load, name="load-model", daemon=True).start()
+    return future
 
 
 def announce(engine) -> None:

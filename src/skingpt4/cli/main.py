@@ -64,12 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    """Keep library progress bars and advice out of the user's terminal; our own messages say what matters."""
+    """Keep library progress bars and advice out of the user's terminal; our own messages say what matters.
+
+    Environment variables, read when transformers is imported: importing it here would cost a second before any
+    command could start (the chat shows its prompt while the model still loads).
+    """
     import os
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging
+    if "transformers" in sys.modules:  # already imported (an embedding program, the tests): tell it directly
+        from transformers.utils import logging
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()

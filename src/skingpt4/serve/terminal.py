@@ -8,35 +8,43 @@ from __future__ import annotations
 
 import json
 import sys
+from concurrent.futures import Future
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from skingpt4.chat import ChatEngine, GenerationSettings
 from skingpt4.errors import SkinGPT4Error, first_line
+from skingpt4.generation import GenerationSettings
 from skingpt4.images import ImageRejected, load_image
-from skingpt4.serve.consult import Consultation
 from skingpt4.serve.safety import INTENDED_USE
+
+if TYPE_CHECKING:
+    from skingpt4.chat import ChatEngine
+    from skingpt4.serve.consult import Consultation
 
 HELP = "commands: /image PATH  add a photo | /reset  new consultation | /save FILE  save transcript | /quit"
 
 
 def run_chat(
-    engine: ChatEngine,
+    engine: ChatEngine | Future,
     settings: GenerationSettings,
     images: list[str] = (),
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
     store=None,
 ) -> int:
-    """Read lines until EOF or /quit; every bad command or image gets one line and the chat goes on."""
+    """Read lines until EOF or /quit; every bad command or image gets one line and the chat goes on.
+
+    `engine` may be a `Future` of one, the model still loading: the prompt then shows at once, and the first
+    question or photo waits for the model (a failed load is raised there).
+    """
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    session = Consultation(engine, "chat", store=store, decode=load_image)
     say = lambda text="", end="\n": (stdout.write(text + end), stdout.flush())  # noqa: E731
     say(INTENDED_USE)
-    if engine.loaded.warning:
-        say(f"WARNING: {engine.loaded.warning}")
+    session = _Session(engine, store, say)
+    if not isinstance(engine, Future):
+        session()  # loaded: its warning comes before anything else
     for path in images:
-        if not _add_image(session, path, say):
+        if not _add_image(session(), path, say):
             return 2  # the photos given at start are the consultation: without one, stop rather than chat
     say(HELP)
     while True:
@@ -53,9 +61,10 @@ def run_chat(
             if _command(session, line, say) == "quit":
                 return 0
             continue
+        consultation = session()  # a model still loading is waited for (and its warning shown) first
         stdout.write("skingpt4> ")
         try:
-            for piece in session.reply(line, settings):
+            for piece in consultation.reply(line, settings):
                 say(piece, end="")
         except (SkinGPT4Error, RuntimeError, ValueError) as exc:  # e.g. out of memory: say so, keep the chat
             say(f"\nerror: {first_line(exc)}")
@@ -63,19 +72,36 @@ def run_chat(
         say()
 
 
-def _command(session, line: str, say) -> str | None:
+class _Session:
+    """The consultation, made when the model is ready; its first call waits for a model still loading."""
+
+    def __init__(self, engine, store, say):
+        self.engine, self.store, self.say, self.consultation = engine, store, say, None
+
+    def __call__(self) -> Consultation:
+        if self.consultation is None:
+            from skingpt4.serve.consult import Consultation
+
+            engine = self.engine.result() if isinstance(self.engine, Future) else self.engine
+            if engine.loaded.warning:
+                self.say(f"WARNING: {engine.loaded.warning}")
+            self.consultation = Consultation(engine, "chat", store=self.store, decode=load_image)
+        return self.consultation
+
+
+def _command(session: _Session, line: str, say) -> str | None:
     name, _, arg = line.partition(" ")
     arg = arg.strip()
     if name == "/quit" or name == "/exit":
         return "quit"
     if name == "/image" and arg:
-        _add_image(session, arg, say)
+        _add_image(session(), arg, say)
     elif name == "/reset":
-        session.reset()
+        session().reset()
         say("(new consultation: images and history cleared)")
     elif name == "/save" and arg:
         try:
-            Path(arg).write_text(json.dumps(session.transcript(), indent=2, ensure_ascii=False) + "\n")
+            Path(arg).write_text(json.dumps(session().transcript(), indent=2, ensure_ascii=False) + "\n")
             say(f"(saved to {arg})")
         except OSError as exc:
             say(f"error: cannot write {arg}: {exc.strerror}")

@@ -1,0 +1,122 @@
+"""What each decode step runs besides the model: the never-generate mask and the stop-string check.
+
+Both cost O(1) per token and nothing per `generate` call beyond building a small object: the mask is computed
+once per engine, and each token id's text is computed once per tokenizer (on first sight), so checking for a stop
+string looks at the last few tokens' bytes only. transformers' own `suppress_tokens` rebuilds its mask every step
+and `stop_strings` preprocesses the whole vocabulary on every call; these do neither and decide exactly the same.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import torch
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (each byte shown as one printable character), character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shown, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            shown[chr(byte)] = byte
+        else:
+            shown[chr(256 + extra)] = byte
+            extra += 1
+    return shown
+
+
+class TokenBytes:
+    """Each token id's text as it reads inside a decoded answer, as UTF-8 bytes; computed once per id.
+
+    A piece is what the id adds after a plain anchor token (so SentencePiece's leading space is kept). Pieces that
+    are part of one character are their raw bytes: SentencePiece byte fallback (`<0xE2>`) and byte-level BPE
+    (GPT-2's alphabet). Special tokens add nothing, as answers are decoded without them.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.special = set(tokenizer.all_special_ids)
+        self.anchor = tokenizer("a", add_special_tokens=False).input_ids[-1:]
+        self.anchor_text = tokenizer.decode(self.anchor, skip_special_tokens=True)
+        self.known: dict[int, bytes] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, token_id: int) -> bytes:
+        piece = self.known.get(token_id)
+        if piece is None:
+            with self.lock:
+                piece = self.known[token_id] = self._piece(token_id)
+        return piece
+
+    def _piece(self, token_id: int) -> bytes:
+        if token_id in self.special:
+            return b""
+        token = self.tokenizer.convert_ids_to_tokens(token_id) or ""
+        if byte := _BYTE_PIECE.fullmatch(token):
+            return bytes([int(byte.group(1), 16)])
+        text = self.tokenizer.decode(self.anchor + [token_id], skip_special_tokens=True)[len(self.anchor_text) :]
+        if "\ufffd" in text and all(c in BYTE_LEVEL for c in token):  # byte-level BPE: part of a character
+            return bytes(BYTE_LEVEL[c] for c in token)
+        return text.encode("utf-8")
+
+
+BYTE_LEVEL = _byte_level_alphabet()
+
+
+class StopWhen:
+    """Stopping criterion: a row stops once its generated text contains a stop string, or all rows once `cancel`
+    is set (checked after each token step).
+
+    Only an occurrence that ends in the newest token can be new, so each step looks at that token's bytes and
+    the `longest - 1` bytes before them. Generation must start from embeddings: `input_ids` then hold only the
+    generated ids. Stateless across steps, so beam search's reordering of rows cannot confuse it.
+    """
+
+    def __init__(self, pieces: TokenBytes, stops: list[str], cancel: threading.Event | None = None):
+        self.pieces, self.cancel = pieces, cancel
+        self.stops = [s.encode("utf-8") for s in stops if s]
+        self.before = max((len(s) for s in self.stops), default=1) - 1  # bytes needed before the newest token
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        rows = input_ids.shape[0]
+        if self.cancel is not None and self.cancel.is_set():
+            return torch.ones(rows, dtype=torch.bool, device=input_ids.device)
+        if not self.stops or input_ids.shape[1] == 0:
+            return torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+        window = self.before + 1
+        while True:  # a token adds at least one byte unless it is special (rare): widen the window for those
+            whole = window >= input_ids.shape[1]
+            texts = [self._tail_text(row, whole) for row in input_ids[:, -window:].tolist()]
+            if whole or None not in texts:
+                break
+            window *= 2
+        done = [any(s in text for s in self.stops) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def _tail_text(self, row: list[int], whole: bool) -> bytes | None:
+        """The newest token's bytes after the `before` bytes ahead of them; None if `row` (a window of a longer
+        row) holds too few."""
+        before = b""
+        for token_id in reversed(row[:-1]):
+            if len(before) >= self.before:
+                break
+            before = self.pieces(token_id) + before
+        if len(before) < self.before and not whole:
+            return None
+        return (before[-self.before :] if self.before else b"") + self.pieces(row[-1])
+
+
+class Forbid:
+    """Logits processor: never generate the ids in `mask` (a boolean row over the vocabulary, made once)."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.mask.device != scores.device:  # a model split across devices: move once, keep
+            self.mask = self.mask.to(scores.device)
+        return scores.masked_fill_(self.mask, float("-inf"))
