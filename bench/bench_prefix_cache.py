@@ -61,6 +61,7 @@ def main() -> None:
 
 
 def run(engine, notes: list[str]) -> None:
+    engine.cached_sessions = 10**6  # every clone answers as a new session: keep the history's cache regardless
     history = engine.session()
     history.add_image(jpeg_bytes(sample_images(1)[0]))
     for question in QUESTIONS:

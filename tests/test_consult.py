@@ -182,3 +182,24 @@ def test_closing_a_reply_mid_answer_cancels_within_a_token_and_withdraws_the_que
         hook.remove()
     assert len(steps) <= 8  # five pieces, about one step each, then at most the step in flight
     assert consultation.turns == [] and consultation.session.conversation.messages == before
+
+
+def test_chat_surfaces_settle_the_cache_between_turns(engine):
+    """With `settle`, the next turn reuses the re-tokenized answer too (computed in the background after the
+    answer), and answers exactly as without it."""
+    import threading
+
+    greedy = GenerationSettings.greedy(max_new_tokens=30)
+    runs = {}
+    for settle in (False, True):
+        consultation = Consultation(engine, "chat", decode=load_image, settle=settle)
+        consultation.add_image(image_bytes(noise_seed=8))
+        answers = [consultation.answer("What is it?", greedy)]
+        for thread in threading.enumerate():
+            if thread.name == "settle":
+                thread.join()
+        answers.append(consultation.answer("What causes it?", greedy))
+        runs[settle] = (answers, consultation.session.reused_tokens, consultation.session.prompt_tokens)
+    (plain, reused, prompt), (settled, settled_reuse, _) = runs[False], runs[True]
+    assert settled == plain
+    assert reused < settled_reuse <= prompt and prompt - settled_reuse < 20  # the new question, about

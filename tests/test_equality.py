@@ -143,10 +143,13 @@ def plain_generate(model, embeds, suppressed, sp, **options):
     )
 
 
-def consult(probe: Probe, settings: GenerationSettings, recompute: bool) -> list[dict]:
-    """Run TURNS through one session; per turn: the prompt, its photos, the new ids and the engine's step logits."""
+def consult(probe: Probe, settings: GenerationSettings, recompute: bool, settle: bool = False) -> list[dict]:
+    """Run TURNS through one session; per turn: the prompt, its photos, the new ids and the engine's step logits.
+
+    `settle`: after each answer the session's cache is brought up to the re-tokenized conversation (as the chat
+    and the web app do while the person types); "settled" is how many prompt positions that covered."""
     session = probe.engine.session()
-    photos, turns = [], []
+    photos, turns, settled = [], [], 0
     for photo, question in TURNS:
         if photo is not None:
             session.add_image(photo)
@@ -166,9 +169,12 @@ def consult(probe: Probe, settings: GenerationSettings, recompute: bool) -> list
                 "prompt_tokens": session.prompt_tokens,
                 "widths": [w for w, _ in forwards],
                 "logits": torch.cat([logits for _, logits in forwards]),
+                "settled_before": settled,
             }
         )
         probe.runs.clear()
+        if settle:
+            settled = session.cache.get_seq_length() if session.settle() else 0
     return turns
 
 
@@ -177,8 +183,13 @@ def test_long_multi_turn_reuse_equals_recompute_and_plain_transformers(probe, lo
     greedy = GenerationSettings.greedy(max_new_tokens=LONG)
     cached = consult(probe, greedy, recompute=False)
     fresh = consult(probe, greedy, recompute=True)
+    settled = consult(probe, greedy, recompute=False, settle=True)
     report = []
-    for n, (c, f) in enumerate(zip(cached, fresh)):
+    for n, (c, f, s) in enumerate(zip(cached, fresh, settled)):
+        assert s["ids"] == c["ids"] and (s["logits"] - c["logits"]).abs().max().item() <= TOL, f"turn {n}"
+        # settling covered the re-tokenized history and the next role's first word, so the turn computed only the
+        # new text
+        assert s["reused"] >= max(s["settled_before"], c["reused"]), f"turn {n}"
         assert c["prompt"] == f["prompt"]  # same answers so far, so the same conversation
         # the cache really carried the prefix: later turns computed only the positions after it
         if n == 0:
@@ -206,14 +217,27 @@ def test_long_multi_turn_reuse_equals_recompute_and_plain_transformers(probe, lo
             full = model.language_model(inputs_embeds=torch.cat([embeds, answer], dim=1)).logits[0]
         forward_diff = (c["logits"] - full[embeds.shape[1] - 1 : -1]).abs().max().item()
         assert forward_diff <= TOL, f"turn {n}"
-        report.append((n, c["prompt_tokens"], c["reused"], len(set(c["ids"])), cached_diff, fresh_diff, forward_diff))
+        report.append(
+            (
+                n,
+                c["prompt_tokens"],
+                c["reused"],
+                s["reused"],
+                len(set(c["ids"])),
+                cached_diff,
+                fresh_diff,
+                forward_diff,
+            )
+        )
     assert len(cached[2]["photos"]) == 2  # the second image came mid-chat and was in the prompt
+    assert sum(s["reused"] > c["reused"] for c, s in zip(cached, settled)) >= 2  # settling kept more, twice or more
     # some turn reused cache entries of generated tokens, not only of the previous prompt
     assert any(c["reused"] > before["prompt_tokens"] for before, c in zip(cached, cached[1:]))
     with capsys.disabled():
-        for n, prompt, reused, distinct, cd, fd, wd in report:
+        for n, prompt, reused, settled_reuse, distinct, cd, fd, wd in report:
             print(
-                f"\nturn {n}: prompt {prompt} tokens, reused {reused}, {LONG} ids equal ({distinct} distinct); "
+                f"\nturn {n}: prompt {prompt} tokens, reused {reused} ({settled_reuse} settled), {LONG} ids equal "
+                f"({distinct} distinct); "
                 f"max |logit diff| vs plain generate: cached {cd:.2e}, recomputed {fd:.2e}; vs one forward {wd:.2e}",
                 end="",
             )

@@ -196,6 +196,43 @@ class ChatEngine:
         self._remember(session)
         return new
 
+    @torch.no_grad()
+    def settle(self, session: Session) -> int:
+        """Bring a session's cache up to its conversation as the next turn will read it; returns the positions added.
+
+        A turn's cache holds the ids the model generated, but the next prompt re-tokenizes the answer's text (as
+        the original does, and as exactness needs), so reuse stops where the two differ: often at the answer's
+        first token (`Assistant: ` puts a space before it that the generated token may lack). This computes the
+        re-tokenized part now, so the next turn prefills only its question. The surfaces call it when an answer
+        is done, in the background, while the person reads and types; a question asked meanwhile waits for it.
+        """
+        with self.lock:
+            if session.cache is None or session.conversation.awaiting_answer:
+                return 0
+            # The next message begins with the user role (`answer###Human: ...`): its text up to the space joins
+            # the answer's last word, so it is tokenized with it; after the space a new word begins. (Were that
+            # not so for some tokenizer, the next turn would just reuse less: it compares before it reuses.)
+            text = session.conversation.history() + self.template.roles[0].rpartition(" ")[0]
+            ids = prompt_ids(self.tokenizer, text, self.loaded.image_token_id)
+            if len(ids) >= _DEFAULTS.max_context - _DEFAULTS.max_new_tokens:  # the next turn may cut the left
+                return 0
+            keys = image_keys(ids, self.loaded.image_token_id)
+            reuse = common_prefix(session.cache_keys, keys)
+            if reuse >= len(ids):
+                return 0
+            cache, session.cache, session.cache_keys = session.cache, None, []  # no half-updated cache survives
+            if cache.get_seq_length() > reuse:
+                cache.crop(reuse - cache.get_seq_length())  # a negative count removes that many positions
+            features = torch.stack(session.features) if session.features else None
+            row = torch.tensor([ids], device=self.loaded.device)
+            embeds = self.embed(row, features)[:, reuse:]
+            self.model.language_model(
+                inputs_embeds=embeds, attention_mask=torch.ones_like(row), logits_to_keep=1, **{CACHE_ARGUMENT: cache}
+            )
+            session.cache, session.cache_keys = cache, keys
+            self._remember(session)
+            return len(ids) - reuse
+
     def _remember(self, session: Session) -> None:
         """Mark `session` as the most recent cache holder; drop the caches of sessions beyond the budget."""
         self._cached[id(session)] = weakref.ref(session)
@@ -216,6 +253,9 @@ class ChatEngine:
         ids = torch.tensor(rows, device=device)
         features = torch.cat(features) if features else None
         return list(self._run(ids, torch.tensor(mask, device=device), features, settings, streamer, cancel))
+
+
+_DEFAULTS = GenerationSettings()
 
 
 @contextmanager
@@ -265,6 +305,10 @@ class Session:
 
     def answer(self, settings: GenerationSettings | None = None, cancel: threading.Event | None = None) -> str:
         return self.engine.generate([self], settings, cancel=cancel)[0]
+
+    def settle(self) -> int:
+        """Prepare the cache for the next turn (`ChatEngine.settle`); idle-time work."""
+        return self.engine.settle(self)
 
     def stream(self, settings: GenerationSettings | None = None, cancel: threading.Event | None = None):
         """Yield the answer as text pieces while it is generated (the final, cleaned answer is stored).

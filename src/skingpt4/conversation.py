@@ -202,8 +202,14 @@ class Conversation:
         Answers are read without image markup or special-token strings (`AnswerText` removes them as they stream,
         and an API client replays answers it may have edited), so no answer can add an image slot or control id.
         """
-        messages = [(role, strip_markup(text, self.special_tokens) if role else text) for role, text in self.messages]
-        return self.template.render([*messages, (1, None)])
+        return self.template.render([*self._readable(), (1, None)])
+
+    def history(self) -> str:
+        """All messages as the model reads them, without the open role: how every later prompt begins."""
+        return self.template.render(self._readable())
+
+    def _readable(self) -> list[tuple[int, str]]:
+        return [(role, strip_markup(text, self.special_tokens) if role else text) for role, text in self.messages]
 
     def add_answer(self, text: str) -> str:
         """Store an answer as it was shown."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import html
+import logging
 import threading
 import time
 import uuid
@@ -24,14 +25,25 @@ from skingpt4.generation import GenerationSettings, setting_rows
 from skingpt4.images import DEFAULT_LIMITS, png_bytes, png_data_uri, read_source, sha256_bytes, thumbnail
 from skingpt4.serve.safety import INTENDED_USE, LEVELS, Guard, without_rails
 
+log = logging.getLogger(__name__)
 MAX_QUESTION_CHARS = 4000  # far above any real question; bounds prompt-building work for hostile input
 
 
 class Consultation:
     """A chat session plus the turns as shown, the images' hashes and thumbnails, and record keeping."""
 
-    def __init__(self, engine: ChatEngine, surface: str, store=None, decode=None, max_images: int = 8):
-        self.engine, self.surface, self.store, self.max_images = engine, surface, store, max_images
+    def __init__(
+        self, engine: ChatEngine, surface: str, store=None, decode=None, max_images: int = 8, settle: bool = False
+    ):
+        """`settle`: after each answer, prepare the cache for the next turn in the background (`ChatEngine.settle`),
+        for surfaces where a person reads and types between turns; not the stateless API."""
+        self.engine, self.surface, self.store, self.max_images, self.settle = (
+            engine,
+            surface,
+            store,
+            max_images,
+            settle,
+        )
         self.decode = decode or _isolated_decoder()
         self.reset()
 
@@ -87,6 +99,8 @@ class Consultation:
         )
         self.settings = settings
         self._save()
+        if self.settle:
+            threading.Thread(target=_settle, args=(self.session,), name="settle").start()  # short: exit waits
         if tail:
             yield tail
 
@@ -193,3 +207,11 @@ def _isolated_decoder():
     from skingpt4.serve.sandbox import load_image_isolated
 
     return load_image_isolated
+
+
+def _settle(session) -> None:
+    """Idle-time cache preparation: a failure (out of memory, say) only means the next turn recomputes more."""
+    try:
+        session.settle()
+    except Exception as exc:  # never surfaces: the next turn works without it
+        log.debug("settle failed: %s", type(exc).__name__)

@@ -85,7 +85,7 @@ class _Session:
             engine = self.engine.result() if isinstance(self.engine, Future) else self.engine
             if engine.loaded.warning:
                 self.say(f"WARNING: {engine.loaded.warning}")
-            self.consultation = Consultation(engine, "chat", store=self.store, decode=load_image)
+            self.consultation = Consultation(engine, "chat", store=self.store, decode=load_image, settle=True)
         return self.consultation
 
 

@@ -114,7 +114,9 @@ class WebApp:
         self.sweeper = Sweeper(self.uploads, config.sweep_every)
 
     def new_visit(self) -> Visit:
-        return Visit(Consultation(self.engine, SURFACE, store=self.store, max_images=self.config.max_images))
+        return Visit(
+            Consultation(self.engine, SURFACE, store=self.store, max_images=self.config.max_images, settle=True)
+        )
 
     # -- handlers ---------------------------------------------------------------------------------------------
 
