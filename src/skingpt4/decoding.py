@@ -42,23 +42,28 @@ class TokenBytes:
         self.special = set(tokenizer.all_special_ids)
         self.anchor = tokenizer("a", add_special_tokens=False).input_ids[-1:]
         self.anchor_text = tokenizer.decode(self.anchor, skip_special_tokens=True)
-        self.known: dict[int, bytes] = {}
+        self.known: dict[tuple[int, bool], bytes] = {}
         self.lock = threading.Lock()
 
-    def __call__(self, token_id: int) -> bytes:
-        piece = self.known.get(token_id)
+    def __call__(self, token_id: int, first: bool = False) -> bytes:
+        """The id's bytes inside an answer, or (`first`) as the answer's first token, where the decoder may strip
+        SentencePiece's leading space."""
+        piece = self.known.get((token_id, first))
         if piece is None:
             with self.lock:
-                piece = self.known[token_id] = self._piece(token_id)
+                piece = self.known[token_id, first] = self._piece(token_id, first)
         return piece
 
-    def _piece(self, token_id: int) -> bytes:
+    def _piece(self, token_id: int, first: bool) -> bytes:
         if token_id in self.special:
             return b""
         token = self.tokenizer.convert_ids_to_tokens(token_id) or ""
         if byte := _BYTE_PIECE.fullmatch(token):
             return bytes([int(byte.group(1), 16)])
-        text = self.tokenizer.decode(self.anchor + [token_id], skip_special_tokens=True)[len(self.anchor_text) :]
+        if first:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=True)
+        else:
+            text = self.tokenizer.decode(self.anchor + [token_id], skip_special_tokens=True)[len(self.anchor_text) :]
         if "\ufffd" in text and all(c in BYTE_LEVEL for c in token):  # byte-level BPE: part of a character
             return bytes(BYTE_LEVEL[c] for c in token)
         return text.encode("utf-8")
@@ -74,6 +79,10 @@ class StopWhen:
     Only an occurrence that ends in the newest token can be new, so each step looks at that token's bytes and
     the `longest - 1` bytes before them. Generation must start from embeddings: `input_ids` then hold only the
     generated ids. Stateless across steps, so beam search's reordering of rows cannot confuse it.
+
+    Bytes, not decoded text, are matched: the same thing for any valid UTF-8. In a run of *invalid* byte pieces,
+    which the decoder turns wholly into U+FFFD, a stop could match bytes the decoded answer does not show; only
+    random models write such runs.
     """
 
     def __init__(self, pieces: TokenBytes, stops: list[str], cancel: threading.Event | None = None):
@@ -100,14 +109,16 @@ class StopWhen:
     def _tail_text(self, row: list[int], whole: bool) -> bytes | None:
         """The newest token's bytes after the `before` bytes ahead of them; None if `row` (a window of a longer
         row) holds too few."""
+        # In a whole row, the first token that is not special reads as an answer's first token.
+        first = next((i for i, t in enumerate(row) if t not in self.pieces.special), None) if whole else None
         before = b""
-        for token_id in reversed(row[:-1]):
+        for i in range(len(row) - 2, -1, -1):
             if len(before) >= self.before:
                 break
-            before = self.pieces(token_id) + before
+            before = self.pieces(row[i], i == first) + before
         if len(before) < self.before and not whole:
             return None
-        return (before[-self.before :] if self.before else b"") + self.pieces(row[-1])
+        return (before[-self.before :] if self.before else b"") + self.pieces(row[-1], len(row) - 1 == first)
 
 
 class Forbid:
