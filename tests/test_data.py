@@ -508,3 +508,32 @@ def test_minigpt4_layout_through_a_symlinked_folder_points_at_its_images(tmp_pat
     prepare("folder", tmp_path / "src", out, layout="minigpt4")
     items = list(read_manifest(out / "manifest.jsonl"))
     assert len(items) == 3 and all(item.path.is_file() for item in items)
+
+
+def test_the_next_batch_decodes_while_this_one_is_answered(tmp_path):
+    """`prefetched` yields each batch's `load_images` in order, with the next batch's decoding already begun in
+    the background while the caller still holds this one; a broken file is an error record as before."""
+    import time
+
+    from conftest import image_bytes
+
+    from skingpt4.data.manifest import collect, prefetched
+
+    for n in range(3):
+        (tmp_path / f"p{n}.png").write_bytes(image_bytes(noise_seed=n))
+    (tmp_path / "p3.png").write_bytes(b"not a photo")
+    items = collect([str(tmp_path)])
+    started = []
+
+    def blank(item):
+        started.append(item.key)
+        return {"image": item.key}
+
+    seen = []
+    for n, (records, _good, images) in enumerate(prefetched([[item] for item in items], blank)):
+        seen += [(record["image"], record.get("error") is None, len(images)) for record in records]
+        deadline = time.monotonic() + 10
+        while len(started) < min(n + 2, len(items)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(started) == min(n + 2, len(items))  # the next batch began before this one was let go
+    assert seen == [(item.key, n < 3, int(n < 3)) for n, item in enumerate(items)]

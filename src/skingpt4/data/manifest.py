@@ -121,6 +121,20 @@ def load_images(batch: list[Item], blank) -> tuple[list[dict], list[dict], list]
     return records, good, images
 
 
+def prefetched(batches: list[list[Item]], blank) -> Iterator[tuple[list[dict], list[dict], list]]:
+    """`load_images` of each batch in turn, the next batch decoding in a background thread while the caller answers
+    this one (image decoding releases the GIL; a 12-megapixel photo takes about 0.1 s). Two batches of decoded
+    images are held at most."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
+        pending = pool.submit(load_images, batches[0], blank) if batches else None
+        for n in range(len(batches)):
+            loaded = pending.result()
+            pending = pool.submit(load_images, batches[n + 1], blank) if n + 1 < len(batches) else None
+            yield loaded
+
+
 def write_manifest(records: list[dict], path: Path, *, overwrite: bool = False) -> None:
     """JSON Lines, one record per image, ``image`` relative to the manifest's folder; written atomically."""
     path = Path(path)

@@ -24,6 +24,7 @@ their fixed advice here would change what is being measured.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -34,7 +35,7 @@ import torch
 
 from skingpt4.chat import ChatEngine
 from skingpt4.conversation import CLINICAL_PROMPTS, DEFAULT_QUESTION
-from skingpt4.data.manifest import Item, load_images
+from skingpt4.data.manifest import Item, prefetched
 from skingpt4.data.results import RETRY, RecordFile
 from skingpt4.errors import InputError, first_line
 from skingpt4.evaluate import labels as L
@@ -259,18 +260,20 @@ def _answer_all(ctx: Context, items: list[Item], repeats: int, batch_size: int, 
     with tqdm(total=len(todo), disable=not progress, unit="image") as bar:
         for r in range(repeats):
             batch_items = [item for item, rep in todo if rep == r]
-            for start in range(0, len(batch_items), batch_size):
-                for record in answer_batch(ctx, batch_items[start : start + batch_size], r):
+            batches = [batch_items[start : start + batch_size] for start in range(0, len(batch_items), batch_size)]
+            for loaded in prefetched(batches, functools.partial(_blank, ctx, repeat=r)):
+                for record in answer_batch(ctx, loaded, r):
                     file.append(record)
                     summary["failed" if record["error"] else "done"] += 1
                     bar.update(1)
     return summary
 
 
-def answer_batch(ctx: Context, batch: list[Item], repeat: int) -> list[dict]:
-    """Read, encode and answer (or score) one batch; a bad image or a failed generation becomes an error record."""
+def answer_batch(ctx: Context, loaded, repeat: int) -> list[dict]:
+    """Encode and answer (or score) one batch, as `load_images` gave it; a bad image or a failed generation is an
+    error record. "seconds" is the answering time (the batch was decoded while the one before was answered)."""
     started = time.perf_counter()
-    records, good, images = load_images(batch, lambda item: _blank(ctx, item, repeat))
+    records, good, images = loaded
     if good:
         try:
             features = ctx.engine.encode_images(images)

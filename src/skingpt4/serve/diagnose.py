@@ -11,13 +11,14 @@ consultation record (hashes, turns, settings; never the file name).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass
 
 from skingpt4.chat import ChatEngine, GenerationSettings
 from skingpt4.conversation import DEFAULT_QUESTION
-from skingpt4.data.manifest import Item, load_images
+from skingpt4.data.manifest import Item, prefetched
 from skingpt4.data.results import RETRY, RecordFile
 from skingpt4.errors import first_line
 from skingpt4.images import png_bytes
@@ -75,9 +76,11 @@ def diagnose(
     settings = settings or GenerationSettings()
     todo = [item for item in items if item.key not in out.done]
     summary = Summary(skipped=len(items) - len(todo), stale=_stale(out, items, engine.loaded.model_id, prompts))
+    batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+    blank = functools.partial(_blank_record, engine, prompts=prompts, settings=settings)
     with tqdm(total=len(todo), disable=not progress, unit="image") as bar:
-        for start in range(0, len(todo), batch_size):
-            for record in run_batch(engine, todo[start : start + batch_size], prompts, settings, store):
+        for loaded in prefetched(batches, blank):
+            for record in run_batch(engine, loaded, prompts, settings, store):
                 out.append(record)
                 summary.failed += record["error"] is not None
                 summary.done += record["error"] is None
@@ -98,17 +101,18 @@ def _stale(out: RecordFile, items: list[Item], model_id: str, prompts: list[str]
     return stale
 
 
-def run_batch(engine: ChatEngine, batch: list[Item], prompts: list[str], settings, store=None) -> list[dict]:
-    """Decode, encode and answer one batch; a bad image or a failed generation becomes an error record."""
+def run_batch(engine: ChatEngine, loaded, prompts: list[str], settings, store=None) -> list[dict]:
+    """Encode and answer one batch, as `load_images` gave it; a bad image or a failed generation is an error
+    record. "seconds" is the answering time per image (the batch was decoded while the one before was answered)."""
     started = time.perf_counter()
-    records, good, images = load_images(batch, lambda item: _blank_record(engine, item, prompts, settings))
+    records, good, images = loaded
     if good:
         try:
             _answer(engine, good, images, prompts, settings)
         except (RuntimeError, ValueError) as exc:  # e.g. out of memory: record it, keep going
             for record in good:
                 record["error"] = f"{RETRY}: {first_line(exc)}"
-    seconds = round((time.perf_counter() - started) / len(batch), 4)
+    seconds = round((time.perf_counter() - started) / len(records), 4)
     for record in records:
         record["seconds"] = seconds
     if store is not None:
