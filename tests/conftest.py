@@ -57,6 +57,13 @@ def image_bytes(color=(200, 120, 90), size=(64, 48), fmt="PNG", noise_seed: int 
     return buf.getvalue()
 
 
+def train_config(path: Path, **fields) -> Path:
+    """A training config YAML: `fields`, over the short settings the CLI's training tests share."""
+    settings = {"batch_size": 2, "epochs": 1, "warmup_steps": 1, "num_workers": 0, **fields}
+    path.write_text("".join(f"{key}: {value}\n" for key, value in settings.items()))
+    return path
+
+
 def endless(engine) -> None:
     """Make `engine` unable to end an answer early (no `#`, no EOS): generation runs to max_new_tokens."""
     vocab = engine.tokenizer.convert_ids_to_tokens(list(range(len(engine.tokenizer))))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import image_bytes
+from conftest import image_bytes, train_config
 
 from skingpt4.cli.main import main
 from skingpt4.review.store import STATEMENT_KEYS, Rating, ReviewStore
@@ -132,10 +132,13 @@ def test_prepare_data_then_train_then_chat_with_the_result(tiny_dir, tmp_path, c
             (root / label / f"{label}{i}.png").write_bytes(image_bytes(color=colour, size=(40 + i, 40)))
     manifest = tmp_path / "data.jsonl"
     assert main(["prepare-data", "folder", str(root), "--out", str(manifest), "--split", "0.75,0.25,0"]) == 0
-    config = tmp_path / "train.yaml"
-    config.write_text(
-        f"model: {tiny_dir}\ndata: {manifest}\noutput_dir: {tmp_path / 'run'}\nbatch_size: 2\n"
-        "epochs: 1\niters_per_epoch: 3\nwarmup_steps: 1\nnum_workers: 0\ncheckpoint_every: 2\n"
+    config = train_config(
+        tmp_path / "train.yaml",
+        model=tiny_dir,
+        data=manifest,
+        output_dir=tmp_path / "run",
+        iters_per_epoch=3,
+        checkpoint_every=2,
     )
     assert main(["train", "--config", str(config), "--set", "init_lr=1e-3", "--no-progress"]) == 0
     printed = capsys.readouterr().out

@@ -7,7 +7,7 @@ import csv
 from pathlib import Path
 
 import pytest
-from conftest import FITZPATRICK17K_HEADER, image_bytes
+from conftest import FITZPATRICK17K_HEADER, image_bytes, train_config
 
 from skingpt4.data import adapters
 from skingpt4.data.manifest import read_manifest
@@ -162,10 +162,13 @@ def test_train_refuses_held_out_images_and_eval_warns_on_training_images(tiny_di
     assert main(["prepare-data", "folder", str(root), "--out", str(held), "--split", "0.4,0.3,0.3"]) == 0
     everything = tmp_path / "all.jsonl"
     assert main(["prepare-data", "folder", str(root), "--out", str(everything), "--split", "1,0,0"]) == 0
-    config = tmp_path / "train.yaml"
-    config.write_text(
-        f"model: {tiny_dir}\ndata: {everything}\neval_data: {held}\noutput_dir: {tmp_path / 'run'}\nbatch_size: 2\n"
-        "epochs: 1\niters_per_epoch: 1\nwarmup_steps: 1\nnum_workers: 0\n"
+    config = train_config(
+        tmp_path / "train.yaml",
+        model=tiny_dir,
+        data=everything,
+        eval_data=held,
+        output_dir=tmp_path / "run",
+        iters_per_epoch=1,
     )
     capsys.readouterr()
     assert main(["train", "--config", str(config), "--no-progress"]) == 2

@@ -9,7 +9,6 @@ its output is the same as recomputing from scratch. Several sessions can be answ
 from __future__ import annotations
 
 import queue
-import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from skingpt4.conversation import AnswerText, Conversation, get_template
-from skingpt4.decoding import Forbid, StopWhen, TokenBytes
+from skingpt4.decoding import BYTE_PIECE, Forbid, StopWhen, TokenBytes
 from skingpt4.errors import Cancelled, InputError
 from skingpt4.generation import GenerationSettings
 from skingpt4.images import DEFAULT_LIMITS, load_image, read_source, sha256_bytes
@@ -343,9 +342,6 @@ class Session:
             raise failure[0]
 
 
-_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-
-
 class TextPieces:
     """A `generate` streamer that yields the answer's text as it grows, through the answer's clean-up.
 
@@ -364,9 +360,8 @@ class TextPieces:
             self.prompt_seen = True
             return
         self.ids.extend(value.flatten().tolist())
-        tokens = self.tokenizer.convert_ids_to_tokens(self.ids)
-        done = len(tokens)
-        while done and _BYTE_TOKEN.fullmatch(tokens[done - 1] or ""):
+        done = len(self.ids)  # the trailing run of byte pieces, looked at from the end only
+        while done and BYTE_PIECE.fullmatch(self.tokenizer.convert_ids_to_tokens(self.ids[done - 1]) or ""):
             done -= 1
         self._feed(self.text(done))
 

@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback: one byte per token
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -58,7 +58,7 @@ class TokenBytes:
         if token_id in self.special:
             return b""
         token = self.tokenizer.convert_ids_to_tokens(token_id) or ""
-        if byte := _BYTE_PIECE.fullmatch(token):
+        if byte := BYTE_PIECE.fullmatch(token):
             return bytes([int(byte.group(1), 16)])
         if first:
             text = self.tokenizer.decode([token_id], skip_special_tokens=True)
