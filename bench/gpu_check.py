@@ -117,15 +117,16 @@ class Recorder:
     head's last position)."""
 
     def __init__(self, engine: ChatEngine):
-        self.engine, self.run, self.ids, self.steps = engine, engine._run, [], []
+        self.engine, self.run, self.ids, self.steps = engine, engine._generate, [], []
         head = engine.model.language_model.get_output_embeddings()
         self.hook = head.register_forward_hook(lambda module, args, out: self.steps.append(out[:, -1].float().cpu()))
-        engine._run = self
+        engine._generate = self
 
     def __call__(self, *args, **kwargs):
         new = self.run(*args, **kwargs)
         pad = self.engine.tokenizer.pad_token_id
-        self.ids = [row[: row.index(pad)] if pad in row else row for row in new.tolist()]  # a batch pads finished rows
+        rows = [row.tolist() for row in new]
+        self.ids = [row[: row.index(pad)] if pad in row else row for row in rows]  # generate pads finished rows
         return new
 
     def take(self) -> tuple[list[int], list[torch.Tensor]]:
@@ -134,7 +135,7 @@ class Recorder:
 
     def close(self) -> None:
         self.hook.remove()
-        self.engine._run = self.run
+        self.engine._generate = self.run
 
 
 def turns(engine: ChatEngine, feature, settings, recompute: bool, recorder: Recorder):

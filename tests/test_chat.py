@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import endless, image_bytes
 
-from skingpt4.chat import GenerationSettings
+from skingpt4.chat import ChatEngine, GenerationSettings
 from skingpt4.errors import InputError
 from skingpt4.images import ImageRejected
 from skingpt4.model import load_model
@@ -230,7 +230,7 @@ def test_a_failed_turn_is_rolled_back(engine, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(engine, "_run", out_of_memory)
+    monkeypatch.setattr(engine.model.language_model, "forward", out_of_memory)
     with pytest.raises(RuntimeError, match="simulated"):
         session.answer(GREEDY)
     assert session.conversation.messages == before and session.cache is None
@@ -369,9 +369,10 @@ def test_a_seeded_request_leaves_the_global_rng_alone(engine):
     assert seeded_answer() == first  # same seed, same answer, whatever the global state
 
 
-def test_control_characters_never_reach_a_surface(engine, monkeypatch, tmp_path):
+def test_control_characters_never_reach_a_surface(loaded, monkeypatch, tmp_path):
     """A model that writes ESC sequences, a bell, C1 controls and invalid bytes (U+FFFD): the terminal, the stream,
     the stored answer and diagnose's record hold none of them; newlines and tabs stay."""
+    engine = ChatEngine(loaded, max_batch=1)  # the script replaces the direct path's `_run`
     import io
     import json
 

@@ -154,7 +154,7 @@ def test_failed_generations_are_retried_and_csv_records_stay_one_line(engine, ph
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)\nsecond line")
 
-    monkeypatch.setattr(engine, "_run", out_of_memory)
+    monkeypatch.setattr(engine.model.language_model, "forward", out_of_memory)
     first = diagnose(engine, items, results_file(out), settings=GREEDY, progress=False)
     assert first.failed == 3 and len(results_file(out).failures({i.key for i in items})) == 3
     monkeypatch.undo()

@@ -66,9 +66,10 @@ def suppressed(loaded32, sp) -> list[int]:
     return sorted({loaded32.image_token_id, *hashes, sp.eos_id(), *odd})
 
 
-@pytest.fixture
-def probe(loaded32, suppressed, monkeypatch):
-    engine = ChatEngine(loaded32)
+@pytest.fixture(params=[1, 8], ids=["direct", "scheduler"])
+def probe(loaded32, suppressed, monkeypatch, request):
+    """Both ways a turn is decoded: transformers' `generate` (max_batch 1) and the batching scheduler."""
+    engine = ChatEngine(loaded32, max_batch=request.param)
     engine.suppress_tokens = list(suppressed)
     recorder = Probe(engine, monkeypatch)
     yield recorder
@@ -81,12 +82,12 @@ class Probe:
 
     def __init__(self, engine: ChatEngine, monkeypatch):
         self.engine, self.runs, self.forwards = engine, [], []
-        run = engine._run
+        run = engine._generate
 
         def recording_run(*args, **kwargs):
             first = len(self.forwards)
             new = run(*args, **kwargs)
-            self.runs.append((new.clone(), self.forwards[first:]))
+            self.runs.append(([n.clone() for n in new], self.forwards[first:]))
             return new
 
         def hook(module, args, kwargs, output):
@@ -94,7 +95,7 @@ class Probe:
             given = kwargs["input_ids"] if given is None else given
             self.forwards.append((given.shape[1], output.logits[:, -1].detach().clone()))
 
-        monkeypatch.setattr(engine, "_run", recording_run)
+        monkeypatch.setattr(engine, "_generate", recording_run)
         self.handle = engine.model.language_model.register_forward_hook(hook, with_kwargs=True)
 
 

@@ -248,7 +248,7 @@ def test_label_scoring_runs_under_the_engine_lock(engine):
     """Choice-mode scoring uses the shared model like generation does: every forward pass holds the engine lock."""
     held = []
     decoder = engine.model.language_model.get_decoder()
-    hook = decoder.register_forward_pre_hook(lambda module, args: held.append(engine.lock._is_owned()))
+    hook = decoder.register_forward_pre_hook(lambda module, args: held.append(engine.lock.owned()))
     try:
         features = engine.encode_images([Image.new("RGB", (32, 32), (200, 100, 90))])
         score_labels(engine, features, ["eczema", "melanoma"], "What is it?")

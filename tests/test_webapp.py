@@ -199,7 +199,9 @@ def test_running_app_configuration(web):
     assert blocks._queue.max_size == 16
     assert str(Path(web.app.engine.loaded.path).resolve()) in blocks.blocked_paths  # never served
     model_events = [fn for fn in blocks.fns.values() if fn.concurrency_id == "model"]
-    assert len(model_events) == 7 and all(fn.concurrency_limit == 1 for fn in model_events)  # upload, ask x2, 4
+    assert len(model_events) == 7 and all(
+        fn.concurrency_limit == 8 for fn in model_events
+    )  # max_batch; upload, ask x2, 4
     cache = web.app.cache
     assert os.environ["GRADIO_TEMP_DIR"] == str(cache) and stat.S_IMODE(cache.stat().st_mode) == 0o700
     page = httpx.get(web.url).text

@@ -3,28 +3,29 @@
 One `ChatEngine` wraps one loaded model and is shared; everything per consultation lives in a `Session`. Each
 image is encoded once, when added. A single session's turn reuses the key/value cache of the conversation so far
 (the longest prefix on which text *and* images agree), so a turn costs about its new tokens; under greedy decoding
-its output is the same as recomputing from scratch. Several sessions can be answered in one left-padded batch.
+its output is the same as recomputing from scratch. Greedy and sampled turns of any number of threads are decoded
+together by the engine's `Scheduler` (continuous batching, `scheduler.py`); beam search, and every turn when
+`max_batch` is 1, take the direct path: transformers' `generate`, one call at a time.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from skingpt4.conversation import AnswerText, Conversation, get_template
-from skingpt4.decoding import BYTE_PIECE, Forbid, StopWhen, TokenBytes
+from skingpt4.decoding import Forbid, StopWhen, TextPieces, TokenBytes
 from skingpt4.errors import Cancelled, InputError
 from skingpt4.generation import GenerationSettings
 from skingpt4.images import DEFAULT_LIMITS, load_image, read_source, sha256_bytes
 from skingpt4.model import LoadedModel
 from skingpt4.processing import common_prefix, image_keys, prompt_ids, truncate_left
+from skingpt4.scheduler import MAX_BATCH, FairLock, Request, Scheduler
 
 
 def _cache_argument() -> str:
@@ -40,9 +41,11 @@ CACHE_ARGUMENT = _cache_argument()
 
 
 class ChatEngine:
-    """Shared, thread-safe wrapper around one model; generation is serialised by a lock."""
+    """Shared, thread-safe wrapper around one model; whatever runs the model holds `lock` (taken in turn)."""
 
-    def __init__(self, loaded: LoadedModel, template: str | None = None, cached_sessions: int = 4):
+    def __init__(
+        self, loaded: LoadedModel, template: str | None = None, cached_sessions: int = 4, max_batch: int = MAX_BATCH
+    ):
         self.loaded = loaded
         # Key/value caches are kept for the most recently answered sessions only: on a 13B model one 2000-token
         # cache is about 1.6 GB, and a web app may hold dozens of idle sessions. Others recompute their prefix.
@@ -51,7 +54,11 @@ class ChatEngine:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.template = get_template(template or loaded.meta.template)
-        self.lock = threading.RLock()
+        self.lock = FairLock()
+        if max_batch < 1:
+            raise InputError("--max-batch must be at least 1")
+        self.max_batch = max_batch
+        self.scheduler = Scheduler(self, max_batch) if max_batch > 1 else None
         self.pieces = TokenBytes(self.tokenizer)  # each token's text, for the stop-string check
         # Never emit the image placeholder, nor vocabulary rows that have no token (a random model may have them).
         self.tokens = len(self.tokenizer)
@@ -148,6 +155,11 @@ class ChatEngine:
         prepared = [self.prepare(s, settings) for s in sessions]
         for session, (ids, _, _) in zip(sessions, prepared):
             session.prompt_tokens = len(ids)
+        if self.scheduler is not None and settings.num_beams == 1:
+            requests = [
+                Request(s, *p, settings, streamer, cancel or threading.Event()) for s, p in zip(sessions, prepared)
+            ]
+            return self.scheduler.run(requests)
         with self.lock:
             if cancel is not None and cancel.is_set():  # gave up while waiting for the lock
                 return [torch.zeros(0, dtype=torch.long)] * len(sessions)
@@ -177,6 +189,17 @@ class ChatEngine:
 
     def _generate_cached(self, session, ids, features, first_image, settings, streamer, cancel) -> torch.Tensor:
         """One session: reuse its cache for the prefix shared with the last turn, run only the rest."""
+        cache, reuse, keys = self.reusable(session, ids, first_image)
+        row = torch.tensor([ids], device=self.loaded.device)
+        new = self._run(row, torch.ones_like(row), features, settings, streamer, cancel, cache)[0]
+        session.cache, session.cache_keys = cache, (keys + new.tolist())[: cache.get_seq_length()]
+        session.reused_tokens = reuse
+        self.remember(session)
+        return new
+
+    def reusable(self, session: Session, ids: list[int], first_image: int):
+        """The session's cache cut to the prefix it shares with `ids` (at least one id is left to run), the length
+        of that prefix, and `ids`' cache keys. The session lets go of its cache: a failed turn leaves none."""
         from transformers import DynamicCache
 
         keys = image_keys(ids, self.loaded.image_token_id, first_image)
@@ -187,13 +210,35 @@ class ChatEngine:
             cache = DynamicCache(config=self.model.language_model.config)
         elif cache.get_seq_length() > reuse:
             cache.crop(reuse - cache.get_seq_length())  # a negative count removes that many positions
-        session.cache, session.cache_keys = None, []  # if generation fails, no half-updated cache survives
+        session.cache, session.cache_keys = None, []
+        return cache, reuse, keys
+
+    def prefill(self, session: Session, ids: list[int], features, first_image: int):
+        """Run one prompt alone, continuing the session's cache where it agrees (as `generate` would): returns the
+        cache, its keys, and the logits (1, V) for the first new token."""
+        cache, reuse, keys = self.reusable(session, ids, first_image)
         row = torch.tensor([ids], device=self.loaded.device)
-        new = self._run(row, torch.ones_like(row), features, settings, streamer, cancel, cache)[0]
-        session.cache, session.cache_keys = cache, (keys + new.tolist())[: cache.get_seq_length()]
+        out = self.model.language_model(
+            inputs_embeds=self.embed(row, features)[:, reuse:],
+            attention_mask=torch.ones_like(row),
+            use_cache=True,
+            logits_to_keep=1,
+            **{CACHE_ARGUMENT: cache},
+        )
         session.reused_tokens = reuse
-        self._remember(session)
-        return new
+        return cache, keys, out.logits[:, -1]
+
+    def step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """One decoding step for a left-padded batch: each row's pending token (B,) at its own position (B,),
+        over a cache whose padding `mask` (B, L+1) hides; returns the next logits (B, V)."""
+        out = self.model.language_model(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=positions[:, None],
+            use_cache=True,
+            **{CACHE_ARGUMENT: cache},
+        )
+        return out.logits[:, -1]
 
     @torch.no_grad()
     def settle(self, session: Session) -> int:
@@ -229,10 +274,10 @@ class ChatEngine:
                 inputs_embeds=embeds, attention_mask=torch.ones_like(row), logits_to_keep=1, **{CACHE_ARGUMENT: cache}
             )
             session.cache, session.cache_keys = cache, keys
-            self._remember(session)
+            self.remember(session)
             return len(ids) - reuse
 
-    def _remember(self, session: Session) -> None:
+    def remember(self, session: Session) -> None:
         """Mark `session` as the most recent cache holder; drop the caches of sessions beyond the budget."""
         self._cached[id(session)] = weakref.ref(session)
         self._cached.move_to_end(id(session))
@@ -340,48 +385,3 @@ class Session:
         thread.join()
         if failure:
             raise failure[0]
-
-
-class TextPieces:
-    """A `generate` streamer that yields the answer's text as it grows, through the answer's clean-up.
-
-    Each step decodes all new ids (cheap at these lengths) and feeds what was added to `answer` (an `AnswerText`),
-    which releases what is final. A trailing run of SentencePiece byte tokens (`<0xNN>`) is held back until it ends:
-    the decoder turns the whole run into replacement characters if any byte is invalid, so only complete runs are
-    final. The decoded text is therefore fed exactly once, and the pieces join to `answer.text`.
-    """
-
-    def __init__(self, tokenizer, answer: AnswerText):
-        self.tokenizer, self.answer, self.ids, self.fed, self.prompt_seen = tokenizer, answer, [], 0, False
-        self.queue: queue.Queue[str | None] = queue.Queue()
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first sends the prompt ids
-            self.prompt_seen = True
-            return
-        self.ids.extend(value.flatten().tolist())
-        done = len(self.ids)  # the trailing run of byte pieces, looked at from the end only
-        while done and BYTE_PIECE.fullmatch(self.tokenizer.convert_ids_to_tokens(self.ids[done - 1]) or ""):
-            done -= 1
-        self._feed(self.text(done))
-
-    def end(self) -> None:
-        self._feed(self.text())
-        self._send(self.answer.finish())
-        self.queue.put(None)
-
-    def text(self, upto: int | None = None) -> str:
-        return self.tokenizer.decode(self.ids[:upto], skip_special_tokens=True)
-
-    def _feed(self, text: str) -> None:
-        if len(text) > self.fed:
-            self._send(self.answer.feed(text[self.fed :]))
-            self.fed = len(text)
-
-    def _send(self, piece: str) -> None:
-        if piece:
-            self.queue.put(piece)
-
-    def __iter__(self) -> Iterator[str]:
-        while (piece := self.queue.get()) is not None:
-            yield piece

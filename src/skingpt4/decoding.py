@@ -1,4 +1,4 @@
-"""What each decode step runs besides the model: the never-generate mask and the stop-string check.
+"""What each decode step runs besides the model: the never-generate mask, the stop-string check, the text stream.
 
 Both cost O(1) per token and nothing per `generate` call beyond building a small object: the mask is computed
 once per engine, and each token id's text is computed once per tokenizer (on first sight), so checking for a stop
@@ -8,10 +8,14 @@ and `stop_strings` preprocesses the whole vocabulary on every call; these do nei
 
 from __future__ import annotations
 
+import queue
 import re
 import threading
+from collections.abc import Iterator
 
 import torch
+
+from skingpt4.conversation import AnswerText
 
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback: one byte per token
 
@@ -96,15 +100,22 @@ class StopWhen:
             return torch.ones(rows, dtype=torch.bool, device=input_ids.device)
         if not self.stops or input_ids.shape[1] == 0:
             return torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
-        window = self.before + 1
-        while True:  # a token adds at least one byte unless it is special (rare): widen the window for those
-            whole = window >= input_ids.shape[1]
-            texts = [self._tail_text(row, whole) for row in input_ids[:, -window:].tolist()]
-            if whole or None not in texts:
-                break
-            window *= 2
-        done = [any(s in text for s in self.stops) for text in texts]
+        done = [self._ends_in_stop(lambda w, i=i: input_ids[i, -w:].tolist(), input_ids.shape[1]) for i in range(rows)]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def hit(self, answer: list[int]) -> bool:
+        """Whether an answer (its generated ids) ends in a stop string; the scheduler's per-row check."""
+        return bool(answer) and self._ends_in_stop(lambda w: answer[-w:], len(answer))
+
+    def _ends_in_stop(self, last, length: int) -> bool:
+        """`last(w)`: the row's last `w` ids. A token adds at least one byte unless it is special (rare): for those
+        the window doubles until it holds enough bytes, or the whole row."""
+        if not self.stops:
+            return False
+        window = self.before + 1
+        while (text := self._tail_text(last(window), window >= length)) is None:
+            window *= 2
+        return any(s in text for s in self.stops)
 
     def _tail_text(self, row: list[int], whole: bool) -> bytes | None:
         """The newest token's bytes after the `before` bytes ahead of them; None if `row` (a window of a longer
@@ -131,3 +142,48 @@ class Forbid:
         if self.mask.device != scores.device:  # a model split across devices: move once, keep
             self.mask = self.mask.to(scores.device)
         return scores.masked_fill_(self.mask, float("-inf"))
+
+
+class TextPieces:
+    """A `generate` streamer that yields the answer's text as it grows, through the answer's clean-up.
+
+    Each step decodes all new ids (cheap at these lengths) and feeds what was added to `answer` (an `AnswerText`),
+    which releases what is final. A trailing run of SentencePiece byte tokens (`<0xNN>`) is held back until it ends:
+    the decoder turns the whole run into replacement characters if any byte is invalid, so only complete runs are
+    final. The decoded text is therefore fed exactly once, and the pieces join to `answer.text`.
+    """
+
+    def __init__(self, tokenizer, answer: AnswerText):
+        self.tokenizer, self.answer, self.ids, self.fed, self.prompt_seen = tokenizer, answer, [], 0, False
+        self.queue: queue.Queue[str | None] = queue.Queue()
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first sends the prompt ids
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.flatten().tolist())
+        done = len(self.ids)  # the trailing run of byte pieces, looked at from the end only
+        while done and BYTE_PIECE.fullmatch(self.tokenizer.convert_ids_to_tokens(self.ids[done - 1]) or ""):
+            done -= 1
+        self._feed(self.text(done))
+
+    def end(self) -> None:
+        self._feed(self.text())
+        self._send(self.answer.finish())
+        self.queue.put(None)
+
+    def text(self, upto: int | None = None) -> str:
+        return self.tokenizer.decode(self.ids[:upto], skip_special_tokens=True)
+
+    def _feed(self, text: str) -> None:
+        if len(text) > self.fed:
+            self._send(self.answer.feed(text[self.fed :]))
+            self.fed = len(text)
+
+    def _send(self, piece: str) -> None:
+        if piece:
+            self.queue.put(piece)
+
+    def __iter__(self) -> Iterator[str]:
+        while (piece := self.queue.get()) is not None:
+            yield piece

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from skingpt4.errors import InputError
 
+TOP_K = 50  # transformers' default, which the original's sampling inherited (it sets no top_k)
+
 
 @dataclass
 class GenerationSettings:
@@ -64,7 +66,7 @@ class GenerationSettings:
         if suppress_tokens:
             options["suppress_tokens"] = list(suppress_tokens)
         if self.do_sample:
-            options.update(temperature=self.temperature, top_p=self.top_p)
+            options.update(temperature=self.temperature, top_k=TOP_K, top_p=self.top_p)
         return GenerationConfig(**options)
 
 

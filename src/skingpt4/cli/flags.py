@@ -22,6 +22,12 @@ def model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-in-8bit", action="store_true", help="LLM in 8-bit (CUDA + bitsandbytes)")
     parser.add_argument("--load-in-4bit", action="store_true", help="LLM in 4-bit NF4 (CUDA + bitsandbytes)")
     parser.add_argument("--template", help="prompt template: skingpt4 (default) or llama2")
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="answers decoded together (continuous batching; default 8); 1 answers one at a time",
+    )
 
 
 def generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +74,7 @@ def engine(args):
 
     check_model_flags(args)
     loaded = load_model(args.model, args.device, args.dtype, args.device_map, args.load_in_8bit, args.load_in_4bit)
-    return ChatEngine(loaded, args.template)
+    return ChatEngine(loaded, args.template, max_batch=args.max_batch)
 
 
 def check_model_flags(args) -> None:
@@ -77,6 +83,8 @@ def check_model_flags(args) -> None:
     from skingpt4.folder import model_folder
 
     model_folder(args.model)
+    if args.max_batch < 1:
+        raise InputError("--max-batch must be at least 1")
     if args.template:
         try:
             get_template(args.template)

@@ -1,9 +1,10 @@
 """`skingpt4 serve`: an OpenAI-compatible HTTP API (FastAPI) over one shared chat engine.
 
 `POST /v1/chat/completions` (plain or server-sent events), `GET /v1/models`, `GET /health`. Every request is
-bounded: body size (also chunked), image size before decoding, text length, `max_tokens`, and admission (one
-request generates, `queue_size` wait, the rest get 503 + Retry-After). A request whose client goes away is
-cancelled within a token step. Logs carry ids, counts and timings, never patient text, file names or pixels.
+bounded: body size (also chunked), image size before decoding, text length, `max_tokens`, and admission (as many
+requests generate as the engine decodes together, `--max-batch`; `queue_size` wait; the rest get 503 +
+Retry-After). A request whose client goes away is cancelled within a token step. Logs carry ids, counts and
+timings, never patient text, file names or pixels.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class Health:
 
 def create_app(engine: ChatEngine, config: ServeConfig | None = None, store=None, decode=None) -> FastAPI:
     config = config or ServeConfig()
-    health, admission = Health(), Admission(config.queue_size)
+    health, admission = Health(), Admission(config.queue_size, engine.max_batch)
     fetch = ImageFetcher(int(config.max_image_mb * MB), config.image_root, config.allow_remote_images)
     model_id = engine.loaded.model_id
 

@@ -2,9 +2,9 @@
 
 FastAPI and uvicorn have no body limit at all (a 40 MiB JSON body costs ~3x its size in RAM), and a
 `Content-Length` check alone is bypassed by `Transfer-Encoding: chunked` (docs/reliability.md §1.3). `BodyLimit`
-rejects a declared length over the cap at once and counts bytes as they arrive otherwise. `Admission` lets one
-request generate and a bounded number wait; the rest are told to come back later (503 + Retry-After) instead of
-waiting without bound (docs/reliability.md §1.7, T-7).
+rejects a declared length over the cap at once and counts bytes as they arrive otherwise. `Admission` lets as many
+requests generate as the engine batches (`--max-batch`) and a bounded number wait; the rest are told to come back
+later (503 + Retry-After) instead of waiting without bound (docs/reliability.md §1.7, T-7).
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ def error_body(message: str, kind: str, param: str | None = None) -> dict:
 
 
 class Admission:
-    """At most `1 + queue_size` requests in the building (one generating, the rest waiting); thread-safe."""
+    """At most `generating + queue_size` requests in the building; thread-safe."""
 
-    def __init__(self, queue_size: int):
-        self.capacity, self.inside = 1 + queue_size, 0
+    def __init__(self, queue_size: int, generating: int = 1):
+        self.capacity, self.inside = generating + queue_size, 0
         self.lock = threading.Lock()
 
     def enter(self) -> bool:

@@ -10,7 +10,8 @@ and a downloadable consultation summary. Defaults, and why:
   alone, Gradio keeps the original (EXIF and GPS included) and serves it by URL to anyone logged in;
 * Gradio's cache is a private 0700 directory of ours, removed at close; Gradio's age-based sweep is a backstop;
 * state lives in `gr.State`, one `Consultation` per browser session; the engine is the only thing shared;
-* the model sits behind a bounded queue with concurrency 1; question length is checked here, because Gradio's
+* the model sits behind a bounded queue; as many visitors are answered at once as the engine decodes together
+  (`--max-batch`), and Stop ends only its own visitor's answer; question length is checked here, because Gradio's
   `Textbox(max_length)` is enforced in the browser only;
 * text is HTML-escaped before display: the Chatbot renders sanitised HTML even with Markdown off, and the
   sanitiser keeps `<img>`, which an answer could use to make the browser call another host.
@@ -325,7 +326,8 @@ class WebApp:
     def _wire(self, ui: SimpleNamespace) -> None:
         # Every event that runs the model, one at a time. Events stay callable (the tests drive them), but none is
         # listed on an API page: the documented API is `skingpt4 serve`.
-        model = dict(concurrency_id="model", concurrency_limit=1, api_visibility="undocumented")
+        # as many at once as the engine decodes together (`--max-batch`); Stop cancels only its own visit's answer
+        model = dict(concurrency_id="model", concurrency_limit=self.engine.max_batch, api_visibility="undocumented")
         cheap = dict(concurrency_limit=None, api_visibility="undocumented")
         knobs = [ui.beams, ui.temperature, ui.greedy, ui.state]
         shown = [ui.chat, ui.question, ui.download, ui.status, ui.state]

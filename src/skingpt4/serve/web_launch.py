@@ -169,7 +169,7 @@ def _start(engine: ChatEngine, config: WebConfig, store, previous: str | None) -
 
 def _serve(app: WebApp, blocked: list[str]) -> str:
     config = app.config
-    app.blocks.queue(max_size=config.queue_size, default_concurrency_limit=1)
+    app.blocks.queue(max_size=config.queue_size, default_concurrency_limit=app.engine.max_batch)
     if warning := exposure_warning(config):
         print(warning, file=sys.stderr)
     os.environ["GRADIO_TEMP_DIR"] = str(app.cache)  # the server reads it when launched (build_app set it too)

@@ -1,0 +1,246 @@
+"""Continuous batching (`scheduler.py`) against the direct path, transformers' own `generate`, one at a time.
+
+Requests join a decoding batch at chosen token steps (a forward hook counts the steps and opens each request's
+gate), leave at different lengths, wait for a slot past `max_batch`, and come back for a second turn on their own
+caches: every answer must equal the same request answered alone by an engine with `max_batch=1`. The tiny model is
+made unable to end early (`endless`), so every step of every row is compared.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from conftest import endless, image_bytes, within
+
+from skingpt4.chat import ChatEngine
+from skingpt4.errors import Cancelled, InputError
+from skingpt4.generation import GenerationSettings
+from skingpt4.scheduler import FairLock
+
+
+def asked(engine: ChatEngine, n: int):
+    """A session with its own photo and a question of its own length."""
+    session = engine.session()
+    session.add_image(image_bytes(noise_seed=n))
+    session.ask(question(n))
+    return session
+
+
+def question(n: int) -> str:
+    return f"case {n}: " + "what is this rash? " * (n % 4 + 1)
+
+
+class Steps:
+    """Counts the language model's decoding steps and the batch size of each; lets threads wait for a step."""
+
+    def __init__(self, engine: ChatEngine):
+        self.sizes: list[int] = []
+        self.changed = threading.Condition()
+        self.on_step = None
+        self.handle = engine.model.language_model.register_forward_hook(self._seen, with_kwargs=True)
+
+    def _seen(self, module, args, kwargs, output) -> None:
+        if kwargs.get("input_ids") is None:  # a prefill (from embeddings), not a decoding step
+            return
+        with self.changed:
+            self.sizes.append(kwargs["input_ids"].shape[0])
+            self.changed.notify_all()
+        if self.on_step is not None:
+            self.on_step(len(self.sizes))
+
+    def wait_for(self, step: int) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.sizes) >= step, 60), f"step {step} never came"
+
+
+def together(engine: ChatEngine, work: list) -> list:
+    """Run each `work[i]()` in its own thread, all queued before the scheduler takes any: the engine's lock is
+    held until every request waits, so they are admitted into one batch (up to `max_batch`)."""
+    results: list = [None] * len(work)
+
+    def run(i):
+        try:
+            results[i] = work[i]()
+        except BaseException as exc:  # returned, and asserted by the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(work))]
+    with engine.lock:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(engine.scheduler.waiting) < len(work) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for t in threads:
+        t.join(120)
+    return results
+
+
+@pytest.fixture
+def engines(loaded):
+    """An engine that batches (4 at a time) and the direct path, both unable to end an answer early."""
+    batched, direct = ChatEngine(loaded, max_batch=4, cached_sessions=8), ChatEngine(loaded, max_batch=1)
+    endless(batched)
+    endless(direct)
+    return batched, direct
+
+
+def test_requests_joining_at_token_steps_answer_as_if_alone(engines):
+    batched, direct = engines
+    steps = Steps(batched)
+    lengths = [24, 40, 12, 30, 18, 36]
+    joins = [0, 0, 3, 7, 12, 20]  # the decoding step each request waits for before it is asked
+    sessions = [asked(batched, n) for n in range(6)]
+    answers: list = [None] * 6
+
+    def consult(i):
+        if joins[i]:
+            steps.wait_for(joins[i])
+        settings = GenerationSettings.greedy(max_new_tokens=lengths[i])
+        if i % 2:  # streamed and plain answers both go through the scheduler
+            answers[i] = "".join(sessions[i].stream(settings)) and sessions[i].conversation.messages[-1][1]
+        else:
+            answers[i] = sessions[i].answer(settings)
+
+    threads = [threading.Thread(target=consult, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    steps.handle.remove()
+    alone = []
+    for n in range(6):
+        session = asked(direct, n)
+        alone.append(session.answer(GenerationSettings.greedy(max_new_tokens=lengths[n])))
+        assert session.completion_tokens == lengths[n] == sessions[n].completion_tokens
+    assert answers == alone
+    # rows really joined mid-answer and left at their own lengths; never more than max_batch at once
+    assert max(steps.sizes) == 4 == batched.scheduler.peak and len(set(steps.sizes)) >= 3
+    assert len(steps.sizes) < sum(lengths)  # fewer steps than one request at a time would take
+
+    # a second turn, all at once: each continues its own cache, and answers as it would alone
+    for s in sessions:
+        s.ask("What treatment do you suggest?")
+    second = together(batched, [lambda s=s: s.answer(GenerationSettings.greedy(max_new_tokens=16)) for s in sessions])
+    assert all(s.reused_tokens > 0 for s in sessions)
+    expected = []
+    for n in range(6):
+        session = asked(direct, n)
+        session.answer(GenerationSettings.greedy(max_new_tokens=lengths[n]))
+        session.ask("What treatment do you suggest?")
+        expected.append(session.answer(GenerationSettings.greedy(max_new_tokens=16)))
+    assert second == expected
+
+
+def test_sampling_with_a_seed_and_a_repetition_penalty_are_the_same_batched(engines):
+    """A seeded request draws from its own generator: batched or alone, it draws the same tokens."""
+    batched, direct = engines
+    settings = [
+        GenerationSettings(max_new_tokens=30, seed=1),
+        GenerationSettings(max_new_tokens=30, seed=2, temperature=0.7, top_p=0.8),
+        GenerationSettings.greedy(max_new_tokens=30, repetition_penalty=1.3),
+        GenerationSettings(max_new_tokens=30, seed=1, repetition_penalty=1.2, top_p=1.0),
+    ]
+    sessions = [asked(batched, n) for n in range(4)]
+    together_ = together(batched, [lambda s=s, g=g: s.answer(g) for s, g in zip(sessions, settings)])
+    alone = [asked(direct, n).answer(g) for n, g in enumerate(settings)]
+    assert batched.scheduler.peak == 4
+    assert together_ == alone
+    assert len(set(alone)) == 4  # the settings (and seeds) made four different answers
+
+
+def test_a_cancelled_request_leaves_at_the_next_step_and_the_others_go_on(engines):
+    batched, direct = engines
+    steps = Steps(batched)
+    cancel = threading.Event()
+    steps.on_step = lambda n: cancel.set() if n == 10 else None  # during the 10th step, from the model's thread
+    sessions = [asked(batched, n) for n in range(3)]
+    settings = GenerationSettings.greedy(max_new_tokens=40)
+    results = together(
+        batched,
+        [
+            lambda: sessions[0].answer(settings),
+            lambda: sessions[1].answer(settings, cancel),
+            lambda: sessions[2].answer(settings),
+        ],
+    )
+    steps.handle.remove()
+    assert isinstance(results[1], Cancelled)
+    assert "rash" not in str(sessions[1].conversation.messages)  # the question was withdrawn, the photo stays
+    assert steps.sizes[:10] == [3] * 10 and steps.sizes[10:] == [2] * (39 - 10)
+    assert [results[0], results[2]] == [asked(direct, n).answer(settings) for n in (0, 2)]
+
+
+def test_out_of_memory_fails_that_batch_halves_the_next_and_serving_goes_on(engines, monkeypatch):
+    batched, direct = engines
+    real, failed = batched.step, []
+
+    def step(tokens, *args):
+        if tokens.shape[0] == 4 and not failed:
+            failed.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(tokens, *args)
+
+    monkeypatch.setattr(batched, "step", step)
+    settings = GenerationSettings.greedy(max_new_tokens=12)
+    sessions = [asked(batched, n) for n in range(4)]
+    results = together(batched, [lambda s=s: s.answer(settings) for s in sessions])
+    assert all(isinstance(r, torch.OutOfMemoryError) for r in results)
+    assert all("rash" not in str(s.conversation.messages) for s in sessions)  # withdrawn: a retry is clean
+    assert batched.scheduler.limit == 2
+    steps = Steps(batched)
+    for n, s in enumerate(sessions):
+        s.ask(question(n))
+    retried = together(batched, [lambda s=s: s.answer(settings) for s in sessions])
+    steps.handle.remove()
+    assert max(steps.sizes) == 2  # the next batches held half as many rows
+    assert retried == [asked(direct, n).answer(settings) for n in range(4)]
+
+
+def test_a_photo_is_encoded_between_token_steps_not_after_the_batch(engines):
+    """The engine's lock is taken in turn: a photo added while an answer decodes waits about one step."""
+    batched, _ = engines
+    steps = Steps(batched)
+    session = asked(batched, 0)
+    answering = threading.Thread(target=session.answer, args=(GenerationSettings.greedy(max_new_tokens=300),))
+    answering.start()
+    steps.wait_for(5)
+    before = len(steps.sizes)
+    within(60, batched.session().add_image, image_bytes(noise_seed=9))
+    waited = len(steps.sizes) - before
+    answering.join(120)
+    steps.handle.remove()
+    assert waited <= 2 and len(steps.sizes) == 299  # it waited a step or two of the 299, not the whole answer
+
+
+def test_fair_lock_is_reentrant_and_knows_its_owner():
+    lock = FairLock()
+    with lock:
+        with lock:
+            assert lock.owned()
+        assert lock.owned()
+    assert not lock.owned()
+    with pytest.raises(RuntimeError, match="does not hold"):
+        lock.release()
+    order = []
+    lock.acquire()
+    threads = [
+        threading.Thread(target=lambda i=i: (lock.acquire(), order.append(i), lock.release())) for i in range(5)
+    ]
+    for t in threads:  # each queues in turn behind the holder
+        t.start()
+        while lock._next <= threads.index(t) + 1:
+            pass
+    lock.release()
+    for t in threads:
+        t.join(10)
+    assert order == [0, 1, 2, 3, 4]
+
+
+def test_max_batch_one_is_the_direct_path_and_zero_is_refused(loaded):
+    assert ChatEngine(loaded, max_batch=1).scheduler is None
+    with pytest.raises(InputError, match="--max-batch must be at least 1"):
+        ChatEngine(loaded, max_batch=0)
