@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import httpx
 import openai
@@ -75,6 +76,7 @@ def server(loaded, store):
 
     engine = ChatEngine(loaded)
     server = Server(create_app(engine, ServeConfig(api_key=KEY, max_tokens=16, queue_size=32), store))
+    server.engine = engine
     yield server
     server.stop()
 
@@ -287,7 +289,8 @@ def _settled(steps, wait=0.5) -> bool:
 
 
 def test_sixteen_sessions_five_turns_no_cross_talk(server, store):
-    """Each client has its own canary word and photo; every record holds only its own (reliability T-5)."""
+    """Each client has its own canary word and photo; every record holds only its own (reliability T-5). The
+    turns are decoded in shared batches (continuous batching), which is what could mix them."""
 
     def consult(n: int) -> list[str]:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
@@ -304,11 +307,17 @@ def test_sixteen_sessions_five_turns_no_cross_talk(server, store):
 
     latencies: list[float] = []
     before = {r["id"] for r in store.list()}
+    server.engine.scheduler.peak = 0
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(consult, range(16)))
     latencies.sort()
-    p50, p95 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.95)]
-    print(f"\nAPI: 16 sessions x 5 turns, turn latency p50 {p50:.2f} s, p95 {p95:.2f} s (one model, queued)")
+    p50, p95, peak = (
+        latencies[len(latencies) // 2],
+        latencies[int(len(latencies) * 0.95)],
+        server.engine.scheduler.peak,
+    )
+    print(f"\nAPI: 16 sessions x 5 turns, turn latency p50 {p50:.2f} s, p95 {p95:.2f} s, up to {peak} in a batch")
+    assert peak >= 2
     records = [store.get(r["id"]) for r in store.list() if r["id"] not in before]
     assert len(records) == 16 * 5
     cross_talk = 0
@@ -399,6 +408,39 @@ def test_out_of_memory_is_503_and_the_next_request_is_served(loaded, monkeypatch
         assert first.status_code == 503 and first.headers["retry-after"] == "5"
         assert "out of memory" in first.json()["error"]["message"]
         assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_out_of_memory_in_a_batch_is_503_to_each_of_its_requests(loaded, monkeypatch):
+    """A token step of four batched requests runs out of memory: all four get 503, the server goes on serving."""
+    import torch
+
+    from skingpt4.chat import ChatEngine
+
+    engine = ChatEngine(loaded, max_batch=4)
+    endless(engine)  # no answer ends before the token step that fails
+    real = engine.step
+
+    def step(tokens, *args):
+        if tokens.shape[0] == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(tokens, *args)
+
+    monkeypatch.setattr(engine, "step", step)
+    server = Server(create_app(engine, ServeConfig(warmup=False)))
+    body = {"messages": [user("hi")], "max_tokens": 8, "temperature": 0}  # no photo: nothing to encode first
+    post = partial(httpx.post, f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    try:
+        with ThreadPoolExecutor(4) as pool, engine.lock:  # all four wait for the model, so they start together
+            replies = [pool.submit(post) for _ in range(4)]
+            deadline = time.monotonic() + 30
+            while len(engine.scheduler.waiting) < 4 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        statuses = [r.result().status_code for r in replies]
+        assert statuses == [503] * 4 and all(r.result().headers["retry-after"] == "5" for r in replies)
+        assert engine.scheduler.limit == 2
+        assert post().status_code == 200
+    finally:
+        server.stop()
 
 
 def test_health_is_503_until_the_warm_up_inference_succeeds(loaded):

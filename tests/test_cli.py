@@ -62,6 +62,7 @@ def test_create_tiny_model_and_diagnose(tmp_path, capsys):
         (["serve", "--model", "tiny", "--max-tokens", "100000"], "error: --max-tokens must be 1..1999 (the context"),
         (["chat", "--model", "tiny", "--load-in-4bit"], "error: 8-bit and 4-bit loading need a CUDA GPU"),
         (["chat", "--model", "tiny", "--template", "vicuna"], "error: unknown template 'vicuna'"),
+        (["serve", "--model", "tiny", "--max-batch", "0"], "error: --max-batch must be at least 1"),
         (["convert", "--out", "o", "--llm", "l", "--projection", "p.pth"], "error: give either --vit and --qformer"),
     ],
 )
@@ -245,13 +246,16 @@ def test_diagnose_output_on_the_terminal_holds_no_file_names_or_questions(tiny_d
 
 
 def test_serve_finishes_in_flight_work_on_sigterm_and_logs_no_patient_text(tiny_dir, tmp_path):
-    """A real `skingpt4 serve`: warm-up, a streamed answer survives SIGTERM, exit 0, no question text in its output."""
+    """A real `skingpt4 serve`: warm-up, three streamed answers survive SIGTERM, exit 0, no question text in its
+    output."""
     import os
     import signal
     import socket
     import subprocess
     import sys
+    import threading
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
@@ -285,14 +289,23 @@ def test_serve_finishes_in_flight_work_on_sigterm_and_logs_no_patient_text(tiny_
         photo = "data:image/png;base64," + __import__("base64").b64encode(image_bytes()).decode()
         content = [{"type": "image_url", "image_url": {"url": photo}}, {"type": "text", "text": "zebracanary77 ok?"}]
         body = {"messages": [{"role": "user", "content": content}], "stream": True, "max_tokens": 200}
-        with httpx.stream(
-            "POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"}, timeout=30
-        ) as response:
-            lines = response.iter_lines()
-            assert next(lines).startswith("data: ")
-            proc.send_signal(signal.SIGTERM)  # mid-answer
-            rest = [line for line in lines if line]
-        assert rest[-1] == "data: [DONE]"  # the in-flight answer was finished, not cut
+        started = threading.Barrier(4)
+
+        def consult(_) -> list[str]:
+            with httpx.stream(
+                "POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"}, timeout=30
+            ) as response:
+                lines = response.iter_lines()
+                assert next(lines).startswith("data: ")
+                started.wait(30)
+                return [line for line in lines if line]
+
+        with ThreadPoolExecutor(3) as pool:
+            streams = pool.map(consult, range(3))
+            started.wait(30)
+            proc.send_signal(signal.SIGTERM)  # mid-answer, three answers in flight
+            ends = [rest[-1] for rest in streams]
+        assert ends == ["data: [DONE]"] * 3  # the in-flight answers were finished, not cut
         output, _ = proc.communicate(timeout=40)
     finally:
         proc.kill()

@@ -152,26 +152,24 @@ def test_sampling_with_a_seed_and_a_repetition_penalty_are_the_same_batched(engi
     assert len(set(alone)) == 4  # the settings (and seeds) made four different answers
 
 
-def test_a_cancelled_request_leaves_at_the_next_step_and_the_others_go_on(engines):
-    batched, direct = engines
+def test_one_cancelled_of_eight_leaves_at_the_next_step_and_seven_answer_as_alone(loaded, engines):
+    _, direct = engines
+    batched = ChatEngine(loaded, max_batch=8, cached_sessions=8)
+    endless(batched)
     steps = Steps(batched)
     cancel = threading.Event()
     steps.on_step = lambda n: cancel.set() if n == 10 else None  # during the 10th step, from the model's thread
-    sessions = [asked(batched, n) for n in range(3)]
+    sessions = [asked(batched, n) for n in range(8)]
     settings = GenerationSettings.greedy(max_new_tokens=40)
     results = together(
-        batched,
-        [
-            lambda: sessions[0].answer(settings),
-            lambda: sessions[1].answer(settings, cancel),
-            lambda: sessions[2].answer(settings),
-        ],
+        batched, [lambda s=s: s.answer(settings, cancel if s is sessions[3] else None) for s in sessions]
     )
     steps.handle.remove()
-    assert isinstance(results[1], Cancelled)
-    assert "rash" not in str(sessions[1].conversation.messages)  # the question was withdrawn, the photo stays
-    assert steps.sizes[:10] == [3] * 10 and steps.sizes[10:] == [2] * (39 - 10)
-    assert [results[0], results[2]] == [asked(direct, n).answer(settings) for n in (0, 2)]
+    assert isinstance(results[3], Cancelled)
+    assert "rash" not in str(sessions[3].conversation.messages)  # the question was withdrawn, the photo stays
+    assert steps.sizes == [8] * 10 + [7] * (39 - 10)
+    others = [n for n in range(8) if n != 3]
+    assert [results[n] for n in others] == [asked(direct, n).answer(settings) for n in others]
 
 
 def test_out_of_memory_fails_that_batch_halves_the_next_and_serving_goes_on(engines, monkeypatch):
@@ -242,5 +240,5 @@ def test_fair_lock_is_reentrant_and_knows_its_owner():
 
 def test_max_batch_one_is_the_direct_path_and_zero_is_refused(loaded):
     assert ChatEngine(loaded, max_batch=1).scheduler is None
-    with pytest.raises(InputError, match="--max-batch must be at least 1"):
+    with pytest.raises(InputError, match="max_batch must be at least 1"):
         ChatEngine(loaded, max_batch=0)

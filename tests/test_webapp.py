@@ -344,8 +344,10 @@ def test_sixteen_sessions_do_not_cross(web, tmp_path):
         c.close()
         return history, summary, latencies
 
+    web.app.engine.scheduler.peak = 0
     with ThreadPoolExecutor(sessions) as pool:
         results = list(pool.map(visit, range(sessions)))
+    assert web.app.engine.scheduler.peak >= 2  # turns were decoded in shared batches, which is what could mix them
     crossed = 0
     for i, (history, summary, _) in enumerate(results):
         assert user_texts(history) == [f"canary{i:02d}z turn {t}?" for t in range(turns)]
@@ -422,6 +424,65 @@ def test_two_tabs_add_the_same_photo_at_once(web, tmp_path):
                 expect(page.locator("#status")).to_contain_text("1 photo(s) in this consultation")
         finally:
             browser.close()
+    assert cached_files(web) == []
+
+
+def test_two_tabs_answer_in_one_batch_and_stop_ends_only_its_own(web, tmp_path):
+    """Two visitors ask at once: their answers are decoded together (`scheduler.py`). One presses Stop: that answer
+    ends and its question is withdrawn; the other answers to the end, alone from then on. The model is made unable
+    to end an answer early, so only Stop or the token limit ends one."""
+    from dataclasses import replace
+
+    from conftest import endless
+    from playwright.sync_api import expect, sync_playwright
+
+    engine, config = web.app.engine, web.app.config
+    saved = (list(engine.suppress_tokens), config.settings)
+    endless(engine)
+    config.settings = replace(FAST, max_new_tokens=1200)
+    sizes: list[int] = []  # rows in each decoding step
+
+    def seen(module, args, kwargs, output):
+        if kwargs.get("input_ids") is not None:
+            sizes.append(kwargs["input_ids"].shape[0])
+
+    hook = engine.model.language_model.register_forward_hook(seen, with_kwargs=True)
+    photo = write(tmp_path, "two.png", image_bytes(noise_seed=5))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+            try:
+                pages = [browser.new_context().new_page() for _ in range(2)]
+                for page in pages:
+                    page.goto(web.url)
+                    page.locator("input[type=file]").set_input_files(photo)
+                    expect(page.locator("#photo-strip img")).to_have_count(1, timeout=30_000)
+                    page.locator("#start").click()
+                    page.locator("#question textarea").fill("What is this?")
+                with engine.lock:  # both questions wait for the model, so they start in one batch
+                    for page in pages:
+                        page.locator("#question textarea").press("Enter")
+                    deadline = time.monotonic() + 30
+                    while len(engine.scheduler.waiting) < 2 and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                deadline = time.monotonic() + 30
+                while sizes.count(2) < 20 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                pages[0].locator("#stop").click()
+                expect(pages[0].locator("#status")).to_contain_text("Stopped", timeout=30_000)
+                expect(pages[1].locator("#status")).to_contain_text("Answered.", timeout=120_000)
+                bots = [page.locator("#chat [data-testid=bot]") for page in pages]
+                expect(bots[0]).to_have_count(0)
+                expect(bots[1]).to_have_count(1)
+                expect(bots[1].first).to_contain_text(NOTICE)
+            finally:
+                browser.close()
+    finally:
+        hook.remove()
+        engine.suppress_tokens, config.settings = saved
+    together = sizes.count(2)
+    print(f"\nweb: {together} steps with both answers in one batch, then {len(sizes) - together} with one")
+    assert 20 <= together < 1199 and sizes == [2] * together + [1] * (1199 - together)  # both, then one to the end
     assert cached_files(web) == []
 
 

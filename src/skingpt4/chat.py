@@ -21,11 +21,11 @@ import torch
 from skingpt4.conversation import AnswerText, Conversation, get_template
 from skingpt4.decoding import Forbid, StopWhen, TextPieces, TokenBytes
 from skingpt4.errors import Cancelled, InputError
-from skingpt4.generation import GenerationSettings
+from skingpt4.generation import MAX_BATCH, GenerationSettings
 from skingpt4.images import DEFAULT_LIMITS, load_image, read_source, sha256_bytes
 from skingpt4.model import LoadedModel
 from skingpt4.processing import common_prefix, image_keys, prompt_ids, truncate_left
-from skingpt4.scheduler import MAX_BATCH, FairLock, Request, Scheduler
+from skingpt4.scheduler import FairLock, Request, Scheduler
 
 
 def _cache_argument() -> str:
@@ -56,7 +56,7 @@ class ChatEngine:
         self.template = get_template(template or loaded.meta.template)
         self.lock = FairLock()
         if max_batch < 1:
-            raise InputError("--max-batch must be at least 1")
+            raise InputError("max_batch must be at least 1 (1: one answer at a time)")
         self.max_batch = max_batch
         self.scheduler = Scheduler(self, max_batch) if max_batch > 1 else None
         self.pieces = TokenBytes(self.tokenizer)  # each token's text, for the stop-string check

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from skingpt4.errors import InputError
 
 TOP_K = 50  # transformers' default, which the original's sampling inherited (it sets no top_k)
+MAX_BATCH = 8  # answers decoded together by default (`--max-batch`, scheduler.py); bench/bench_concurrency.py
 
 
 @dataclass

@@ -29,7 +29,6 @@ from skingpt4.decoding import StopWhen
 from skingpt4.generation import TOP_K, GenerationSettings
 
 log = logging.getLogger(__name__)
-MAX_BATCH = 8  # rows decoded together by default (`--max-batch`); bench/bench_concurrency.py measures it
 IDLE_EXIT_S = 30.0  # the thread ends after this long without work (and starts again with the next request)
 REGROW_STEPS = 128
 

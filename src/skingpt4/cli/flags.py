@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from skingpt4.errors import InputError
+from skingpt4.generation import MAX_BATCH, GenerationSettings
 
 GENERATION_FLAGS = ("max_new_tokens", "temperature", "top_p", "num_beams", "repetition_penalty", "seed")
 
@@ -25,8 +26,8 @@ def model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-batch",
         type=int,
-        default=8,
-        help="answers decoded together (continuous batching; default 8); 1 answers one at a time",
+        default=MAX_BATCH,
+        help=f"answers decoded together (continuous batching; default {MAX_BATCH}); 1 answers one at a time",
     )
 
 
@@ -61,8 +62,6 @@ def connection_flags(parser: argparse.ArgumentParser) -> None:
 
 def settings(args):
     """`GenerationSettings` from the generation flags that were given."""
-    from skingpt4.generation import GenerationSettings
-
     given = {name: getattr(args, name) for name in GENERATION_FLAGS if getattr(args, name) is not None}
     return GenerationSettings(do_sample=not args.greedy, **given)
 
