@@ -18,6 +18,7 @@ from conftest import endless, image_bytes, within
 from skingpt4.chat import ChatEngine
 from skingpt4.errors import Cancelled, InputError
 from skingpt4.generation import GenerationSettings
+from skingpt4.images import load_image
 from skingpt4.scheduler import FairLock
 
 
@@ -242,3 +243,47 @@ def test_max_batch_one_is_the_direct_path_and_zero_is_refused(loaded):
     assert ChatEngine(loaded, max_batch=1).scheduler is None
     with pytest.raises(InputError, match="max_batch must be at least 1"):
         ChatEngine(loaded, max_batch=0)
+
+
+def test_photos_waiting_together_are_encoded_in_one_batch_as_if_alone(loaded, monkeypatch):
+    engine = ChatEngine(loaded)
+    photos = [load_image(image_bytes(noise_seed=n)) for n in range(3)]
+    alone = [engine.encode_images([p]) for p in photos]
+    batches = []
+    hook = engine.model.vision_model.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
+    )
+    encoded = together_encoded(engine, [[p] for p in photos])
+    hook.remove()
+    assert batches == [3] and all(torch.equal(e, a) for e, a in zip(encoded, alone))
+
+    def out_of_memory(module, args, kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    hook = engine.model.vision_model.register_forward_pre_hook(out_of_memory, with_kwargs=True)
+    failed = together_encoded(engine, [[p] for p in photos[:2]])
+    hook.remove()
+    assert all(isinstance(f, torch.OutOfMemoryError) for f in failed)  # each caller of the batch is told
+    assert torch.equal(engine.encode_images(photos[:1]), alone[0]) and engine._encode.queued == []
+
+
+def together_encoded(engine: ChatEngine, groups: list[list]) -> list:
+    """`engine.encode_images(group)` for each group in its own thread, all queued while the lock is held."""
+    results: list = [None] * len(groups)
+
+    def run(i):
+        try:
+            results[i] = engine.encode_images(groups[i])
+        except BaseException as exc:  # returned, and asserted by the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(groups))]
+    with engine.lock:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(engine._encode.queued) < len(groups) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for t in threads:
+        t.join(60)
+    return results

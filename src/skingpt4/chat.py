@@ -25,7 +25,7 @@ from skingpt4.generation import MAX_BATCH, GenerationSettings
 from skingpt4.images import DEFAULT_LIMITS, load_image, read_source, sha256_bytes
 from skingpt4.model import LoadedModel
 from skingpt4.processing import common_prefix, image_keys, prompt_ids, truncate_left
-from skingpt4.scheduler import FairLock, Request, Scheduler
+from skingpt4.scheduler import FairLock, Gathered, Request, Scheduler
 
 
 def _cache_argument() -> str:
@@ -59,6 +59,8 @@ class ChatEngine:
             raise InputError("max_batch must be at least 1 (1: one answer at a time)")
         self.max_batch = max_batch
         self.scheduler = Scheduler(self, max_batch) if max_batch > 1 else None
+        # photos that wait for the model together are encoded in one batch (bit-identical to one at a time)
+        self._encode = Gathered(self.lock, self._encode_pixels)
         self.pieces = TokenBytes(self.tokenizer)  # each token's text, for the stop-string check
         # Never emit the image placeholder, nor vocabulary rows that have no token (a random model may have them).
         self.tokens = len(self.tokenizer)
@@ -84,13 +86,14 @@ class ChatEngine:
 
     # -- images ---------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def encode_images(self, images: list) -> torch.Tensor:
         """PIL images -> projected Q-Former features (N, 32, H) in the LLM's dtype, on the embeddings' device."""
-        pixels = torch.stack([self.loaded.meta.pixels.eval(img) for img in images])
+        return self._encode(torch.stack([self.loaded.meta.pixels.eval(img) for img in images]))
+
+    @torch.no_grad()
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         vision = self.model.vision_model.embeddings.patch_embedding.weight
-        with self.lock:
-            out = self.model.get_image_features(pixel_values=pixels.to(vision.device, vision.dtype))
+        out = self.model.get_image_features(pixel_values=pixels.to(vision.device, vision.dtype))
         embeddings = self.model.get_input_embeddings().weight
         return out.pooler_output.to(embeddings.device, embeddings.dtype)
 

@@ -78,6 +78,43 @@ class FairLock:
         self.release()
 
 
+class Gathered:
+    """Calls of a batched function that wait for the model together are run as one call.
+
+    `work` maps a batch of items (N, ...) to results (N, ...). A caller queues its items, then takes the engine's
+    lock; whoever gets it first runs `work` on every queued caller's items at once, and each caller gets its own
+    rows back. Photos sent by several clients at once are so encoded in one batch, between two token steps.
+    """
+
+    def __init__(self, lock: FairLock, work):
+        self.lock, self.work = lock, work
+        self.queued: list[dict] = []
+        self.guard = threading.Lock()
+
+    def __call__(self, items: torch.Tensor) -> torch.Tensor:
+        call = {"items": items}
+        with self.guard:
+            self.queued.append(call)
+        with self.lock:  # whoever held it since our call was queued may have run it already
+            with self.guard:
+                calls, self.queued = self.queued, []
+            if calls:
+                self._run(calls)
+        if "error" in call:
+            raise call["error"]
+        return call["result"]
+
+    def _run(self, calls: list[dict]) -> None:
+        try:
+            results = self.work(torch.cat([c["items"] for c in calls])).split([len(c["items"]) for c in calls])
+        except BaseException as exc:  # every caller in the batch gets it (out of memory: 503 to each request)
+            for c in calls:
+                c["error"] = exc
+            return
+        for c, result in zip(calls, results):
+            c["result"] = result
+
+
 @dataclass(eq=False)
 class Request:
     """One session's turn in the scheduler: its prompt, its settings, and what it has generated so far."""
