@@ -44,12 +44,17 @@ class ChatEngine:
     """Shared, thread-safe wrapper around one model; whatever runs the model holds `lock` (taken in turn)."""
 
     def __init__(
-        self, loaded: LoadedModel, template: str | None = None, cached_sessions: int = 4, max_batch: int = MAX_BATCH
+        self,
+        loaded: LoadedModel,
+        template: str | None = None,
+        cached_sessions: int | None = None,
+        max_batch: int = MAX_BATCH,
     ):
         self.loaded = loaded
         # Key/value caches are kept for the most recently answered sessions only: on a 13B model one 2000-token
         # cache is about 1.6 GB, and a web app may hold dozens of idle sessions. Others recompute their prefix.
-        self.cached_sessions = cached_sessions
+        # By default as many as are decoded together (a batch holds their caches anyway), and at least 4.
+        self.cached_sessions = max(4, max_batch) if cached_sessions is None else cached_sessions
         self._cached: OrderedDict[int, weakref.ref] = OrderedDict()
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer

@@ -1,11 +1,12 @@
 """Continuous batching: concurrent requests decoded together, one token step at a time.
 
 Every surface (API, web app, terminal chat, `diagnose`, `eval`) asks `ChatEngine.generate`; with `max_batch`
-above 1, its greedy and sampled requests come here. One thread runs the model for them. A request that arrives
-while others decode is prefilled alone, reusing its session's key/value cache as a lone turn would, and joins the
-batch at the next token boundary; a finished, cancelled or failed one leaves at once. The batch's cache is the
-rows' caches left-padded to one length, with an attention mask over the padding and each row's own positions, so
-a row computes what it would alone (in float32 its greedy ids are the lone request's; tests/test_scheduler.py).
+above 1, its greedy and sampled requests come here, and one of the waiting callers runs the model for all of
+them. A request that arrives while others decode is prefilled alone, reusing its session's key/value cache as a
+lone turn would, and joins the batch at the next token boundary; a finished, cancelled or failed one leaves at
+once. The batch's cache is the rows' caches left-padded to one length, with an attention mask over the padding
+and each row's own positions, so a row computes what it would alone (in float32 its greedy ids are the lone
+request's; tests/test_scheduler.py).
 
 Token choice is transformers' own for these settings, row by row: repetition penalty over the answer so far, the
 never-generate mask, then when sampling temperature, top-k 50 and top-p, and a draw. A request with a seed draws
@@ -29,7 +30,6 @@ from skingpt4.decoding import StopWhen
 from skingpt4.generation import TOP_K, GenerationSettings
 
 log = logging.getLogger(__name__)
-IDLE_EXIT_S = 30.0  # the thread ends after this long without work (and starts again with the next request)
 REGROW_STEPS = 128
 
 
@@ -218,7 +218,14 @@ def _pad_left(x: torch.Tensor, count: int) -> torch.Tensor:
 
 
 class Scheduler:
-    """Decodes the requests of any number of threads together, at most `max_batch` at a time."""
+    """Decodes the requests of any number of threads together, at most `max_batch` at a time.
+
+    There is no thread of its own: one of the waiting callers drives the batch (admits, steps) until its own
+    requests are done, then another caller with work left takes over. So the model runs on the callers' threads,
+    as on the direct path: on a CPU, PyTorch's parallel ops run slower on any thread but the first to use OpenMP
+    (libgomp spins less once it manages more threads than there are cores), so `diagnose` and `eval`, which call
+    from the main thread, keep its speed.
+    """
 
     def __init__(self, engine, max_batch: int):
         self.engine, self.max_batch, self.limit = engine, max_batch, max_batch
@@ -226,21 +233,17 @@ class Scheduler:
         self.active: list[Request] = []
         self.batch: Batch | None = None
         self.wake = threading.Condition()
-        self.thread: threading.Thread | None = None
+        self.driving = False  # whether a caller is driving the batch now
         self.clean_steps = self.peak = 0  # peak: the largest batch decoded so far
 
     def run(self, requests: list[Request]) -> list[torch.Tensor]:
-        """Queue the requests and wait for them; returns each one's new tokens, or raises the first error."""
+        """Queue the requests and see them answered; returns each one's new tokens, or raises the first error."""
         with self.wake:
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._loop, name="skingpt4-scheduler", daemon=True)
-                self.thread.start()
             self.waiting.extend(requests)
-            self.wake.notify()
+            self.wake.notify_all()
         try:
-            for r in requests:
-                r.done.wait()
-        except BaseException:  # Ctrl+C while waiting: the requests leave at the next step
+            self._see_through(requests)
+        except BaseException:  # Ctrl+C: the requests leave at the next step
             for r in requests:
                 r.cancel.set()
             raise
@@ -249,29 +252,44 @@ class Scheduler:
                 raise r.error
         return [torch.tensor(r.tokens, dtype=torch.long) for r in requests]
 
-    # -- the model thread -----------------------------------------------------------------------------------------
+    def _see_through(self, requests: list[Request]) -> None:
+        """Wait while another caller drives the batch; if `requests` are not done by then, drive it until they are."""
 
-    def _loop(self) -> None:
-        while True:
-            with self.wake:
-                while not self.waiting and not self.active:
-                    if not self.wake.wait(IDLE_EXIT_S) and not self.waiting:
-                        self.thread = None
-                        return
-            joining = []
-            try:
-                with self.engine.lock, torch.no_grad():
-                    with self.wake:  # whoever came while the lock was busy joins now
-                        while self.waiting and len(self.active) + len(joining) < self.limit:
-                            joining.append(self.waiting.popleft())
-                    for r in joining:
-                        self._admit(r)
-                    if self.active:
-                        self._step()
-            except BaseException as exc:  # never leave a request waiting: the loop must not die with them
-                log.error("token step failed: %s", type(exc).__name__)
-                self._fail([r for r in joining if not r.done.is_set() and r not in self.active], exc)
-                self._fail(self.active, exc)
+        def done() -> bool:
+            return all(r.done.is_set() for r in requests)
+
+        with self.wake:
+            while self.driving and not done():
+                self.wake.wait()
+            if done():
+                return
+            self.driving = True
+        try:
+            while not done():
+                self._iteration()
+        finally:
+            with self.wake:  # a caller whose requests are still in the batch takes over
+                self.driving = False
+                self.wake.notify_all()
+
+    def _iteration(self) -> None:
+        """Admit who waits (up to the limit), then one token step."""
+        joining = []
+        try:
+            with self.engine.lock, torch.no_grad():
+                with self.wake:  # whoever came while the lock was busy joins now
+                    while self.waiting and len(self.active) + len(joining) < self.limit:
+                        joining.append(self.waiting.popleft())
+                for r in joining:
+                    self._admit(r)
+                if self.active:
+                    self._step()
+        except BaseException as exc:  # never leave a request waiting: fail those the broken step held
+            log.error("token step failed: %s", type(exc).__name__)
+            self._fail([r for r in joining if not r.done.is_set() and r not in self.active], exc)
+            self._fail(self.active, exc)
+            if not isinstance(exc, Exception):  # Ctrl+C and the like reach the caller
+                raise
 
     def _admit(self, r: Request) -> None:
         """Prefill one request alone (reusing its session's cache) and add it to the batch."""
@@ -359,12 +377,17 @@ class Scheduler:
             session.engine.remember(session)
         if r.streamer is not None:
             r.streamer.end()
-        r.done.set()
+        self._done(r)
 
     def _fail(self, requests: list[Request], exc: BaseException) -> None:
         exc.__traceback__ = None  # its frames hold the batch's tensors (for an out-of-memory error, the memory)
         for r in list(requests):
             r.error = exc
-            r.done.set()
+            self._done(r)
         if requests is self.active:
             self.active, self.batch = [], None
+
+    def _done(self, r: Request) -> None:
+        with self.wake:
+            r.done.set()
+            self.wake.notify_all()
