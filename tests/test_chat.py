@@ -372,7 +372,6 @@ def test_a_seeded_request_leaves_the_global_rng_alone(engine):
 def test_control_characters_never_reach_a_surface(loaded, monkeypatch, tmp_path):
     """A model that writes ESC sequences, a bell, C1 controls and invalid bytes (U+FFFD): the terminal, the stream,
     the stored answer and diagnose's record hold none of them; newlines and tabs stay."""
-    engine = ChatEngine(loaded, max_batch=1)  # the script replaces the direct path's `_run`
     import io
     import json
 
@@ -380,6 +379,7 @@ def test_control_characters_never_reach_a_surface(loaded, monkeypatch, tmp_path)
     from skingpt4.serve.diagnose import diagnose, results_file
     from skingpt4.serve.terminal import run_chat
 
+    engine = ChatEngine(loaded, max_batch=1)  # the script replaces the direct path's `_run`
     written = "Red \x1b[31mpatch\x1b[0m\x07 here\x9b2J.\n\tok \ufffd\ufffd end"
     ids = engine.tokenizer(written, add_special_tokens=False).input_ids
     assert engine.tokenizer.decode(ids) == written  # the model really can write these, through byte tokens
