@@ -176,6 +176,8 @@ class WebApp:
                 text = ""
                 for piece in pieces:
                     text += piece
+                    if visit.cancel.is_set():  # Stop was pressed: "Answering..." must not come back after its view
+                        continue
                     shown[-1] = _message("assistant", text)
                     yield shown, "", gr.skip(), _text("Answering..."), visit
         except Cancelled:
@@ -324,9 +326,9 @@ class WebApp:
         return ui
 
     def _wire(self, ui: SimpleNamespace) -> None:
-        # Every event that runs the model, one at a time. Events stay callable (the tests drive them), but none is
-        # listed on an API page: the documented API is `skingpt4 serve`.
-        # as many at once as the engine decodes together (`--max-batch`); Stop cancels only its own visit's answer
+        # The events that run the model: as many at once as the engine decodes together (`--max-batch`); Stop
+        # cancels only its own visit's answer. Events stay callable (the tests drive them), but none is listed on
+        # an API page: the documented API is `skingpt4 serve`.
         model = dict(concurrency_id="model", concurrency_limit=self.engine.max_batch, api_visibility="undocumented")
         cheap = dict(concurrency_limit=None, api_visibility="undocumented")
         knobs = [ui.beams, ui.temperature, ui.greedy, ui.state]
@@ -348,7 +350,9 @@ class WebApp:
         ]
         for index, button in enumerate(ui.clinical):
             asks.append(button.click(self.clinical(index), knobs, shown, api_name=f"clinical_{index + 1}", **model))
-        ui.stop.click(self.stopped, [ui.state], [ui.chat, ui.status], cancels=asks, api_name="stop", **cheap)
+        stop = ui.stop.click(self.stopped, [ui.state], [ui.chat, ui.status], cancels=asks, api_name="stop", **cheap)
+        # the cancelled answer's last update can reach the page after Stop's own: show the stopped view once more
+        stop.then(self.stopped, [ui.state], [ui.chat, ui.status], **cheap)
         cleared = [ui.state, ui.chat, ui.photos, ui.question, ui.send, *ui.clinical, ui.download, ui.status]
         # a photo still being added would otherwise bring the old consultation back as this session's state
         ui.restart.click(self.restart, [ui.state], cleared, cancels=[*asks, adding], api_name="restart", **cheap)
