@@ -19,7 +19,7 @@ from skingpt4.chat import ChatEngine
 from skingpt4.errors import Cancelled, InputError
 from skingpt4.generation import GenerationSettings
 from skingpt4.images import load_image
-from skingpt4.scheduler import FairLock
+from skingpt4.sharing import FairLock
 
 
 def asked(engine: ChatEngine, n: int):
@@ -39,12 +39,14 @@ class Steps:
 
     def __init__(self, engine: ChatEngine):
         self.sizes: list[int] = []
+        self.prefills: list[int] = []  # rows of each prefill (a forward from embeddings)
         self.changed = threading.Condition()
         self.on_step = None
         self.handle = engine.model.language_model.register_forward_hook(self._seen, with_kwargs=True)
 
     def _seen(self, module, args, kwargs, output) -> None:
         if kwargs.get("input_ids") is None:  # a prefill (from embeddings), not a decoding step
+            self.prefills.append(kwargs["inputs_embeds"].shape[0])
             return
         with self.changed:
             self.sizes.append(kwargs["input_ids"].shape[0])
@@ -170,6 +172,7 @@ def test_one_cancelled_of_eight_leaves_at_the_next_step_and_seven_answer_as_alon
     assert isinstance(results[3], Cancelled)
     assert "rash" not in str(sessions[3].conversation.messages)  # the question was withdrawn, the photo stays
     assert steps.sizes == [8] * 10 + [7] * (39 - 10)
+    assert steps.prefills == [8]  # eight new prompts of four lengths, prefilled in one left-padded batch
     others = [n for n in range(8) if n != 3]
     assert [results[n] for n in others] == [asked(direct, n).answer(settings) for n in others]
 

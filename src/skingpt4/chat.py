@@ -25,7 +25,8 @@ from skingpt4.generation import MAX_BATCH, GenerationSettings
 from skingpt4.images import DEFAULT_LIMITS, load_image, read_source, sha256_bytes
 from skingpt4.model import LoadedModel
 from skingpt4.processing import common_prefix, image_keys, prompt_ids, truncate_left
-from skingpt4.scheduler import FairLock, Gathered, Request, Scheduler
+from skingpt4.scheduler import Request, Scheduler
+from skingpt4.sharing import FairLock, Gathered
 
 
 def _cache_argument() -> str:
@@ -62,10 +63,8 @@ class ChatEngine:
         self.lock = FairLock()
         if max_batch < 1:
             raise InputError("max_batch must be at least 1 (1: one answer at a time)")
-        self.max_batch = max_batch
-        self.scheduler = Scheduler(self, max_batch) if max_batch > 1 else None
-        # photos that wait for the model together are encoded in one batch (bit-identical to one at a time)
-        self._encode = Gathered(self.lock, self._encode_pixels)
+        self.max_batch, self.scheduler = max_batch, Scheduler(self, max_batch) if max_batch > 1 else None
+        self._encode = Gathered(self.lock, self._encode_pixels)  # photos that wait together: one batch
         self.pieces = TokenBytes(self.tokenizer)  # each token's text, for the stop-string check
         # Never emit the image placeholder, nor vocabulary rows that have no token (a random model may have them).
         self.tokens = len(self.tokenizer)
@@ -208,33 +207,39 @@ class ChatEngine:
     def reusable(self, session: Session, ids: list[int], first_image: int):
         """The session's cache cut to the prefix it shares with `ids` (at least one id is left to run), the length
         of that prefix, and `ids`' cache keys. The session lets go of its cache: a failed turn leaves none."""
-        from transformers import DynamicCache
-
         keys = image_keys(ids, self.loaded.image_token_id, first_image)
         cache, reuse = session.cache, 0
         if cache is not None:
             reuse = min(common_prefix(session.cache_keys, keys), len(ids) - 1)
         if cache is None or reuse == 0:
-            cache = DynamicCache(config=self.model.language_model.config)
+            cache = self.new_cache()
         elif cache.get_seq_length() > reuse:
             cache.crop(reuse - cache.get_seq_length())  # a negative count removes that many positions
         session.cache, session.cache_keys = None, []
         return cache, reuse, keys
 
-    def prefill(self, session: Session, ids: list[int], features, first_image: int):
-        """Run one prompt alone, continuing the session's cache where it agrees (as `generate` would): returns the
-        cache, its keys, and the logits (1, V) for the first new token."""
-        cache, reuse, keys = self.reusable(session, ids, first_image)
-        row = torch.tensor([ids], device=self.loaded.device)
+    def new_cache(self):
+        from transformers import DynamicCache  # an empty key/value cache for the language model
+
+        return DynamicCache(config=self.model.language_model.config)
+
+    def prefill(self, prompts: list[tuple[list[int], torch.Tensor | None]], cache, reuse: int = 0):
+        """Run prompts (ids, image features) into `cache`, left-padded into one batch, after the cache's first
+        `reuse` positions (only a lone prompt continues a cache): returns the padding mask (B, T) and the logits
+        (B, V) for the first new tokens."""
+        device, width = self.loaded.device, max(len(ids) for ids, _ in prompts)
+        embeds = [self.embed(torch.tensor([ids], device=device), features)[0] for ids, features in prompts]
+        padded = torch.stack([torch.cat([e.new_zeros(width - len(e), e.shape[-1]), e]) for e in embeds])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in prompts], device=device)
         out = self.model.language_model(
-            inputs_embeds=self.embed(row, features)[:, reuse:],
-            attention_mask=torch.ones_like(row),
+            inputs_embeds=padded[:, reuse:],
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, reuse:],
             use_cache=True,
             logits_to_keep=1,
             **{CACHE_ARGUMENT: cache},
         )
-        session.reused_tokens = reuse
-        return cache, keys, out.logits[:, -1]
+        return mask, out.logits[:, -1]
 
     def step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """One decoding step for a left-padded batch: each row's pending token (B,) at its own position (B,),

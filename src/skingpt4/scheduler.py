@@ -2,11 +2,11 @@
 
 Every surface (API, web app, terminal chat, `diagnose`, `eval`) asks `ChatEngine.generate`; with `max_batch`
 above 1, its greedy and sampled requests come here, and one of the waiting callers runs the model for all of
-them. A request that arrives while others decode is prefilled alone, reusing its session's key/value cache as a
-lone turn would, and joins the batch at the next token boundary; a finished, cancelled or failed one leaves at
-once. The batch's cache is the rows' caches left-padded to one length, with an attention mask over the padding
-and each row's own positions, so a row computes what it would alone (in float32 its greedy ids are the lone
-request's; tests/test_scheduler.py).
+them. Requests that arrive while others decode join the batch at the next token boundary: new prompts prefilled
+together in one left-padded batch, a prompt that continues its session's key/value cache alone, after that cache,
+as a lone turn would; a finished, cancelled or failed request leaves at once. The batch's cache is the rows'
+caches left-padded to one length, with an attention mask over the padding and each row's own positions, so a row
+computes what it would alone (in float32 its greedy ids are the lone request's; tests/test_scheduler.py).
 
 Token choice is transformers' own for these settings, row by row: repetition penalty over the answer so far, the
 never-generate mask, then when sampling temperature, top-k 50 and top-p, and a draw. A request with a seed draws
@@ -31,88 +31,6 @@ from skingpt4.generation import TOP_K, GenerationSettings
 
 log = logging.getLogger(__name__)
 REGROW_STEPS = 128
-
-
-class FairLock:
-    """A re-entrant lock taken in the order it was asked for.
-
-    `threading.RLock` lets the thread that just released it take it again at once, so a decode loop that takes
-    the model for each token step would keep a photo being encoded, or a beam search, waiting until the batch is
-    empty. Here each step queues behind whoever asked first.
-    """
-
-    def __init__(self):
-        self._cond = threading.Condition(threading.Lock())
-        self._owner: int | None = None
-        self._depth = self._next = self._serving = 0
-
-    def acquire(self) -> None:
-        me = threading.get_ident()
-        with self._cond:
-            if self._owner == me:
-                self._depth += 1
-                return
-            ticket, self._next = self._next, self._next + 1
-            while self._serving != ticket:
-                self._cond.wait()
-            self._owner, self._depth = me, 1
-
-    def release(self) -> None:
-        with self._cond:
-            if self._owner != threading.get_ident():
-                raise RuntimeError("release of a lock this thread does not hold")
-            self._depth -= 1
-            if self._depth == 0:
-                self._owner, self._serving = None, self._serving + 1
-                self._cond.notify_all()
-
-    def owned(self) -> bool:
-        """Whether the calling thread holds the lock."""
-        return self._owner == threading.get_ident()
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-class Gathered:
-    """Calls of a batched function that wait for the model together are run as one call.
-
-    `work` maps a batch of items (N, ...) to results (N, ...). A caller queues its items, then takes the engine's
-    lock; whoever gets it first runs `work` on every queued caller's items at once, and each caller gets its own
-    rows back. Photos sent by several clients at once are so encoded in one batch, between two token steps.
-    """
-
-    def __init__(self, lock: FairLock, work):
-        self.lock, self.work = lock, work
-        self.queued: list[dict] = []
-        self.guard = threading.Lock()
-
-    def __call__(self, items: torch.Tensor) -> torch.Tensor:
-        call = {"items": items}
-        with self.guard:
-            self.queued.append(call)
-        with self.lock:  # whoever held it since our call was queued may have run it already
-            with self.guard:
-                calls, self.queued = self.queued, []
-            if calls:
-                self._run(calls)
-        if "error" in call:
-            raise call["error"]
-        return call["result"]
-
-    def _run(self, calls: list[dict]) -> None:
-        try:
-            results = self.work(torch.cat([c["items"] for c in calls])).split([len(c["items"]) for c in calls])
-        except BaseException as exc:  # every caller in the batch gets it (out of memory: 503 to each request)
-            for c in calls:
-                c["error"] = exc
-            return
-        for c, result in zip(calls, results):
-            c["result"] = result
 
 
 @dataclass(eq=False)
@@ -168,23 +86,19 @@ class Request:
 class Batch:
     """The decoding rows' shared state: their left-padded cache, its mask, each row's length and pending token."""
 
-    def __init__(self, cache, length: int, token: int):
-        device = cache.layers[0].keys.device
-        self.cache = cache
-        self.mask = torch.ones(1, length, dtype=torch.long, device=device)
-        self.lengths = torch.tensor([length], device=device)
-        self.last = torch.tensor([token], device=device)
+    def __init__(self, cache, mask: torch.Tensor, tokens: torch.Tensor):
+        self.cache, self.mask, self.lengths, self.last = cache, mask, mask.sum(-1), tokens
 
-    def add(self, cache, length: int, token: int) -> None:
-        width = max(self.mask.shape[1], length)
-        old_pad, new_pad = width - self.mask.shape[1], width - length
+    def add(self, cache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Rows prefilled together (a left-padded cache with its mask) join; both sides are padded to one width."""
+        width = max(self.mask.shape[1], mask.shape[1])
+        old_pad, new_pad = width - self.mask.shape[1], width - mask.shape[1]
         for mine, theirs in zip(self.cache.layers, cache.layers):
             mine.keys = torch.cat([_pad_left(mine.keys, old_pad), _pad_left(theirs.keys, new_pad)])
             mine.values = torch.cat([_pad_left(mine.values, old_pad), _pad_left(theirs.values, new_pad)])
-        mask = torch.ones(1, length, dtype=torch.long, device=self.mask.device)
         self.mask = torch.cat([_pad_left(self.mask, old_pad), _pad_left(mask, new_pad)])
-        self.lengths = torch.cat([self.lengths, self.lengths.new_tensor([length])])
-        self.last = torch.cat([self.last, self.last.new_tensor([token])])
+        self.lengths = torch.cat([self.lengths, mask.sum(-1)])
+        self.last = torch.cat([self.last, tokens])
 
     def keep(self, rows: list[int]) -> None:
         """Keep these rows only, and drop the padding columns no remaining row needs."""
@@ -195,11 +109,10 @@ class Batch:
             layer.values = layer.values[index, :, start:]
         self.mask, self.lengths, self.last = self.mask[index, start:], self.lengths[index], self.last[index]
 
-    def row_cache(self, row: int, config):
-        """A copy of one row's cache without its padding: the session keeps it for its next turn."""
-        from transformers import DynamicCache
-
-        cache, start = DynamicCache(config=config), self.mask.shape[1] - int(self.lengths[row])
+    def row_cache(self, row: int, cache):
+        """One row's cache without its padding, copied into the empty `cache`: the session keeps it for its next
+        turn."""
+        start = self.mask.shape[1] - int(self.lengths[row])
         for i, layer in enumerate(self.cache.layers):
             cache.update(
                 layer.keys[row : row + 1, :, start:].clone(), layer.values[row : row + 1, :, start:].clone(), i
@@ -280,8 +193,7 @@ class Scheduler:
                 with self.wake:  # whoever came while the lock was busy joins now
                     while self.waiting and len(self.active) + len(joining) < self.limit:
                         joining.append(self.waiting.popleft())
-                for r in joining:
-                    self._admit(r)
+                self._admit(joining)
                 if self.active:
                     self._step()
         except BaseException as exc:  # never leave a request waiting: fail those the broken step held
@@ -291,27 +203,48 @@ class Scheduler:
             if not isinstance(exc, Exception):  # Ctrl+C and the like reach the caller
                 raise
 
-    def _admit(self, r: Request) -> None:
-        """Prefill one request alone (reusing its session's cache) and add it to the batch."""
-        if r.cancel.is_set():
-            return self._end(r)
-        engine = self.engine
-        try:
-            cache, r.keys, logits = engine.prefill(r.session, r.ids, r.features, r.first_image)
-            r.stop = StopWhen(engine.pieces, engine.stops(r.settings))
+    def _admit(self, joining: list[Request]) -> None:
+        """Prefill the joining requests and add them to the batch: new prompts together, in one left-padded batch;
+        a prompt that continues its session's cache alone, after that cache (as a lone turn would)."""
+        fresh = []
+        for r in joining:
+            if r.cancel.is_set():
+                self._end(r)
+                continue
+            try:
+                cache, reuse, r.keys = self.engine.reusable(r.session, r.ids, r.first_image)
+                r.session.reused_tokens = reuse
+                if reuse == 0:
+                    fresh.append(r)
+                    continue
+                mask, logits = self.engine.prefill([(r.ids, r.features)], cache, reuse)
+                self._join([r], cache, mask, logits)
+            except Exception as exc:  # this request alone fails (503 for out of memory); the batch goes on
+                self._fail([r], exc)
+        if fresh:
+            try:
+                cache = self.engine.new_cache()
+                mask, logits = self.engine.prefill([(r.ids, r.features) for r in fresh], cache)
+                self._join(fresh, cache, mask, logits)
+            except Exception as exc:  # these requests fail (503 for out of memory); the batch goes on
+                self._fail(fresh, exc)
+
+    def _join(self, requests: list[Request], cache, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        """Prefilled rows choose their first token and join the batch; any already finished leaves at once."""
+        for r in requests:
+            r.stop = StopWhen(self.engine.pieces, self.engine.stops(r.settings))
             if r.streamer is not None:  # as transformers' generate does: first the prompt ids (none: embeddings)
                 r.streamer.put(torch.zeros(1, 0, dtype=torch.long))
-            token = self._choose([r], logits)[0]
-        except Exception as exc:  # this request alone fails (503 for out of memory); the batch goes on
-            return self._fail([r], exc)
-        if self._emit(r, token):
-            return self._end(r, cache)
+        tokens = self._choose(requests, logits)
+        last = torch.tensor(tokens, device=mask.device)
         if self.batch is None:
-            self.batch = Batch(cache, len(r.ids), token)
+            self.batch = Batch(cache, mask, last)
         else:
-            self.batch.add(cache, len(r.ids), token)
-        self.active.append(r)
+            self.batch.add(cache, mask, last)
+        first = len(self.active)
+        self.active += requests
         self.peak = max(self.peak, len(self.active))
+        self._leave([first + i for i, (r, t) in enumerate(zip(requests, tokens)) if self._emit(r, t)])
 
     def _step(self) -> None:
         """One token for every active row; finished rows leave."""
@@ -359,9 +292,8 @@ class Scheduler:
     def _leave(self, rows: list[int]) -> None:
         if not rows:
             return
-        config = self.engine.model.language_model.config
         for i in rows:
-            self._end(self.active[i], self.batch.row_cache(i, config))
+            self._end(self.active[i], self.batch.row_cache(i, self.engine.new_cache()))
         kept = [i for i in range(len(self.active)) if i not in rows]
         self.active = [self.active[i] for i in kept]
         if kept:
