@@ -203,6 +203,27 @@ def test_out_of_memory_fails_that_batch_halves_the_next_and_serving_goes_on(engi
     assert retried == [asked(direct, n).answer(settings) for n in range(4)]
 
 
+def test_out_of_memory_in_a_joint_prefill_also_halves_the_next_batch(engines, monkeypatch):
+    batched, direct = engines
+    real = batched.prefill
+
+    def prefill(prompts, *args, **kwargs):
+        if len(prompts) == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(batched, "prefill", prefill)
+    settings = GenerationSettings.greedy(max_new_tokens=12)
+    sessions = [asked(batched, n) for n in range(4)]
+    results = together(batched, [lambda s=s: s.answer(settings) for s in sessions])
+    assert all(isinstance(r, torch.OutOfMemoryError) for r in results)
+    assert batched.scheduler.limit == 2
+    for n, s in enumerate(sessions):
+        s.ask(question(n))
+    retried = together(batched, [lambda s=s: s.answer(settings) for s in sessions])
+    assert retried == [asked(direct, n).answer(settings) for n in range(4)]
+
+
 def test_a_photo_is_encoded_between_token_steps_not_after_the_batch(engines):
     """The engine's lock is taken in turn: a photo added while an answer decodes waits about one step."""
     batched, _ = engines

@@ -227,6 +227,8 @@ class Scheduler:
                 mask, logits = self.engine.prefill([(r.ids, r.features) for r in fresh], cache)
                 self._join(fresh, cache, mask, logits)
             except Exception as exc:  # these requests fail (503 for out of memory); the batch goes on
+                if isinstance(exc, torch.OutOfMemoryError):
+                    self._shrink(len(self.active) + len(fresh))
                 self._fail(fresh, exc)
 
     def _join(self, requests: list[Request], cache, mask: torch.Tensor, logits: torch.Tensor) -> None:
@@ -256,10 +258,7 @@ class Scheduler:
         try:
             logits = self.engine.step(b.last, mask, b.lengths, b.cache)
         except torch.OutOfMemoryError as exc:
-            self.limit = max(1, len(self.active) // 2)
-            log.warning(
-                "out of memory in a batch of %d; the next batches hold at most %d", len(self.active), self.limit
-            )
+            self._shrink(len(self.active))
             return self._fail(self.active, exc)
         b.mask, b.lengths = mask, b.lengths + 1
         tokens = self._choose(self.active, logits)
@@ -268,6 +267,11 @@ class Scheduler:
         self.clean_steps += 1
         if self.limit < self.max_batch and self.clean_steps % REGROW_STEPS == 0:
             self.limit += 1
+
+    def _shrink(self, rows: int) -> None:
+        """Out of memory with `rows` rows: the next batches hold half as many (growing back as steps succeed)."""
+        self.limit = max(1, rows // 2)
+        log.warning("out of memory in a batch of %d; the next batches hold at most %d", rows, self.limit)
 
     def _choose(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
         scores = self.engine.forbid(None, logits.to(torch.float32, copy=True))
