@@ -23,22 +23,11 @@ from skingpt4.decoding import Forbid, StopWhen, TextPieces, TokenBytes
 from skingpt4.errors import Cancelled, InputError
 from skingpt4.generation import MAX_BATCH, GenerationSettings
 from skingpt4.images import DEFAULT_LIMITS, load_image, read_source, sha256_bytes
+from skingpt4.llm import CACHE_ARGUMENT, TorchLLM
 from skingpt4.model import LoadedModel
 from skingpt4.processing import common_prefix, image_keys, prompt_ids, truncate_left
 from skingpt4.scheduler import Request, Scheduler
 from skingpt4.sharing import FairLock, Gathered
-
-
-def _cache_argument() -> str:
-    """`generate`'s name for a key/value cache to continue: `cache` from transformers 5.24 (the old name,
-    `past_key_values`, still works there but warns), `past_key_values` before."""
-    import transformers
-    from packaging.version import Version
-
-    return "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
-
-
-CACHE_ARGUMENT = _cache_argument()
 
 
 class ChatEngine:
@@ -58,12 +47,15 @@ class ChatEngine:
         self.cached_sessions = max(4, max_batch) if cached_sessions is None else cached_sessions
         self._cached: OrderedDict[int, weakref.ref] = OrderedDict()
         self.model = loaded.model
+        self.llm = loaded.llm or TorchLLM(self.model.language_model)  # llama.cpp when quantized (`quantized.py`)
         self.tokenizer = loaded.tokenizer
         self.template = get_template(template or loaded.meta.template)
         self.lock = FairLock()
         if max_batch < 1:
             raise InputError("max_batch must be at least 1 (1: one answer at a time)")
-        self.max_batch, self.scheduler = max_batch, Scheduler(self, max_batch) if max_batch > 1 else None
+        # llama.cpp (a quantized LLM) decodes only through the scheduler; transformers with one row directly too.
+        self.max_batch = max_batch
+        self.scheduler = Scheduler(self, max_batch) if max_batch > 1 or loaded.llm else None
         self._encode = Gathered(self.lock, self._encode_pixels)  # photos that wait together: one batch
         self.pieces = TokenBytes(self.tokenizer)  # each token's text, for the stop-string check
         # Never emit the image placeholder, nor vocabulary rows that have no token (a random model may have them).
@@ -162,6 +154,8 @@ class ChatEngine:
         prepared = [self.prepare(s, settings) for s in sessions]
         for session, (ids, _, _) in zip(sessions, prepared):
             session.prompt_tokens = len(ids)
+        if self.loaded.llm is not None and settings.num_beams > 1:
+            raise InputError("beam search needs the unquantized model; --quantize answers greedy or sampled")
         if self.scheduler is not None and settings.num_beams == 1:
             requests = [
                 Request(s, *p, settings, streamer, cancel or threading.Event()) for s, p in zip(sessions, prepared)
@@ -210,7 +204,7 @@ class ChatEngine:
         keys = image_keys(ids, self.loaded.image_token_id, first_image)
         cache, reuse = session.cache, 0
         if cache is not None:
-            reuse = min(common_prefix(session.cache_keys, keys), len(ids) - 1)
+            reuse = min(common_prefix(session.cache_keys, keys), len(ids) - 1, cache.get_seq_length())
         if cache is None or reuse == 0:
             cache = self.new_cache()
         elif cache.get_seq_length() > reuse:
@@ -219,39 +213,19 @@ class ChatEngine:
         return cache, reuse, keys
 
     def new_cache(self):
-        from transformers import DynamicCache  # an empty key/value cache for the language model
-
-        return DynamicCache(config=self.model.language_model.config)
+        return self.llm.new_cache()
 
     def prefill(self, prompts: list[tuple[list[int], torch.Tensor | None]], cache, reuse: int = 0):
         """Run prompts (ids, image features) into `cache`, left-padded into one batch, after the cache's first
         `reuse` positions (only a lone prompt continues a cache): returns the padding mask (B, T) and the logits
         (B, V) for the first new tokens."""
-        device, width = self.loaded.device, max(len(ids) for ids, _ in prompts)
+        device = self.loaded.device
         embeds = [self.embed(torch.tensor([ids], device=device), features)[0] for ids, features in prompts]
-        padded = torch.stack([torch.cat([e.new_zeros(width - len(e), e.shape[-1]), e]) for e in embeds])
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in prompts], device=device)
-        out = self.model.language_model(
-            inputs_embeds=padded[:, reuse:],
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, reuse:],
-            use_cache=True,
-            logits_to_keep=1,
-            **{CACHE_ARGUMENT: cache},
-        )
-        return mask, out.logits[:, -1]
+        return self.llm.prefill(embeds, cache, reuse)
 
     def step(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        """One decoding step for a left-padded batch: each row's pending token (B,) at its own position (B,),
-        over a cache whose padding `mask` (B, L+1) hides; returns the next logits (B, V)."""
-        out = self.model.language_model(
-            input_ids=tokens[:, None],
-            attention_mask=mask,
-            position_ids=positions[:, None],
-            use_cache=True,
-            **{CACHE_ARGUMENT: cache},
-        )
-        return out.logits[:, -1]
+        """One decoding step for a left-padded batch (`llm.py`); returns the next logits (B, V)."""
+        return self.llm.step(tokens, mask, positions, cache)
 
     @torch.no_grad()
     def settle(self, session: Session) -> int:
@@ -274,18 +248,14 @@ class ChatEngine:
             if len(ids) >= _DEFAULTS.max_context - _DEFAULTS.max_new_tokens:  # the next turn may cut the left
                 return 0
             keys = image_keys(ids, self.loaded.image_token_id)
-            reuse = common_prefix(session.cache_keys, keys)
+            reuse = min(common_prefix(session.cache_keys, keys), session.cache.get_seq_length())
             if reuse >= len(ids):
                 return 0
             cache, session.cache, session.cache_keys = session.cache, None, []  # no half-updated cache survives
             if cache.get_seq_length() > reuse:
                 cache.crop(reuse - cache.get_seq_length())  # a negative count removes that many positions
             features = torch.stack(session.features) if session.features else None
-            row = torch.tensor([ids], device=self.loaded.device)
-            embeds = self.embed(row, features)[:, reuse:]
-            self.model.language_model(
-                inputs_embeds=embeds, attention_mask=torch.ones_like(row), logits_to_keep=1, **{CACHE_ARGUMENT: cache}
-            )
+            self.prefill([(ids, features)], cache, reuse)
             session.cache, session.cache_keys = cache, keys
             self.remember(session)
             return len(ids) - reuse

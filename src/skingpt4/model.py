@@ -26,6 +26,7 @@ class LoadedModel:
     meta: ModelMeta
     model_id: str
     path: Path | None = None
+    llm: object | None = None  # the language model on llama.cpp when quantized (`quantized.py`); else in `model`
 
     @property
     def image_token_id(self) -> int:
@@ -141,13 +142,18 @@ def load_model(
     device_map: str | dict | None = None,
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,
+    quantize: str | None = None,
 ) -> LoadedModel:
-    """Load a SkinGPT-4 folder (or `tiny`) for inference: eval mode, no gradients, original eps restored."""
+    """Load a SkinGPT-4 folder (or `tiny`) for inference: eval mode, no gradients, original eps restored.
+    `quantize` (int8, int4) runs the LLM on llama.cpp on the CPU (`quantized.py`)."""
     from transformers import Blip2ForConditionalGeneration
 
     path = resolve_model_path(model)
-    device = resolve_device(device)
+    device = "cpu" if quantize and device in (None, "auto") else resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if quantize is not None:
+        bitsandbytes = load_in_8bit or load_in_4bit
+        return _loaded(path, *_load_quantized(path, device, torch_dtype, quantize, device_map, bitsandbytes))
     quant = quantization_config(load_in_8bit, load_in_4bit, torch_dtype)
     kwargs: dict = {"dtype": torch_dtype}
     if quant is not None:  # bitsandbytes models cannot be moved after loading: place them on the chosen GPU
@@ -160,8 +166,20 @@ def load_model(
         raise ModelLoadError(f"cannot load the model in {path}: {first_line(exc, 300)}") from None
     if quant is None and device_map is None:
         net.to(device)
+    return _loaded(path, net)
+
+
+def _load_quantized(path: Path, device: str, dtype: torch.dtype, kind: str, device_map, bitsandbytes: bool):
+    if device != "cpu" or device_map is not None or bitsandbytes:
+        raise ModelLoadError("--quantize runs the LLM on the CPU (llama.cpp): use it with --device cpu alone")
+    from skingpt4.quantized import load_quantized
+
+    return load_quantized(path, kind, dtype)
+
+
+def _loaded(path: Path, net, llm=None) -> LoadedModel:
     meta = ModelMeta.load(path)
     net.vision_model.post_layernorm.eps = meta.post_layernorm_eps
     net.eval().requires_grad_(False)
     tokenizer = load_tokenizer(path, net.config.image_token_index)
-    return LoadedModel(net, tokenizer, meta, model_id(path, meta), path)
+    return LoadedModel(net, tokenizer, meta, model_id(path, meta), path, llm)

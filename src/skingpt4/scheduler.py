@@ -28,6 +28,7 @@ import torch
 
 from skingpt4.decoding import StopWhen
 from skingpt4.generation import TOP_K, GenerationSettings
+from skingpt4.llm import pad_left
 
 log = logging.getLogger(__name__)
 REGROW_STEPS = 128
@@ -84,50 +85,31 @@ class Request:
 
 
 class Batch:
-    """The decoding rows' shared state: their left-padded cache, its mask, each row's length and pending token."""
+    """The decoding rows' shared state: their left-padded cache, its mask, each row's length and pending token.
+    The language model backend (`llm.py`) joins, selects and splits the cache's rows."""
 
-    def __init__(self, cache, mask: torch.Tensor, tokens: torch.Tensor):
-        self.cache, self.mask, self.lengths, self.last = cache, mask, mask.sum(-1), tokens
+    def __init__(self, llm, cache, mask: torch.Tensor, tokens: torch.Tensor):
+        self.llm, self.cache, self.mask, self.lengths, self.last = llm, cache, mask, mask.sum(-1), tokens
 
     def add(self, cache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
         """Rows prefilled together (a left-padded cache with its mask) join; both sides are padded to one width."""
         width = max(self.mask.shape[1], mask.shape[1])
         old_pad, new_pad = width - self.mask.shape[1], width - mask.shape[1]
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, old_pad), _pad_left(theirs.keys, new_pad)])
-            mine.values = torch.cat([_pad_left(mine.values, old_pad), _pad_left(theirs.values, new_pad)])
-        self.mask = torch.cat([_pad_left(self.mask, old_pad), _pad_left(mask, new_pad)])
+        self.llm.join(self.cache, old_pad, cache, new_pad)
+        self.mask = torch.cat([pad_left(self.mask, old_pad), pad_left(mask, new_pad)])
         self.lengths = torch.cat([self.lengths, mask.sum(-1)])
         self.last = torch.cat([self.last, tokens])
 
     def keep(self, rows: list[int]) -> None:
         """Keep these rows only, and drop the padding columns no remaining row needs."""
         start = self.mask.shape[1] - int(self.lengths[rows].max())
+        self.llm.keep(self.cache, rows, start)
         index = torch.tensor(rows, device=self.mask.device)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
         self.mask, self.lengths, self.last = self.mask[index, start:], self.lengths[index], self.last[index]
 
-    def row_cache(self, row: int, cache):
-        """One row's cache without its padding, copied into the empty `cache`: the session keeps it for its next
-        turn."""
-        start = self.mask.shape[1] - int(self.lengths[row])
-        for i, layer in enumerate(self.cache.layers):
-            cache.update(
-                layer.keys[row : row + 1, :, start:].clone(), layer.values[row : row + 1, :, start:].clone(), i
-            )
-        return cache
-
-
-def _pad_left(x: torch.Tensor, count: int) -> torch.Tensor:
-    """Zeros before the sequence dimension's start (dim -2 of a cache tensor, dim -1 of a mask)."""
-    if count == 0:
-        return x
-    dim = -1 if x.dim() == 2 else -2
-    shape = list(x.shape)
-    shape[dim] = count
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
+    def row_cache(self, row: int):
+        """One row's cache without its padding: the session keeps it for its next turn."""
+        return self.llm.row(self.cache, row, self.mask.shape[1] - int(self.lengths[row]))
 
 
 class Scheduler:
@@ -240,7 +222,7 @@ class Scheduler:
         tokens = self._choose(requests, logits)
         last = torch.tensor(tokens, device=mask.device)
         if self.batch is None:
-            self.batch = Batch(cache, mask, last)
+            self.batch = Batch(self.engine.llm, cache, mask, last)
         else:
             self.batch.add(cache, mask, last)
         first = len(self.active)
@@ -297,7 +279,7 @@ class Scheduler:
         if not rows:
             return
         for i in rows:
-            self._end(self.active[i], self.batch.row_cache(i, self.engine.new_cache()))
+            self._end(self.active[i], self.batch.row_cache(i))
         kept = [i for i in range(len(self.active)) if i not in rows]
         self.active = [self.active[i] for i in kept]
         if kept:

@@ -22,6 +22,11 @@ def model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-map", help="`auto` to spread the model over several GPUs")
     parser.add_argument("--load-in-8bit", action="store_true", help="LLM in 8-bit (CUDA + bitsandbytes)")
     parser.add_argument("--load-in-4bit", action="store_true", help="LLM in 4-bit NF4 (CUDA + bitsandbytes)")
+    parser.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        help="the LLM quantized on llama.cpp, on the CPU, no GPU needed (pip install 'skingpt4[cpu]')",
+    )
     parser.add_argument("--template", help="prompt template: skingpt4 (default) or llama2")
     parser.add_argument(
         "--max-batch",
@@ -72,7 +77,9 @@ def engine(args):
     from skingpt4.model import load_model
 
     check_model_flags(args)
-    loaded = load_model(args.model, args.device, args.dtype, args.device_map, args.load_in_8bit, args.load_in_4bit)
+    loaded = load_model(
+        args.model, args.device, args.dtype, args.device_map, args.load_in_8bit, args.load_in_4bit, args.quantize
+    )
     return ChatEngine(loaded, args.template, max_batch=args.max_batch)
 
 
@@ -100,7 +107,8 @@ def engine_loading(args) -> Future:
     """
     check_model_flags(args)
     future: Future = Future()
-    if args.device not in ("auto", "cpu") or args.dtype or args.device_map or args.load_in_8bit or args.load_in_4bit:
+    eager = args.dtype or args.device_map or args.load_in_8bit or args.load_in_4bit or args.quantize
+    if args.device not in ("auto", "cpu") or eager:
         future.set_result(engine(args))
         return future
 

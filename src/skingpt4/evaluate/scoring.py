@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from skingpt4.chat import ChatEngine
+from skingpt4.errors import InputError
 from skingpt4.evaluate import synonyms as S
 from skingpt4.generation import GenerationSettings
 
@@ -66,6 +67,8 @@ def _sequence_logprobs(engine: ChatEngine, rows: list[tuple[list[int], torch.Ten
     width = max(len(p) + len(t) for p, _, t in rows)
     ids = torch.tensor([[*p, *t] + [pad] * (width - len(p) - len(t)) for p, _, t in rows], device=device)
     mask = torch.tensor([[1] * (len(p) + len(t)) + [0] * (width - len(p) - len(t)) for p, _, t in rows], device=device)
+    if engine.loaded.llm is not None:
+        raise InputError("choice scoring reads the LLM's hidden states: run it without --quantize (open mode works)")
     lm = engine.model.language_model
     with engine.lock:  # the model is shared with every other caller of the engine
         embeds = engine.embed(ids, torch.cat([f for _, f, _ in rows]))

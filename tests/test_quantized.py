@@ -1,0 +1,190 @@
+"""The quantized CPU path (`quantized.py`): the LLM on llama.cpp, fed the engine's own embeddings.
+
+Exactness is proven in float32: the same GGUF export in F32 run by llama.cpp must give transformers' logits (to
+float rounding) and the same greedy answers, alone, over turns that reuse the cache, and batched. int8/int4 then
+change only the arithmetic; what that costs in agreement is measured by bench/bench_quantized.py, not here (a
+random tiny model's agreement means nothing).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import gguf  # the dev extra installs skingpt4[cpu] (pyproject.toml): these tests always run
+import numpy as np
+import pytest
+import torch
+from conftest import endless, image_bytes
+from test_scheduler import asked, question, together
+
+from skingpt4.chat import ChatEngine
+from skingpt4.cli.main import main
+from skingpt4.errors import InputError, ModelLoadError
+from skingpt4.generation import GenerationSettings
+from skingpt4.model import LoadedModel, load_model
+
+
+@pytest.fixture(scope="module")
+def float32(tiny_dir) -> LoadedModel:
+    return load_model(tiny_dir, device="cpu", quantize="float32")
+
+
+@pytest.fixture(scope="module")
+def int4(tiny_dir) -> LoadedModel:
+    return load_model(tiny_dir, device="cpu", quantize="int4")
+
+
+def prompt_logits(engine: ChatEngine, n: int) -> torch.Tensor:
+    session = asked(engine, n)
+    ids, features, _ = engine.prepare(session, GenerationSettings.greedy(max_new_tokens=8))
+    with engine.lock, torch.no_grad():
+        return engine.prefill([(ids, features)], engine.new_cache())[1][0]
+
+
+def test_llama_cpp_in_float32_computes_what_transformers_computes(loaded, float32):
+    reference, ours = ChatEngine(loaded, max_batch=1), ChatEngine(float32, max_batch=1)
+    for n in range(3):
+        expected, got = prompt_logits(reference, n), prompt_logits(ours, n)
+        assert got.shape == expected.shape == (loaded.model.config.text_config.vocab_size,)
+        assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    for engine in (reference, ours):
+        endless(engine)
+    settings = GenerationSettings.greedy(max_new_tokens=24)
+    for n in range(3):  # two turns: the second continues the first's cache on both
+        mine, theirs = asked(ours, n), asked(reference, n)
+        assert mine.answer(settings) == theirs.answer(settings)
+        mine.ask("and the cause?"), theirs.ask("and the cause?")
+        assert mine.answer(settings) == theirs.answer(settings)
+        assert mine.reused_tokens == theirs.reused_tokens > 32
+
+
+def test_quantized_answers_batched_equal_alone(loaded, float32):
+    alone, batched = ChatEngine(float32, max_batch=1), ChatEngine(float32, max_batch=4)
+    for engine in (alone, batched):
+        endless(engine)
+    settings = GenerationSettings.greedy(max_new_tokens=16)
+    sessions = [asked(batched, n) for n in range(4)]
+    answers = together(batched, [lambda s=s: s.answer(settings) for s in sessions])
+    assert batched.scheduler.peak == 4
+    assert answers == [asked(alone, n).answer(settings) for n in range(4)]
+    for n, s in enumerate(sessions):  # second turns: each row continues its own llama.cpp sequence
+        s.ask(question(n + 1))
+    again = together(batched, [lambda s=s: s.answer(settings) for s in sessions])
+    expected = []
+    for n in range(4):
+        session = asked(alone, n)
+        session.answer(settings)
+        session.ask(question(n + 1))
+        expected.append(session.answer(settings))
+    assert again == expected and all(s.reused_tokens > 32 for s in sessions)
+
+
+def test_gguf_holds_the_weights_in_llama_cpps_layout(tiny_dir, loaded, float32, int4):
+    from skingpt4.gguf_files import gguf_file
+
+    config = loaded.model.config.text_config
+    lm = loaded.model.language_model
+    heads, head_dim = config.num_attention_heads, config.head_dim
+    files = {kind: gguf_file(tiny_dir, kind, config) for kind in ("float32", "int4")}
+    tensors = {kind: {t.name: t for t in gguf.GGUFReader(path).tensors} for kind, path in files.items()}
+    assert len(tensors["float32"]) == 3 + 9 * config.num_hidden_layers
+    q = np.asarray(tensors["float32"]["blk.1.attn_q.weight"].data)
+    # llama.cpp rotates adjacent pairs, transformers the two halves of a head: row i + half <-> row 2i + 1.
+    original = lm.model.layers[1].self_attn.q_proj.weight.numpy().reshape(heads, 2, head_dim // 2, -1)
+    assert np.array_equal(q.reshape(heads, head_dim // 2, 2, -1), original.swapaxes(1, 2))
+    types = {name: t.tensor_type.name for name, t in tensors["int4"].items()}
+    assert types["blk.0.ffn_down.weight"] == "Q4_0" and types["output.weight"] == "Q8_0"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    down = tensors["int4"]["blk.0.ffn_down.weight"]
+    back = gguf.quants.dequantize(down.data, down.tensor_type).reshape(config.hidden_size, -1)
+    weight = lm.model.layers[0].mlp.down_proj.weight.numpy()
+    blocks = np.abs(weight).reshape(-1, 32).max(1, keepdims=True)  # Q4_0: 16 levels over each block of 32
+    assert np.all(np.abs(back - weight).reshape(-1, 32) <= blocks / 8 + 1e-6)
+
+
+def test_a_full_key_value_store_drops_the_idle_session_first(tiny_dir, loaded, float32):
+    from skingpt4.gguf_files import gguf_file
+    from skingpt4.quantized import LlamaCppLLM
+
+    config = loaded.model.config.text_config
+    small = LlamaCppLLM(gguf_file(tiny_dir, "float32", config), float32.model.get_input_embeddings(), 513, 256)
+    engine = ChatEngine(LoadedModel(float32.model, float32.tokenizer, float32.meta, "small", tiny_dir, small))
+    roomy = ChatEngine(float32, max_batch=1)
+    for e in (engine, roomy):
+        endless(e)
+    settings = GenerationSettings.greedy(max_new_tokens=60)
+    first, second = asked(engine, 0), asked(engine, 1)
+    first.answer(settings)
+    second.answer(settings)  # 2 x (about 100 + 60) positions do not fit in 256: the first session's row goes
+    assert first.cache.get_seq_length() == 0 and second.cache.get_seq_length() > 150
+    first.ask("and the cause?")
+    answer = first.answer(settings)
+    assert first.reused_tokens == 0  # recomputed from the start, to the answer a roomy store computes so
+    expected = asked(roomy, 0)
+    expected.answer(settings)
+    expected.ask("and the cause?")
+    expected.cache = None
+    assert answer == expected.answer(settings)
+    sessions = [asked(engine, n) for n in range(3)]  # 3 x 160 positions at once cannot fit: out of memory
+    results = together(engine, [lambda s=s: s.answer(settings) for s in sessions])
+    assert all(isinstance(r, torch.OutOfMemoryError) for r in results) and engine.scheduler.limit == 1
+    assert all("rash" not in str(s.conversation.messages) for s in sessions)  # withdrawn, as on a GPU
+    assert asked(engine, 0).answer(settings) == asked(roomy, 0).answer(settings)  # and it goes on serving
+
+
+def test_beams_and_choice_scoring_need_the_unquantized_model(int4, tiny_dir, tmp_path, capsys):
+    argv = ["eval", "--model", str(tiny_dir), "--quantize", "int4", "--mode", "choice"]
+    assert main([*argv, "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert "error: --mode choice reads the LLM's hidden states" in capsys.readouterr().err
+    engine = ChatEngine(int4)
+    session = asked(engine, 0)
+    with pytest.raises(InputError, match="beam search needs the unquantized model"):
+        session.answer(GenerationSettings(num_beams=2, max_new_tokens=4))
+    assert session.conversation.awaiting_answer  # the question is still there to answer another way
+    from skingpt4.evaluate.scoring import _sequence_logprobs
+
+    ids, features, _ = engine.prepare(session, GenerationSettings.greedy(max_new_tokens=4))
+    with pytest.raises(InputError, match="run it without --quantize"):
+        _sequence_logprobs(engine, [(ids, features, [5, 6])])
+
+
+def test_quantize_refuses_a_gpu_and_names_the_missing_extra(tiny_dir, monkeypatch):
+    with pytest.raises(ModelLoadError, match="runs the LLM on the CPU"):
+        load_model(tiny_dir, device="cpu", quantize="int4", load_in_8bit=True)
+    monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # as if not installed
+    with pytest.raises(ModelLoadError, match=r"pip install 'skingpt4\[cpu\]'"):
+        load_model(tiny_dir, device="cpu", quantize="int4")
+
+
+def test_chat_and_diagnose_with_quantize_int4(tiny_dir, tmp_path, monkeypatch, capsys, int4):
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is this rash?\n/quit\n"))
+    model = ["--model", str(tiny_dir), "--quantize", "int4", "--greedy", "--max-new-tokens", "6"]
+    assert main(["chat", *model]) == 0
+    out = capsys.readouterr().out
+    session = ChatEngine(int4, max_batch=1).session()
+    session.ask("What is this rash?")
+    assert session.answer(GenerationSettings.greedy(max_new_tokens=6)).strip()[:8] in out  # the same answer
+    (tmp_path / "in").mkdir()
+    for n in range(3):
+        (tmp_path / "in" / f"{n}.png").write_bytes(image_bytes(noise_seed=n))
+    records = tmp_path / "r.jsonl"
+    assert main(["diagnose", *model, str(tmp_path / "in"), "--out", str(records), "--no-progress"]) == 0
+    assert len([json.loads(line) for line in records.read_text().splitlines()]) == 3
+
+
+def test_serve_with_quantize_answers_through_the_openai_client(int4):
+    import openai
+    from test_api import Server, user
+
+    from skingpt4.serve.api import ServeConfig, create_app
+
+    server = Server(create_app(ChatEngine(int4), ServeConfig(max_tokens=16, warmup=False)))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0, timeout=60)
+        ask = dict(model="skingpt4", messages=[user("What is this?", image_bytes())], max_tokens=8, temperature=0)
+        first, again = client.chat.completions.create(**ask), client.chat.completions.create(**ask)
+        assert first.choices[0].message.content == again.choices[0].message.content
+        assert 1 <= first.usage.completion_tokens <= 8
+    finally:
+        server.stop()
