@@ -6,7 +6,8 @@ them. Requests that arrive while others decode join the batch at the next token 
 together in one left-padded batch, a prompt that continues its session's key/value cache alone, after that cache,
 as a lone turn would; a finished, cancelled or failed request leaves at once. The batch's cache is the rows'
 caches left-padded to one length, with an attention mask over the padding and each row's own positions, so a row
-computes what it would alone (in float32 its greedy ids are the lone request's; tests/test_scheduler.py).
+computes what it would alone (in float32 its greedy ids are the lone request's; tests/test_scheduler.py). On
+llama.cpp (`--quantize`) each row is a sequence of its own and the padding is only in the mask (`quantized.py`).
 
 Token choice is transformers' own for these settings, row by row: repetition penalty over the answer so far, the
 never-generate mask, then when sampling temperature, top-k 50 and top-p, and a draw. A request with a seed draws
