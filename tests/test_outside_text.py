@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import image_bytes
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from skingpt4.data.manifest import collect, read_manifest
@@ -134,6 +134,8 @@ def test_records_keep_and_export_any_text(text, model):
 
 @QUICK
 @given(case=ANY_TEXT.filter(lambda s: s.strip()), answer=ANY_TEXT, image=names())
+@example(case="\ud800", answer="\udcff", image=b"~")  # found by Hypothesis: a photo named "~", JSON surrogates
+@example(case="c", answer="a", image=b"~root")  # "~root" is a user's home as a path; here, a file beside them
 def test_review_serves_any_transcript(case, answer, image):
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / os.fsdecode(image)).write_bytes(PHOTO)

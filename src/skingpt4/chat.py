@@ -249,7 +249,7 @@ class ChatEngine:
                 return 0
             keys = image_keys(ids, self.loaded.image_token_id)
             reuse = min(common_prefix(session.cache_keys, keys), session.cache.get_seq_length())
-            if reuse >= len(ids):
+            if reuse == 0 or reuse >= len(ids):  # nothing shared (a dropped llama.cpp row), or nothing to add
                 return 0
             cache, session.cache, session.cache_keys = session.cache, None, []  # no half-updated cache survives
             if cache.get_seq_length() > reuse:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 from skingpt4.errors import InputError
 
@@ -51,3 +52,12 @@ def check_text(text: str, where: str) -> str:
     if has_surrogate(text):
         raise InputError(f"{where} holds a lone surrogate (U+D800-U+DFFF), which is not text; send UTF-8 text")
     return text
+
+
+def user_path(name: str) -> Path:
+    """A path as a person or a file wrote it, `~` expanded where it names a home; a name such as `~x/a.png` whose
+    `~x` is no user on this machine is taken literally (pathlib would raise)."""
+    try:
+        return Path(name).expanduser()
+    except RuntimeError:
+        return Path(name)

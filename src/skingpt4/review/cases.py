@@ -15,6 +15,7 @@ from pathlib import Path
 
 from skingpt4.errors import InputError, first_line
 from skingpt4.images import DEFAULT_LIMITS, ImageRejected, load_image, png_bytes, read_source, sha256_bytes, thumbnail
+from skingpt4.text import readable, user_path
 
 DISPLAY_MAX_SIDE = 2048  # a 12 Mpx photo as PNG would be ~20 MB per page view; 2048 px keeps lesion detail
 IMAGE_CACHE = 8  # decoded display PNGs kept: the case on screen and its neighbours
@@ -84,11 +85,13 @@ def _case(line: str, path: Path, number: int) -> Case:
     turns = item.get("turns")
     if not isinstance(turns, list) or not turns or not all(_is_turn(t) for t in turns):
         raise InputError(f"{where}: 'turns' must be a list of {{'role': 'user'|'assistant', 'text': ...}}")
-    image_path = Path(image).expanduser()
-    image_path = image_path if image_path.is_absolute() else path.parent / image_path
-    turn_pairs = tuple((t["role"], t["text"]) for t in turns)
-    untrained = item.get("untrained") is True
-    return Case(case, image_path, item.get("image_sha256"), item.get("label"), turn_pairs, untrained=untrained)
+    image_path = path.parent / image  # relative to the transcripts (an absolute path stays as it is)
+    if not image_path.exists() and image.startswith("~"):  # written by hand: `~/photos/a.jpg`
+        image_path = user_path(image)
+    turn_pairs = tuple((t["role"], readable(t["text"])) for t in turns)  # shown and stored: lone surrogates spelt
+    untrained, label = item.get("untrained") is True, item.get("label")
+    label = None if label is None else readable(label)
+    return Case(readable(case), image_path, item.get("image_sha256"), label, turn_pairs, untrained=untrained)
 
 
 def _is_turn(turn) -> bool:
