@@ -34,6 +34,7 @@ from skingpt4.folder import vision_config as make_vision_config
 from skingpt4.generation import folder_generation_config
 from skingpt4.keymap import dropped, map_projection, map_qformer, map_vit
 from skingpt4.model import DTYPES
+from skingpt4.serving_files import write_serving_files
 
 LLM_FILES = ["*.json", "tokenizer.model"]  # what --llm needs besides its weights
 
@@ -244,6 +245,7 @@ def _convert_into(options: ConvertOptions, folder: Path) -> None:
     meta = ModelMeta(template=options.template, image_size=vcfg["image_size"], sources=sources)
     meta.description = "converted by skingpt4 convert"
     meta.save(folder)
+    write_serving_files(folder)  # for vLLM and AutoProcessor
 
 
 def _read_towers(options: ConvertOptions, sources: list[dict]) -> dict[str, torch.Tensor]:

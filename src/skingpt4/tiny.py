@@ -23,6 +23,7 @@ from skingpt4.folder import (
     vision_config,
 )
 from skingpt4.generation import folder_generation_config
+from skingpt4.serving_files import write_serving_files
 
 TINY_CORPUS = (
     "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide it to "
@@ -117,6 +118,7 @@ def create_random_model(
     model.save_pretrained(out)
     save_tokenizer(tokenizer, out)
     ModelMeta(untrained=True, description=f"random model, seed {seed}").save(out)
+    write_serving_files(out)
     return out
 
 

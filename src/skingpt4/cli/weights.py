@@ -15,9 +15,12 @@ def add_commands(command) -> None:
     tiny.add_argument("--seed", type=int, default=0)
 
     conv = command("convert", cmd_convert)
-    conv.add_argument("--out", required=True, help="folder to create")
-    conv.add_argument("--llm", required=True, help="Llama-family model folder or hub id (Llama-2-13b-chat, Vicuna)")
-    conv.add_argument("--projection", required=True, help="SkinGPT-4 / MiniGPT-4 .pth with llama_proj.*")
+    conv.add_argument("--out", help="folder to create (required, unless --upgrade)")
+    conv.add_argument("--llm", help="Llama-family model folder or hub id (Llama-2-13b-chat, Vicuna); required")
+    conv.add_argument("--projection", help="SkinGPT-4 / MiniGPT-4 .pth with llama_proj.*; required")
+    conv.add_argument(
+        "--upgrade", metavar="FOLDER", help="instead: add to a folder made before what vLLM and AutoProcessor need"
+    )
     conv.add_argument("--vit", help="LAVIS eva_vit_g.pth")
     conv.add_argument("--qformer", help="LAVIS blip2_pretrained_flant5xxl.pth")
     conv.add_argument("--blip2", help="instead of --vit/--qformer: HF folder or id like Salesforce/blip2-flan-t5-xxl")
@@ -51,6 +54,11 @@ def cmd_convert(args) -> int:
     """
     from skingpt4.convert import ConvertOptions, convert
 
+    if args.upgrade:
+        return _upgrade(args)
+    missing = [f"--{name}" for name in ("out", "llm", "projection") if not getattr(args, name)]
+    if missing:
+        raise InputError(f"convert needs {', '.join(missing)} (or --upgrade FOLDER alone)")
     optional = {name: getattr(args, name) for name in ("vit_heads", "qformer_heads", "dtype", "template")}
     if args.shard_size_gb is not None:
         optional["max_shard_bytes"] = int(args.shard_size_gb * 2**30)
@@ -63,4 +71,18 @@ def cmd_convert(args) -> int:
         **{name: value for name, value in optional.items() if value is not None},
     )
     print(f"converted into {convert(options, args.out)}")
+    return 0
+
+
+def _upgrade(args) -> int:
+    from skingpt4.folder import model_folder
+    from skingpt4.serving_files import write_serving_files
+
+    if any(getattr(args, name) for name in ("out", "llm", "projection", "vit", "qformer", "blip2")):
+        raise InputError("--upgrade FOLDER takes no other source or output: it adds files to FOLDER in place")
+    from skingpt4.tiny import tiny_model_dir
+
+    folder = model_folder(args.upgrade) or tiny_model_dir()  # `tiny`: the cached tiny model
+    written = write_serving_files(folder)
+    print(f"upgraded {folder}: wrote {', '.join(written)} (weights untouched)")
     return 0
