@@ -1,6 +1,6 @@
 """The language model on llama.cpp, quantized, for computers without a GPU (`--quantize int8|int4`).
 
-The route was chosen by measurement (README, "Quantized on the CPU"): on a 2-core AVX2 CPU llama.cpp's Q8_0 and
+The route was chosen by measurement (README, "No GPU"): on a 2-core AVX2 CPU llama.cpp's Q8_0 and
 Q4_0 kernels decode 4.9x and 7.1x faster than PyTorch in float32, while PyTorch's own int8/int4 CPU kernels
 (torchao) were slower than float32 there. Only the transformer layers move: the vision tower, the Q-Former, the
 projection and the token embeddings stay in PyTorch, and the engine hands llama.cpp input *embeddings* (the
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skingpt4.errors import ModelLoadError
+from skingpt4.errors import ModelLoadError, first_line
 from skingpt4.gguf_files import check_kind, gguf_file
 from skingpt4.llm import padding_mask
 
@@ -274,7 +274,7 @@ def load_quantized(path: Path, kind: str, dtype: torch.dtype):
     try:
         net = Blip2ForConditionalGeneration.from_pretrained(path, config=shell, dtype=dtype)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load the model in {path}: {str(exc).splitlines()[0][:300]}") from None
+        raise ModelLoadError(f"cannot load the model in {path}: {first_line(exc, 300)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     net.language_model.lm_head.to("meta")  # llama.cpp has the head; only its shape is read here
