@@ -77,11 +77,10 @@ def cmd_convert(args) -> int:
 def _upgrade(args) -> int:
     from skingpt4.folder import model_folder
     from skingpt4.serving_files import write_serving_files
+    from skingpt4.tiny import tiny_model_dir
 
     if any(getattr(args, name) for name in ("out", "llm", "projection", "vit", "qformer", "blip2")):
         raise InputError("--upgrade FOLDER takes no other source or output: it adds files to FOLDER in place")
-    from skingpt4.tiny import tiny_model_dir
-
     folder = model_folder(args.upgrade) or tiny_model_dir()  # `tiny`: the cached tiny model
     written = write_serving_files(folder)
     print(f"upgraded {folder}: wrote {', '.join(written)} (weights untouched)")
