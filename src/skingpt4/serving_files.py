@@ -46,22 +46,20 @@ def write_serving_files(folder: Path) -> list[str]:
 
 
 def image_processor(meta: ModelMeta):
-    """transformers' BLIP image processor set to our eval transform."""
-    from transformers import BlipImageProcessor
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # "requires torchvision ... falling back to Pillow": the backend we want
+    """transformers' BLIP image processor set to our eval transform (its Pillow backend where transformers has
+    one by name: the plain class would say, on every save, that torchvision is missing and it falls back to it)."""
     try:
-        return BlipImageProcessor(
-            size={"height": meta.image_size, "width": meta.image_size},
-            resample=3,  # PIL.Image.BICUBIC
-            image_mean=list(meta.image_mean),
-            image_std=list(meta.image_std),
-            do_convert_rgb=True,
-        )
-    finally:
-        logging.set_verbosity(verbosity)
+        from transformers import BlipImageProcessorPil as Processor
+    except ImportError:  # older transformers: the plain class is the Pillow one
+        from transformers import BlipImageProcessor as Processor
+
+    return Processor(
+        size={"height": meta.image_size, "width": meta.image_size},
+        resample=3,  # PIL.Image.BICUBIC
+        image_mean=list(meta.image_mean),
+        image_std=list(meta.image_std),
+        do_convert_rgb=True,
+    )
 
 
 def chat_template(template: Template) -> str:
