@@ -144,8 +144,13 @@ def measure(folder: Path, kind: str, dtype: str, out: Path, prompts: int, tokens
     engine = ChatEngine(loaded, max_batch=1)
     engine.suppress_tokens = never(engine)
     load_s = time.perf_counter() - start
-    forced = np.load(reference)["tokens"] if reference else None
-    result = {"load_s": load_s, "prefill_s": 0.0, "step_s": 0.0, "steps": 0, "agree": 0, "kl": [], "prefix": []}
+    parts = memory_parts(loaded, folder, kind)
+    forced, expected_logits = (None, None)
+    if reference:
+        saved = np.load(reference)
+        forced, expected_logits = saved["tokens"], saved["logits"]
+    result = {**parts, "load_s": load_s, "prefill_s": 0.0, "step_s": 0.0, "steps": 0, "agree": 0}
+    result.update(kl=[], prefix=[])
     saved_tokens, saved_logits = [], []
     for n, image in enumerate(sample_images(prompts)):
         session = engine.session()
@@ -163,7 +168,7 @@ def measure(folder: Path, kind: str, dtype: str, out: Path, prompts: int, tokens
         same = next((i for i, (a, b) in enumerate(zip(chosen, forced[n])) if a != b), tokens)
         result["prefix"].append(same)
         _, taught, _, _ = decode(engine, ids, features, tokens, forced=list(forced[n]))
-        expected = torch.from_numpy(np.load(reference)["logits"][n])
+        expected = torch.from_numpy(expected_logits[n])
         result["agree"] += int((taught.argmax(-1) == expected.argmax(-1)).sum())
         p, q = expected.log_softmax(-1), taught.log_softmax(-1)
         kl = (p.exp() * (p - q)).nan_to_num().sum(-1)  # masked ids: 0 * (-inf - -inf) counts nothing
@@ -172,6 +177,49 @@ def measure(folder: Path, kind: str, dtype: str, out: Path, prompts: int, tokens
     if forced is None and saved_tokens:
         np.savez(out.with_suffix(".npz"), tokens=np.array(saved_tokens), logits=np.stack(saved_logits))
     out.write_text(json.dumps(result))
+
+
+def memory_parts(loaded, folder: Path, kind: str) -> dict:
+    """Where a configuration's memory goes: PyTorch's parameters (the towers, the token embeddings, and in float32
+    the LLM), the LLM's GGUF file, and llama.cpp's key/value store (16-bit keys and values, `KV_CELLS` positions)."""
+    from skingpt4.gguf_files import gguf_path
+    from skingpt4.quantized import KV_CELLS
+
+    params = sum(p.numel() * p.element_size() for p in loaded.model.parameters() if p.device.type != "meta")
+    parts = {"torch_gb": params / 2**30, "gguf_gb": 0.0, "kv_gb": 0.0}
+    if kind != "float32":
+        text = loaded.model.config.text_config
+        parts["gguf_gb"] = gguf_path(folder, kind).stat().st_size / 2**30
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        width = text.num_key_value_heads * head_dim
+        parts["kv_gb"] = 2 * text.num_hidden_layers * width * KV_CELLS * 2 / 2**30
+    return parts
+
+
+def torch_kernels() -> list[list[str]]:
+    """PyTorch's own CPU kernels for int8 and int4 weights (what torchao's weight-only quantization calls on a
+    CPU), against its float32 matrix product: one row through one 5632 x 2048 layer of the 1B model. The values
+    are random; only the time is read."""
+    from common import measure as timed
+    from common import median
+
+    out_features, in_features, group = 5632, 2048, 128
+    x, w = torch.randn(1, in_features), torch.randn(out_features, in_features) * 0.02
+    scales = w.abs().amax(1) / 127
+    int8 = (w / scales[:, None]).round().to(torch.int8)
+    int4 = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(int4, 1)
+    scales_and_zeros = torch.rand(in_features // group, out_features, 2)
+    kernels = {
+        "float32 (linear)": lambda: torch.nn.functional.linear(x, w),
+        "int8 (_weight_int8pack_mm)": lambda: torch.ops.aten._weight_int8pack_mm(x, int8, scales),
+        "int4 (_weight_int4pack_mm_for_cpu)": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, packed, group, scales_and_zeros
+        ),
+    }
+    times = {name: median(timed(run, repeat=50, warmup=5)[0]) * 1e3 for name, run in kernels.items()}
+    base = times["float32 (linear)"]
+    return [[name, f"{ms:.2f}", f"{ms / base:.2f}x"] for name, ms in times.items()]
 
 
 def peak_rss_gb() -> float:
@@ -218,6 +266,11 @@ def report(work: Path, skip_13b: bool) -> None:
         start = time.perf_counter()
         path = gguf_file(folder, kind, Blip2Config.from_pretrained(folder).text_config)
         print(f"wrote {kind} GGUF ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - start:.1f} s")
+    print_table(
+        "PyTorch's own quantized CPU kernels (the torchao route), one row, one 5632 x 2048 layer",
+        ["kernel", "ms", "vs float32"],
+        torch_kernels(),
+    )
     base = run(folder, "float32", work)
     reference = work / f"{folder.name}-float32.npz"
     rows, total = [], PROMPTS * NEW_TOKENS
@@ -253,8 +306,18 @@ def report(work: Path, skip_13b: bool) -> None:
     r = run(folder, "int4", work, prompts=1, tokens=LARGE_TOKENS, dtype="bfloat16")
     print_table(
         "Llama-2-13B shapes (40 x 5120, vocab 32001), int4; ViT-g and Q-Former in bfloat16; one photo",
-        ["load s", "prefill s", "decode tok/s", "peak RSS GB [<= 10]"],
-        [[f"{r['load_s']:.1f}", f"{r['prefill_s']:.1f}", f"{r['steps'] / r['step_s']:.2f}", f"{r['rss_gb']:.2f}"]],
+        ["load s", "prefill s", "decode tok/s", "peak RSS GB [<= 10]", "int4 GGUF GB", "KV store GB", "torch GB"],
+        [
+            [
+                f"{r['load_s']:.1f}",
+                f"{r['prefill_s']:.1f}",
+                f"{r['steps'] / r['step_s']:.2f}",
+                f"{r['rss_gb']:.2f}",
+                f"{r['gguf_gb']:.2f}",
+                f"{r['kv_gb']:.2f}",
+                f"{r['torch_gb']:.2f}",
+            ]
+        ],
     )
 
 

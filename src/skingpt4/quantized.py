@@ -154,75 +154,75 @@ class LlamaCppLLM:
         return seq
 
     def _clear_freed(self) -> None:
+        """Release the ids of sequences their owners dropped (their `__del__` queued them)."""
         while self.freed:
-            seq_id = self.freed.pop()
-            self.lc.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
-            self.live.pop(seq_id, None)
-            self.free_ids.append(seq_id)
+            self._release(self.freed.pop())
+
+    def _release(self, seq_id: int) -> None:
+        self.lc.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+        del self.live[seq_id]
+        self.free_ids.append(seq_id)
 
     def _evict(self, busy: set[int]) -> bool:
-        """Drop the least recently used sequence not in `busy`; its session recomputes its prefix next turn."""
+        """Drop the least recently used sequence not in `busy`; its session recomputes its prefix next turn.
+        A sequence whose owner is gone is left to `_clear_freed` (its id is queued there, or about to be)."""
+        self._clear_freed()
         for seq_id, ref in self.live.items():
-            if seq_id in busy:
-                continue
-            seq = ref()
-            del self.live[seq_id]
-            self.lc.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
-            self.free_ids.append(seq_id)
-            if seq is not None:
+            if seq_id not in busy and (seq := ref()) is not None:
+                self._release(seq_id)
                 seq.id, seq.length = None, 0
-            return True
+                return True
         return False
 
     # -- decoding
 
     def _run(self, work: list[tuple[Sequence, torch.Tensor]]) -> torch.Tensor:
-        """Each row's embeddings (T_i, H) appended to its sequence, in llama.cpp batches of at most `kv_cells`
-        positions; returns the logits after each row's last position (B, V)."""
+        """Each row's embeddings (T_i, H) appended to its sequence, whole rows in llama.cpp batches of at most
+        `kv_cells` positions; returns the logits after each row's last position (B, V)."""
         self._clear_freed()
-        for seq, _ in work:
-            if seq.id is None:
-                raise RuntimeError("a sequence was evicted while in use")
-            self.live.move_to_end(seq.id)
+        busy = {seq.id for seq, _ in work}
+        if None in busy:
+            raise RuntimeError("a sequence was evicted while in use")
+        for seq_id in busy:
+            self.live.move_to_end(seq_id)
         logits = torch.empty(len(work), self.vocab)
-        pending = [(n, seq, e.detach().to(torch.float32).cpu().numpy()) for n, (seq, e) in enumerate(work)]
-        while pending:
-            chunk, size = [], 0
-            while pending and size < self.kv_cells:
-                n, seq, e = pending.pop(0)
-                take = min(len(e), self.kv_cells - size)
-                chunk.append((n, seq, e[:take], take == len(e)))
-                if take < len(e):
-                    pending.insert(0, (n, seq, e[take:]))
-                size += take
-            self._decode(chunk, logits, busy={seq.id for seq, _ in work})
+        chunks, size = [[]], 0
+        for n, (seq, e) in enumerate(work):
+            if len(e) > self.kv_cells:
+                raise torch.OutOfMemoryError(f"{len(e)} positions do not fit llama.cpp's store of {self.kv_cells}")
+            if size + len(e) > self.kv_cells:
+                chunks.append([])
+                size = 0
+            chunks[-1].append((n, seq, e.detach().to(torch.float32).cpu().numpy()))
+            size += len(e)
+        for chunk in chunks:
+            self._decode(chunk, logits, busy)
         return logits
 
     def _decode(self, chunk, logits: torch.Tensor, busy: set[int]) -> None:
-        lc, total = self.lc, sum(len(e) for _, _, e, _ in chunk)
+        lc, total = self.lc, sum(len(e) for _, _, e in chunk)
         batch = lc.llama_batch_init(total, self.width, 1)
         try:
-            embd = np.concatenate([e for _, _, e, _ in chunk])
+            embd = np.concatenate([e for _, _, e in chunk])
             ctypes.memmove(batch.embd, embd.ctypes.data, embd.nbytes)
             pos = np.ctypeslib.as_array(batch.pos, shape=(total,))
             np.ctypeslib.as_array(batch.n_seq_id, shape=(total,))[:] = 1
             wants = np.ctypeslib.as_array(batch.logits, shape=(total,))
             wants[:], at, outputs = 0, 0, []
-            for n, seq, e, last in chunk:
+            for n, seq, e in chunk:
                 pos[at : at + len(e)] = np.arange(seq.length, seq.length + len(e))
                 for i in range(at, at + len(e)):
                     batch.seq_id[i][0] = seq.id
                 at += len(e)
-                if last:
-                    wants[at - 1] = 1
-                    outputs.append((n, at - 1))
+                wants[at - 1] = 1  # logits after the row's last position only
+                outputs.append((n, at - 1))
             batch.n_tokens = total
             while (status := lc.llama_decode(self.ctx, batch)) == 1:  # no room in the key/value store
                 if not self._evict(busy):
                     raise torch.OutOfMemoryError(f"llama.cpp's key/value store ({self.kv_cells} positions) is full")
             if status != 0:
                 raise RuntimeError(f"llama.cpp could not decode (status {status})")
-            for _, seq, e, _ in chunk:
+            for _, seq, e in chunk:
                 seq.length += len(e)
             for n, i in outputs:
                 row = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, i), shape=(self.vocab,))
@@ -262,22 +262,21 @@ def load_quantized(path: Path, kind: str, dtype: torch.dtype):
     from transformers import Blip2Config, Blip2ForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
-    require_llama_cpp()
+    require_llama_cpp()  # before the GGUF export, which needs the `gguf` package too
     check_kind(kind)
     config = Blip2Config.from_pretrained(path)
-    text_config = config.text_config
-    gguf = gguf_file(path, kind, text_config)
-    shell = Blip2Config.from_pretrained(path)
-    shell.text_config.num_hidden_layers = 0  # the layers live in llama.cpp; nothing of them loads here
+    layers = config.text_config.num_hidden_layers
+    gguf = gguf_file(path, kind, config.text_config)
+    config.text_config.num_hidden_layers = 0  # the layers live in llama.cpp; nothing of them loads here
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the skipped layer weights are expected
     try:
-        net = Blip2ForConditionalGeneration.from_pretrained(path, config=shell, dtype=dtype)
+        net = Blip2ForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the model in {path}: {first_line(exc, 300)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     net.language_model.lm_head.to("meta")  # llama.cpp has the head; only its shape is read here
-    net.config.text_config.num_hidden_layers = text_config.num_hidden_layers
-    llm = LlamaCppLLM(gguf, net.get_input_embeddings(), text_config.vocab_size)
+    net.config.text_config.num_hidden_layers = layers
+    llm = LlamaCppLLM(gguf, net.get_input_embeddings(), net.config.text_config.vocab_size)
     return net, llm

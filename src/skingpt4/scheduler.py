@@ -14,8 +14,9 @@ never-generate mask, then when sampling temperature, top-k 50 and top-p, and a d
 from its own generator, so its answer does not depend on what it was batched with. Beam search does not come
 here: it runs alone, on the direct path, between token steps.
 
-An out-of-memory error in a token step fails the requests in the batch (the API answers them 503) and halves the
-batch the scheduler admits next; it grows back by one every `REGROW_STEPS` clean steps.
+An out-of-memory error in a token step (or in prefilling new prompts together) fails the requests in the batch
+(the API answers them 503) and halves the batch the scheduler admits next; it grows back by one every
+`REGROW_STEPS` clean steps.
 """
 
 from __future__ import annotations

@@ -190,7 +190,9 @@ def cmd_eval(args) -> int:
     if args.batch_size < 1 or args.repeats < 1:
         raise InputError("--batch-size and --repeats must be at least 1")
     if args.quantize and args.mode == "choice":
-        raise InputError("--mode choice reads the LLM's hidden states: run it without --quantize (open mode works)")
+        from skingpt4.evaluate.scoring import NEEDS_TRANSFORMERS
+
+        raise InputError(f"--mode choice {NEEDS_TRANSFORMERS}")
     labels = args.labels
     if labels and "," in labels:
         labels = [label.strip() for label in labels.split(",") if label.strip()]

@@ -1,4 +1,4 @@
-"""Adapters: each public dermatology set's own files in, manifest records out (docs/reference.md §7, Manifest format).
+"""Adapters: each public dermatology set's own files in, manifest records out (docs/reference.md, section 7).
 
 Every adapter returns a list of dicts with ``image`` (the source file's path; the writer makes it relative to the
 manifest), ``caption``, ``source``, ``license`` and, where the set has them, ``label``, ``fitzpatrick`` (1-6) or
@@ -30,7 +30,7 @@ Licences: Fitzpatrick17k CC BY-NC-SA 3.0 (its README); HAM10000 CC BY-NC 4.0 and
 data repositories' listings, not re-checked here); DDI and DermNet under their own terms. Always read the set's
 terms before training on it or sharing a model.
 
-Step-2 classes: the paper regrouped DermNet into 15 groups plus others (docs/reference.md §4.5, Public data); no
+Step-2 classes: the paper regrouped DermNet into 15 groups plus others (docs/reference.md, section 4.5); no
 mapping is shipped, a user's mapping file (:func:`regroup`) gives it. The group names, in the paper's order:
 :data:`PAPER_GROUPS`.
 """

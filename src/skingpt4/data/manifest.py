@@ -2,7 +2,7 @@
 
 A manifest is JSON Lines (or CSV with an `image` column), one record per image: `image` is a path relative to the
 manifest's folder; every other field (`caption`, `label`, `fitzpatrick`, `patient_id`, `split`, `source`, ...) is
-kept as it is (docs/reference.md §7, Manifest format). MiniGPT-4's caption folder (`filter_cap.json` +
+kept as it is (docs/reference.md, section 7). MiniGPT-4's caption folder (`filter_cap.json` +
 `image/<image_id>.jpg`) is read and written here too. `collect` turns command-line inputs (files, folders, manifests)
 into `Item`s; `load_images` decodes a batch of them through the one image loader, `prefetched` the next batch ahead.
 """

@@ -13,7 +13,7 @@ Choices, and why:
   and duplicates found in more than one split, recomputed from the final records as a check.
 * Output is written to a temporary name and moved into place, so a killed run leaves no half-written output; an
   existing output is only replaced with ``overwrite``.
-* Layout ``manifest``: one JSON Lines file (docs/reference.md §7.1), ``image`` relative to it, ``split`` set.
+* Layout ``manifest``: one JSON Lines file (docs/reference.md, section 7.1), ``image`` relative to it, ``split`` set.
   Layout ``minigpt4``: ``OUT/<split>/filter_cap.json`` + ``OUT/<split>/image/<image_id>.jpg`` (what MiniGPT-4's
   ``CCSBUAlignDataset`` reads), images re-encoded as metadata-free JPEG, plus ``OUT/manifest.jsonl`` with every
   field (the folder format itself only keeps the caption).

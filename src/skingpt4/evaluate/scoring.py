@@ -61,14 +61,17 @@ def _prompt(engine: ChatEngine, feature: torch.Tensor, question: str, room: int)
     return ids, features
 
 
+NEEDS_TRANSFORMERS = "reads the LLM's hidden states: run it without --quantize (open mode works)"
+
+
 def _sequence_logprobs(engine: ChatEngine, rows: list[tuple[list[int], torch.Tensor, list[int]]]) -> list[float]:
     """Sum of log P(target token | everything before it) for each (prompt ids, image features, target ids)."""
+    if engine.loaded.llm is not None:
+        raise InputError(f"choice scoring {NEEDS_TRANSFORMERS}")
     device, pad = engine.loaded.device, engine.tokenizer.pad_token_id
     width = max(len(p) + len(t) for p, _, t in rows)
     ids = torch.tensor([[*p, *t] + [pad] * (width - len(p) - len(t)) for p, _, t in rows], device=device)
     mask = torch.tensor([[1] * (len(p) + len(t)) + [0] * (width - len(p) - len(t)) for p, _, t in rows], device=device)
-    if engine.loaded.llm is not None:
-        raise InputError("choice scoring reads the LLM's hidden states: run it without --quantize (open mode works)")
     lm = engine.model.language_model
     with engine.lock:  # the model is shared with every other caller of the engine
         embeds = engine.embed(ids, torch.cat([f for _, f, _ in rows]))
