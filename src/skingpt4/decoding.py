@@ -187,3 +187,11 @@ class TextPieces:
     def __iter__(self) -> Iterator[str]:
         while (piece := self.queue.get()) is not None:
             yield piece
+
+    def ready(self) -> list[str]:
+        """The pieces released so far and not yet taken, without waiting (for a caller that feeds `put` itself)."""
+        pieces = []
+        while not self.queue.empty():
+            if (piece := self.queue.get()) is not None:
+                pieces.append(piece)
+        return pieces

@@ -39,6 +39,12 @@ class ModelMeta:
     sources: list[dict] = field(default_factory=list)  # [{"role", "name", "sha256", "bytes"}]
 
     @property
+    def warning(self) -> str | None:
+        if self.untrained:
+            return "UNTRAINED random model: its answers are noise, for trying the software only."
+        return None
+
+    @property
     def pixels(self) -> PixelSpec:
         return PixelSpec(self.image_size, self.image_mean, self.image_std)
 

@@ -38,9 +38,7 @@ class LoadedModel:
 
     @property
     def warning(self) -> str | None:
-        if self.meta.untrained:
-            return "UNTRAINED random model: its answers are noise, for trying the software only."
-        return None
+        return self.meta.warning
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,13 +1,17 @@
 """What a model folder carries for engines other than ours (vLLM, plain transformers): written by `convert`,
 `create-tiny-model`, and `convert --upgrade FOLDER` for folders made before.
 
+- `architectures`: the skingpt4 plugin's class for vLLM (`vllm_plugin.py`). transformers does not read it (our loader
+  and `AutoModelForImageTextToText` go by `model_type`, blip-2); a vLLM without the plugin refuses the folder
+  ("not supported") instead of serving it with the photos' slots at the prompt's start.
 - `text_config.architectures`: vLLM builds BLIP-2's language model from the text config through its registry,
   which refuses a config without architectures ("No model architectures are specified").
 - `preprocessor_config.json` and `processor_config.json`: `AutoProcessor.from_pretrained(folder)` gives a
   `Blip2Processor` (vLLM requires one) whose image processor is our eval transform (`pixels.py`): a 224 x 224
   bicubic resize that squashes, CLIP mean and std, RGB. With Pillow (transformers' backend when torchvision is not
-  installed) its pixels equal ours (tests/test_serving_files.py); transformers' torchvision backend resizes
-  slightly differently.
+  installed) its pixels equal ours (tests/test_serving_files.py). Where torchvision is installed (vLLM's
+  environment) transformers picks its torchvision backend, whose resize differs (up to 0.015 after normalisation,
+  transformers 5.20), and a folder cannot choose the backend: the vLLM plugin computes pixels with `pixels.py`.
 - `chat_template.jinja`: the folder's prompt template with one `<image>` per photo, laid out as `Conversation`
   does (each photo a user message `<Img><image></Img>`; the question after it joins that message with a space).
   The original tokenizes the prompt segment by segment, split at each image, so SentencePiece puts its word-start
@@ -25,6 +29,7 @@ from pathlib import Path
 from skingpt4.conversation import IMAGE_MESSAGE, IMAGE_PLACEHOLDER, Template, get_template
 from skingpt4.folder import IMAGE_TOKEN, NUM_QUERY_TOKENS, ModelMeta
 
+ARCHITECTURE = "SkinGPT4ForConditionalGeneration"  # vLLM's BLIP-2 as SkinGPT-4 needs it (`vllm_model.py`)
 TEXT_ARCHITECTURE = "LlamaForCausalLM"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
@@ -35,7 +40,7 @@ def write_serving_files(folder: Path) -> list[str]:
     meta = ModelMeta.load(folder)
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    config.setdefault("architectures", ["Blip2ForConditionalGeneration"])
+    config["architectures"] = [ARCHITECTURE]
     config.setdefault("text_config", {})["architectures"] = [TEXT_ARCHITECTURE]
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     image_processor(meta).save_pretrained(folder)

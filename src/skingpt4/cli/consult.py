@@ -51,6 +51,21 @@ def add_commands(command) -> None:
     serve.add_argument("--queue-size", type=int, help="requests that may wait; more get 503 (default 8)")
     serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off: SSRF)")
     serve.add_argument("--image-root", help="allow file:// image paths under this folder")
+    serve.add_argument(
+        "--engine",
+        choices=("skingpt4", "vllm"),
+        default="skingpt4",
+        help="who runs the model: ours (default) or vLLM, on GPUs (pip install 'skingpt4[vllm]')",
+    )
+    serve.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: GPUs per layer")
+    serve.add_argument("--pipeline-parallel-size", type=int, default=1, help="--engine vllm: pipeline stages")
+    serve.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--engine vllm: any other vLLM engine argument, e.g. distributed_executor_backend=ray (repeatable)",
+    )
     flags.connection_flags(serve)
     flags.record_flags(serve)
 
@@ -131,14 +146,49 @@ def cmd_serve(args) -> int:
         image_root=args.image_root,
         **{k: v for k, v in options.items() if v is not None},
     )
-    engine = flags.engine(args)
+    engine = vllm_engine(args, config) if args.engine == "vllm" else flags.engine(args)
     flags.announce(engine)
     if warning := exposure_warning(config.host, "" if config.api_key else "an API key", "use the model"):
         print(warning, file=sys.stderr)
-    with flags.records_store(args, engine) as store:
-        print(f"serving {engine.loaded.model_id} on http://{config.host}:{config.port}/v1", file=sys.stderr)
-        serve(engine, config, store)
+    try:
+        with flags.records_store(args, engine) as store:
+            print(f"serving {engine.loaded.model_id} on http://{config.host}:{config.port}/v1", file=sys.stderr)
+            serve(engine, config, store)
+    finally:
+        if args.engine == "vllm":
+            engine.close()
     return 0
+
+
+def vllm_engine(args, config):
+    """`serve --engine vllm`: vLLM's engine on the model folder; flags that only our engine has are refused."""
+    from skingpt4.vllm_engine import VllmOptions, open_vllm
+
+    ours = {"--device": args.device != "auto", "--device-map": args.device_map, "--load-in-8bit": args.load_in_8bit}
+    ours.update({"--load-in-4bit": args.load_in_4bit, "--quantize": args.quantize})
+    if given := [flag for flag, value in ours.items() if value]:
+        raise InputError(f"{', '.join(given)}: not with --engine vllm (vLLM places and loads the model itself)")
+    options = VllmOptions(
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        dtype=args.dtype or "auto",
+        max_images=config.max_images,
+        extra=dict(engine_argument(text) for text in args.vllm_arg),
+    )
+    return open_vllm(args.model, options, args.max_batch, args.template)
+
+
+def engine_argument(text: str) -> tuple[str, object]:
+    """`KEY=VALUE` -> (key, value): JSON where the value is JSON (numbers, true, lists), else the text."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"--vllm-arg {text!r}: expected KEY=VALUE")
+    try:
+        return key.strip().replace("-", "_"), json.loads(value)
+    except ValueError:
+        return key.strip().replace("-", "_"), value
 
 
 def cmd_records(args) -> int:
