@@ -381,8 +381,11 @@ def test_the_plugins_model_class_encodes_photos_as_ours_does(tiny_dir, loaded, m
     from safetensors.torch import load_file
     from vllm.config import DeviceConfig, ModelConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed.parallel_state import ensure_model_parallel_initialized, init_distributed_environment
+    from vllm.plugins import load_general_plugins
 
     from skingpt4.vllm_model import SkinGPT4ForConditionalGeneration
+
+    load_general_plugins()  # without the plugin, vLLM refuses the folder: "not supported for now"
 
     class NoLanguageModel(torch.nn.Module):
         make_empty_intermediate_tensors = None
@@ -403,7 +406,8 @@ def test_the_plugins_model_class_encodes_photos_as_ours_does(tiny_dir, loaded, m
         ensure_model_parallel_initialized(1, 1)
         model = SkinGPT4ForConditionalGeneration(vllm_config=config).eval()  # vLLM's loader calls eval() too
     weights = load_file(tiny_dir / "model.safetensors")
-    model.load_weights((k, v) for k, v in weights.items() if not k.startswith("language_model."))
+    names = model.load_weights((k, v) for k, v in weights.items() if not k.startswith("language_model."))
+    assert {name for name, _ in model.named_parameters()} <= names  # every tower parameter came from the folder
     rng = np.random.default_rng(0)
     photos = [Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)) for _ in range(2)]
     pixels = torch.stack([loaded.meta.pixels.eval(photo) for photo in photos])
