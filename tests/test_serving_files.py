@@ -15,7 +15,7 @@ from safetensors import safe_open
 from skingpt4.cli.main import main
 from skingpt4.conversation import Conversation, get_template
 from skingpt4.folder import IMAGE_TOKEN, ModelMeta
-from skingpt4.processing import prompt_ids
+from skingpt4.processing import one_slot_per_image, prompt_ids
 from skingpt4.serving_files import CHAT_TEMPLATE_FILE, write_serving_files
 
 
@@ -63,16 +63,6 @@ def conversation(images_per_turn: list[int], answers: int) -> tuple[Conversation
             ours.add_answer(answer)
             messages.append({"role": "assistant", "content": answer})
     return ours, messages
-
-
-def one_slot_per_image(ids: list[int], image_id: int) -> list[int]:
-    """Prompt ids with each block of 32 image slots written as one `<image>`."""
-    out, run = [], 0
-    for t in ids:
-        run = run + 1 if t == image_id else 0
-        if t != image_id or run % 32 == 1:
-            out.append(t)
-    return out
 
 
 @pytest.mark.parametrize("images", [[1], [2, 0], [1, 1, 0], [3, 0, 1, 0], [0, 2]])

@@ -109,10 +109,15 @@ class ChatEngine:
 
     def prepare(self, session: Session, settings: GenerationSettings) -> tuple[list[int], torch.Tensor | None, int]:
         """Ids of the session's prompt (left-truncated to the budget), its image features, first kept image."""
+        ids, kept, dropped = self.prompt(session, settings)
+        return ids, (torch.stack(kept) if kept else None), dropped
+
+    def prompt(self, session: Session, settings: GenerationSettings) -> tuple[list, list, int]:
+        """The session's prompt ids, left-truncated to the budget, the images kept (as the session holds them), and
+        how many were dropped from the left."""
         ids = prompt_ids(self.tokenizer, session.conversation.prompt(), self.loaded.image_token_id)
         ids, dropped = truncate_left(ids, settings.max_context - settings.max_new_tokens, self.loaded.image_token_id)
-        kept = session.features[dropped:]
-        return ids, (torch.stack(kept) if kept else None), dropped
+        return ids, session.features[dropped:], dropped
 
     @torch.no_grad()
     def generate(self, sessions: list[Session], settings=None, streamer=None, cancel=None):

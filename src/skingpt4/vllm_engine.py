@@ -33,7 +33,7 @@ from skingpt4.decoding import TextPieces
 from skingpt4.errors import Cancelled, InputError
 from skingpt4.folder import ModelMeta
 from skingpt4.generation import MAX_BATCH, TOP_K, GenerationSettings
-from skingpt4.processing import one_slot_per_image, prompt_ids, truncate_left
+from skingpt4.processing import one_slot_per_image
 from skingpt4.serving_files import ARCHITECTURE
 
 POLL_S = 0.25  # how often a waiting answer looks at its cancel flag
@@ -109,11 +109,10 @@ class VllmEngine:
 
         self.client, self.params, self.max_batch = client, params, max_batch
         meta = ModelMeta.load(folder)
-        config = _config(folder)
-        tokenizer = load_tokenizer(folder, config["image_token_index"])
-        self.loaded = Served(tokenizer, meta, model_id(folder, meta), folder, config["image_token_index"])
+        image_token_id = json.loads((folder / "config.json").read_text(encoding="utf-8"))["image_token_index"]
+        tokenizer = load_tokenizer(folder, image_token_id)
+        self.loaded = Served(tokenizer, meta, model_id(folder, meta), folder, image_token_id)
         self.tokenizer, self.template = tokenizer, get_template(template or meta.template)
-        self.num_query_tokens = config.get("num_query_tokens", 32)
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="vllm-engine", daemon=True).start()
 
@@ -126,19 +125,20 @@ class VllmEngine:
 
     answer_text = ChatEngine.answer_text  # the one clean-up rule (template, stops, special tokens)
 
+    prompt = ChatEngine.prompt  # the same prompt ids, truncation and kept photos as our engine's
+    stops = ChatEngine.stops
+
     def request(self, session: Session, settings: GenerationSettings) -> tuple[dict, int]:
         """vLLM's prompt for the session's pending question (one `<image>` id per kept photo) and its length in
         the model's positions (each photo 32)."""
-        image = self.loaded.image_token_id
-        ids = prompt_ids(self.tokenizer, session.conversation.prompt(), image, self.num_query_tokens)
-        ids, dropped = truncate_left(ids, settings.max_context - settings.max_new_tokens, image, self.num_query_tokens)
-        prompt = {"prompt_token_ids": one_slot_per_image(ids, image, self.num_query_tokens)}
-        if images := session.features[dropped:]:
-            prompt["multi_modal_data"] = {"image": images}
-        return prompt, len(ids)
+        ids, images, _ = self.prompt(session, settings)
+        inputs = {"prompt_token_ids": one_slot_per_image(ids, self.loaded.image_token_id)}
+        if images:
+            inputs["multi_modal_data"] = {"image": images}
+        return inputs, len(ids)
 
     def sampling(self, settings: GenerationSettings):
-        return self.params(**sampling_options(settings, [self.template.stop, *settings.stop]))
+        return self.params(**sampling_options(settings, self.stops(settings)))
 
     def token_ids(self, prompt: dict, params, cancel: threading.Event):
         """Yield the answer's token ids as vLLM produces them (all so far, each time). On `cancel`, or when the
@@ -214,10 +214,6 @@ def sampling_options(settings: GenerationSettings, stops: list[str]) -> dict:
     else:
         options.update(temperature=0.0)
     return options
-
-
-def _config(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
 
 
 _STARTED, _ENDED = object(), object()  # a request's first and last items in its queue

@@ -15,6 +15,7 @@ the plugin in `vllm_plugin.py`; it needs vLLM, whose wheel needs CUDA).
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -55,12 +56,15 @@ class SkinGPT4MultiModalProcessor(Blip2MultiModalProcessor):
         config = self.info.get_hf_config()
         return image_slots(config.image_token_index, config.num_query_tokens)
 
+    @cached_property
+    def pixel_spec(self):
+        return ModelMeta.load(Path(self.info.ctx.model_config.model)).pixels  # read once, not per request
+
     def _call_hf_processor(self, hf_data, hf_kwargs):
         """The photos' pixels by our eval transform (`pixels.py`, the original's), not the folder's HF processor:
         with torchvision installed, as vLLM installs it, transformers picks its torchvision backend, whose resize
         differs from the original's by up to 0.015 after normalisation (seen with transformers 5.20)."""
-        spec = ModelMeta.load(Path(self.info.ctx.model_config.model)).pixels
-        pixels = [spec.eval(_pil(image)) for image in hf_data.get("images", [])]
+        pixels = [self.pixel_spec.eval(_pil(image)) for image in hf_data.get("images", [])]
         return BatchFeature({"pixel_values": torch.stack(pixels)} if pixels else {})
 
 

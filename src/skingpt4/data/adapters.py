@@ -26,8 +26,8 @@ Columns read, as in the files the sets distribute (checked against public copies
 * ``folder`` / ``dermnet``: one sub-folder per class (``dermnet`` also takes Kaggle's ``train/`` and ``test/``
   halves, merges them and drops the " Photos" suffix from class names); the split is always recomputed.
 
-Licences: Fitzpatrick17k CC BY-NC-SA 3.0 (its README); HAM10000 CC BY-NC 4.0 and PAD-UFES-20 CC BY 4.0 (their
-data repositories' listings, not re-checked here); DDI and DermNet under their own terms. Always read the set's
+Licences: Fitzpatrick17k CC BY-NC-SA 3.0 (its repository); HAM10000 CC BY-NC 4.0 and PAD-UFES-20 CC BY 4.0
+(their data repositories' listings, not re-checked here); DDI and DermNet under their own terms. Always read the set's
 terms before training on it or sharing a model.
 
 Step-2 classes: the paper regrouped DermNet into 15 groups plus others (docs/reference.md, section 4.5); no
