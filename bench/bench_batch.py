@@ -31,9 +31,9 @@ from common import (
     spread,
 )
 
-from skingpt4.chat import GenerationSettings
-from skingpt4.conversation import DEFAULT_QUESTION
 from skingpt4.data.manifest import collect
+from skingpt4.engine.settings import GenerationSettings
+from skingpt4.inputs.conversation import DEFAULT_QUESTION
 from skingpt4.serve.diagnose import diagnose, results_file
 
 IMAGES = 16

@@ -40,7 +40,8 @@ import httpx
 import uvicorn
 from common import build_bench_model, jpeg_bytes, load_bench_engine, median, print_table, sample_images, suppress_ids
 
-from skingpt4.chat import ChatEngine
+from skingpt4.engine.chat import ChatEngine
+from skingpt4.engine.settings import EngineSettings
 from skingpt4.serve.api import ServeConfig, create_app
 
 CLIENTS, NEW_TOKENS, STAGGER_S, ROUNDS = 8, 64, 0.2, 3
@@ -158,10 +159,12 @@ def main() -> None:
         batched, notes = load_bench_engine(build_bench_model(Path(tmp) / "model"))
         vocab = batched.tokenizer.convert_ids_to_tokens(list(range(len(batched.tokenizer))))
         suppress_ids(batched, [i for i, t in enumerate(vocab) if "#" in t] + [batched.tokenizer.eos_token_id])
-        direct = ChatEngine(batched.loaded, max_batch=1)  # the same model (and its suppression hooks)
+        direct = ChatEngine(
+            batched.loaded, settings=EngineSettings(max_batch=1)
+        )  # the same model (and its suppression hooks)
         first = FirstTokens(direct, batched)
         photos = [jpeg_bytes(image) for image in sample_images(CLIENTS)]
-        paths = {"one at a time": direct, f"batched ({batched.max_batch})": batched}
+        paths = {"one at a time": direct, f"batched ({batched.settings.max_batch})": batched}
         patterns = {"at once": 0.0, f"staggered {STAGGER_S} s": STAGGER_S}
         runs: dict[tuple[str, str], list[list[dict]]] = {(p, n): [] for p in patterns for n in paths}
         with serving(direct) as direct_url, serving(batched) as batched_url:
@@ -173,7 +176,7 @@ def main() -> None:
                     for name, url in urls.items():
                         runs[pattern, name].append(clients(url, photos, stagger, first))
             alone = [ask(batched_url, photos[i], QUESTIONS[i])["text"] for i in range(CLIENTS)]
-        report(runs, paths, patterns, alone, batched.scheduler.peak)
+        report(runs, paths, patterns, alone, batched.status().peak)
         for note in notes:
             print(note)
 

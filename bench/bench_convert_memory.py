@@ -169,7 +169,7 @@ def write_tokenizer(folder: Path) -> None:
     from sentencepiece import sentencepiece_model_pb2 as pb
     from transformers import LlamaTokenizer
 
-    from skingpt4.tiny import train_tiny_sentencepiece
+    from skingpt4.folder.tiny import train_tiny_sentencepiece
 
     proto = pb.ModelProto()
     proto.ParseFromString(train_tiny_sentencepiece())

@@ -33,8 +33,8 @@ from common import (
     spread,
 )
 
-from skingpt4.chat import GenerationSettings
 from skingpt4.data.manifest import collect
+from skingpt4.engine.settings import GenerationSettings
 from skingpt4.evaluate import run as evaluate
 
 IMAGES = 16

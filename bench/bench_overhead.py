@@ -34,9 +34,9 @@ from bench_prefix_cache import FIFTH, QUESTIONS, clone
 from common import build_bench_model, jpeg_bytes, load_bench_engine, median, print_table, sample_images, suppress_ids
 from PIL import Image
 
-from skingpt4.chat import GenerationSettings
-from skingpt4.conversation import DEFAULT_QUESTION, IMAGE_PLACEHOLDER
 from skingpt4.data.manifest import collect
+from skingpt4.engine.settings import GenerationSettings
+from skingpt4.inputs.conversation import DEFAULT_QUESTION, IMAGE_PLACEHOLDER
 from skingpt4.serve.diagnose import diagnose, results_file
 
 REPEAT = 5
@@ -94,7 +94,7 @@ class Plain:
     def diagnose(self, paths: list[Path], prompt: str, new_tokens: int) -> list[str]:
         answers = []
         for path in paths:
-            pixels = self.engine.loaded.meta.pixels.eval(Image.open(path).convert("RGB"))
+            pixels = self.engine.info.meta.pixels.eval(Image.open(path).convert("RGB"))
             features = self.model.get_image_features(pixel_values=pixels[None]).pooler_output
             ids = self.generate(self.embeds(prompt, features), new_tokens)
             answers.append(self.tok.decode(ids, skip_special_tokens=True))
@@ -105,7 +105,7 @@ def decode_rows(engine, plain, image: bytes) -> tuple[list[list[str]], str]:
     session = engine.session()
     session.add_image(image)
     session.ask(DEFAULT_QUESTION)
-    prompt, features = session.conversation.prompt(), torch.stack(session.features)
+    prompt, features = session.conversation.prompt(), torch.stack(session.photos)
 
     def ours(new_tokens):
         def setup():

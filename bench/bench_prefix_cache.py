@@ -32,8 +32,8 @@ from common import (
     spread,
 )
 
-from skingpt4.chat import GenerationSettings
-from skingpt4.processing import prompt_ids
+from skingpt4.engine.settings import GenerationSettings
+from skingpt4.inputs.prompt import prompt_ids
 
 REPEAT = {32: 7, 1: 15}  # per workload (new tokens): the first-token runs are short and noisier
 HISTORY_ANSWER_TOKENS = 40
@@ -50,7 +50,7 @@ def clone(session):
     """A second, identical session at the same point (Session's documented per-consultation state)."""
     twin = session.engine.session()
     twin.conversation = copy.deepcopy(session.conversation)
-    twin.features, twin.image_hashes = list(session.features), list(session.image_hashes)
+    twin.features, twin.image_hashes = list(session.photos), list(session.image_hashes)
     twin.cache, twin.cache_keys = copy.deepcopy(session.cache), list(session.cache_keys)
     return twin
 

@@ -67,7 +67,7 @@ def text_13b() -> dict:
 
 
 def build_1b(folder: Path) -> None:
-    from skingpt4.tiny import create_random_model
+    from skingpt4.folder.tiny import create_random_model
 
     vision, qformer, _ = bench_sizes()
     create_random_model(folder, vision, qformer, text_1b())
@@ -78,9 +78,9 @@ def build_13b(folder: Path) -> None:
     random values (a float32 13B would need 52 GB): the folder holds its embeddings and head, as a converted one."""
     from transformers import LlamaConfig
 
-    from skingpt4.folder import qformer_config, vision_config
-    from skingpt4.gguf_files import gguf_path, gguf_tensors, write_gguf
-    from skingpt4.tiny import create_random_model
+    from skingpt4.backends.gguf import gguf_path, gguf_tensors, write_gguf
+    from skingpt4.folder.meta import qformer_config, vision_config
+    from skingpt4.folder.tiny import create_random_model
 
     text = text_13b()
     create_random_model(folder, vision_config(), qformer_config(), {**text, "num_hidden_layers": 0})
@@ -116,7 +116,7 @@ def decode(engine, ids, features, tokens: int, forced: list[int] | None = None):
     prefill seconds, step seconds)."""
     with torch.no_grad():
         start = time.perf_counter()
-        cache = engine.new_cache()
+        cache = engine.llm.new_cache()
         mask, logits = engine.prefill([(ids, features)], cache)
         prefill_s, stepping = time.perf_counter() - start, 0.0
         chosen, seen = [], []
@@ -135,13 +135,13 @@ def decode(engine, ids, features, tokens: int, forced: list[int] | None = None):
 
 
 def measure(folder: Path, kind: str, dtype: str, out: Path, prompts: int, tokens: int, reference: Path | None):
-    from skingpt4.chat import ChatEngine
-    from skingpt4.generation import GenerationSettings
-    from skingpt4.model import load_model
+    from skingpt4.backends.transformers_llm import load_model
+    from skingpt4.engine.chat import ChatEngine
+    from skingpt4.engine.settings import EngineSettings, GenerationSettings
 
     start = time.perf_counter()
     loaded = load_model(folder, device="cpu", dtype=dtype, quantize=None if kind == "float32" else kind)
-    engine = ChatEngine(loaded, max_batch=1)
+    engine = ChatEngine(loaded, settings=EngineSettings(max_batch=1))
     engine.suppress_tokens = never(engine)
     load_s = time.perf_counter() - start
     parts = memory_parts(loaded, folder, kind)
@@ -156,7 +156,8 @@ def measure(folder: Path, kind: str, dtype: str, out: Path, prompts: int, tokens
         session = engine.session()
         session.add_encoded(engine.encode_images([image])[0])
         session.ask(QUESTIONS[n])
-        ids, features, _ = engine.prepare(session, GenerationSettings.greedy(max_new_tokens=tokens))
+        ids, photos, _ = engine.chat.prompt(session, GenerationSettings.greedy(max_new_tokens=tokens))
+        features = torch.stack(photos)
         chosen, logits, prefill_s, step_s = decode(engine, ids, features, tokens)
         result["prefill_s"] += prefill_s
         result["step_s"] += step_s
@@ -182,8 +183,8 @@ def measure(folder: Path, kind: str, dtype: str, out: Path, prompts: int, tokens
 def memory_parts(loaded, folder: Path, kind: str) -> dict:
     """Where a configuration's memory goes: PyTorch's parameters (the towers, the token embeddings, and in float32
     the LLM), the LLM's GGUF file, and llama.cpp's key/value store (16-bit keys and values, `KV_CELLS` positions)."""
-    from skingpt4.gguf_files import gguf_path
-    from skingpt4.quantized import KV_CELLS
+    from skingpt4.backends.gguf import gguf_path
+    from skingpt4.backends.llamacpp import KV_CELLS
 
     params = sum(p.numel() * p.element_size() for p in loaded.model.parameters() if p.device.type != "meta")
     parts = {"torch_gb": params / 2**30, "gguf_gb": 0.0, "kv_gb": 0.0}
@@ -256,7 +257,7 @@ def main() -> None:
 def report(work: Path, skip_13b: bool) -> None:
     from transformers import Blip2Config
 
-    from skingpt4.gguf_files import gguf_file
+    from skingpt4.backends.gguf import gguf_file
 
     folder = work / "llama-1b"
     start = time.perf_counter()

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from common import build_bench_model, jpeg_bytes, median, print_table, sample_images, spread
 
-from skingpt4.tiny import create_tiny_model
+from skingpt4.folder.tiny import create_tiny_model
 from skingpt4.train.loop import load_config, train
 
 IMAGES = 32

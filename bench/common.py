@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from skingpt4.chat import ChatEngine
-from skingpt4.folder import qformer_config, vision_config
-from skingpt4.model import load_model
-from skingpt4.tiny import create_random_model, tiny_configs
+from skingpt4.backends.transformers_llm import load_model
+from skingpt4.engine.chat import ChatEngine
+from skingpt4.folder.meta import qformer_config, vision_config
+from skingpt4.folder.tiny import create_random_model, tiny_configs
 
 
 def bench_sizes() -> tuple[dict, dict, dict]:

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from skingpt4.chat import ChatEngine
-from skingpt4.folder import IMAGE_TOKEN, ModelMeta, make_config, qformer_config, vision_config
-from skingpt4.generation import GenerationSettings
-from skingpt4.model import LoadedModel
-from skingpt4.tiny import build_tiny_tokenizer, tiny_configs
+from skingpt4.backends.transformers_llm import TransformersLLM
+from skingpt4.engine.chat import ChatEngine
+from skingpt4.engine.settings import GenerationSettings
+from skingpt4.folder.load import LoadedModel, ModelInfo
+from skingpt4.folder.meta import IMAGE_TOKEN, ModelMeta, make_config, qformer_config, vision_config
+from skingpt4.folder.tiny import build_tiny_tokenizer, tiny_configs
 
 LLAMA_13B = dict(
     hidden_size=5120,
@@ -88,7 +89,7 @@ def build(size: str, device: str, dtype: torch.dtype) -> LoadedModel:
     for name in getattr(model, "_keep_in_fp32_modules", None) or []:  # as from_pretrained keeps them
         getattr(model, name).float()
     meta = ModelMeta(untrained=True, description=f"random {size} model for the GPU check")
-    return LoadedModel(model, tokenizer, meta, f"gpu-check-{size}")
+    return LoadedModel(model, tokenizer, ModelInfo(f"gpu-check-{size}", meta), TransformersLLM(model.language_model))
 
 
 def photo(seed: int) -> Image.Image:
@@ -113,20 +114,20 @@ def sync(device: str) -> None:
 
 
 class Recorder:
-    """Records each answer's new ids (around the engine's generate call) and each generated step's logits (the LM
+    """Records each answer's new ids (around the engine's `_new_ids`) and each generated step's logits (the LM
     head's last position)."""
 
     def __init__(self, engine: ChatEngine):
-        self.engine, self.run, self.ids, self.steps = engine, engine._generate, [], []
+        self.engine, self.run, self.ids, self.steps = engine, engine._new_ids, [], []
         head = engine.model.language_model.get_output_embeddings()
         self.hook = head.register_forward_hook(lambda module, args, out: self.steps.append(out[:, -1].float().cpu()))
-        engine._generate = self
+        engine._new_ids = self
 
     def __call__(self, *args, **kwargs):
         new = self.run(*args, **kwargs)
         pad = self.engine.tokenizer.pad_token_id
-        rows = [row.tolist() for row in new]
-        self.ids = [row[: row.index(pad)] if pad in row else row for row in rows]  # generate pads finished rows
+        rows = [list(row) for row in new]
+        self.ids = [row[: row.index(pad)] if pad in row else row for row in rows]  # beam search pads finished rows
         return new
 
     def take(self) -> tuple[list[int], list[torch.Tensor]]:
@@ -135,7 +136,7 @@ class Recorder:
 
     def close(self) -> None:
         self.hook.remove()
-        self.engine._generate = self.run
+        self.engine._new_ids = self.run
 
 
 def turns(engine: ChatEngine, feature, settings, recompute: bool, recorder: Recorder):
@@ -274,7 +275,7 @@ def check_training(loaded: LoadedModel, table: Table, device: str, lora: bool) -
             photo(40 + i).save(path)
             records.append(Record(path, "This could be a skin disease image of eczema."))
         prompt = "###Human: <Img><ImageHere></Img> What is it? ###Assistant: "
-        args = (loaded.tokenizer, loaded.image_token_id, "###", 160, loaded.meta.pixels, 0)
+        args = (loaded.tokenizer, loaded.image_token_id, "###", 160, loaded.info.meta.pixels, 0)
         samples = TrainDataset(records, [prompt], *args, train=True)
         batch = collate([samples[(0, i, 0)] for i in range(2)], loaded.tokenizer.pad_token_id)
     batch = {k: v.to(device) for k, v in batch.items()}

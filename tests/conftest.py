@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from lavis_reference import TinyDims, write_lavis_files  # noqa: E402
 
-from skingpt4.chat import ChatEngine  # noqa: E402
-from skingpt4.model import load_model  # noqa: E402
-from skingpt4.tiny import build_tiny_tokenizer, create_tiny_model  # noqa: E402
+from skingpt4.backends.transformers_llm import load_model  # noqa: E402
+from skingpt4.engine.chat import ChatEngine  # noqa: E402
+from skingpt4.folder.tiny import build_tiny_tokenizer, create_tiny_model  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -69,6 +70,23 @@ def endless(engine) -> None:
     vocab = engine.tokenizer.convert_ids_to_tokens(list(range(len(engine.tokenizer))))
     ends = [i for i, t in enumerate(vocab) if "#" in t] + [engine.tokenizer.eos_token_id]
     engine.suppress_tokens = sorted({*engine.suppress_tokens, *ends})
+
+
+@contextmanager
+def decode_batches(engine):
+    """The rows of each token step the engine's language model runs meanwhile (a forward hook: prefills, which
+    start from embeddings, are not counted)."""
+    sizes: list[int] = []
+
+    def seen(module, args, kwargs, output):
+        if kwargs.get("input_ids") is not None:
+            sizes.append(kwargs["input_ids"].shape[0])
+
+    handle = engine.model.language_model.register_forward_hook(seen, with_kwargs=True)
+    try:
+        yield sizes
+    finally:
+        handle.remove()
 
 
 def within(seconds: float, work, *args):
@@ -146,7 +164,7 @@ def llm_dir(tmp_path_factory, dims) -> Path:
 
 @pytest.fixture(scope="session")
 def converted_dir(tmp_path_factory, lavis_files, llm_dir) -> Path:
-    from skingpt4.convert import ConvertOptions, convert
+    from skingpt4.folder.convert import ConvertOptions, convert
 
     options = ConvertOptions(
         llm=str(llm_dir),

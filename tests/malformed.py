@@ -1,6 +1,6 @@
 """The malformed-input corpus of docs/reliability.md T-1, generated in code (no binary fixtures).
 
-Each :class:`Case` holds either image bytes (``data``) for :func:`skingpt4.images.load_image` and the sandboxed
+Each :class:`Case` holds either image bytes (``data``) for :func:`skingpt4.inputs.images.load_image` and the sandboxed
 decoder, or a data-URL string (``data_url``) for the HTTP API. ``expect`` follows what ``images.py`` does: limits
 50 MiB / 40 Mpx / 16,384 px longest side / 8 px shortest side, allowlist JPEG PNG WebP BMP TIFF, first frame of an
 animation, truncation rejected, EXIF orientation applied and all metadata dropped. ``check`` (accepted cases only)
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageCms, features
 
-from skingpt4.images import DEFAULT_LIMITS, ImageRejected
+from skingpt4.inputs.images import DEFAULT_LIMITS, ImageRejected
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
 CATEGORIES = (

@@ -17,9 +17,10 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from conftest import endless, image_bytes
+from conftest import decode_batches, endless, image_bytes
 
-from skingpt4.images import load_image
+from skingpt4.engine.settings import EngineSettings
+from skingpt4.inputs.images import load_image
 from skingpt4.serve.api import ServeConfig, create_app
 from skingpt4.serve.records import RecordStore
 from skingpt4.serve.safety import DISCLAIMER
@@ -72,10 +73,10 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(loaded, store):
-    from skingpt4.chat import ChatEngine
+    from skingpt4.engine.chat import ChatEngine
 
-    engine = ChatEngine(loaded)
-    server = Server(create_app(engine, ServeConfig(api_key=KEY, max_tokens=16, queue_size=32), store))
+    engine = ChatEngine(loaded, settings=EngineSettings(queue_size=32))
+    server = Server(create_app(engine, ServeConfig(api_key=KEY, max_tokens=16), store))
     server.engine = engine
     yield server
     server.stop()
@@ -188,7 +189,7 @@ def test_a_lone_surrogate_is_400_not_500(server, text):
 def test_body_cap_counts_declared_and_chunked_bodies(loaded):
     from fastapi.testclient import TestClient
 
-    from skingpt4.chat import ChatEngine
+    from skingpt4.engine.chat import ChatEngine
 
     app = create_app(ChatEngine(loaded), ServeConfig(max_body_mb=1 / 1024, warmup=False))  # 1 KiB
     with TestClient(app) as http:
@@ -205,7 +206,7 @@ def test_body_cap_counts_declared_and_chunked_bodies(loaded):
 
 def test_queue_full_means_503_with_retry_after(loaded):
     """Two generating (--max-batch 2) plus two waiting; everyone else is told to come back, at once (T-7)."""
-    from skingpt4.chat import ChatEngine
+    from skingpt4.engine.chat import ChatEngine
 
     release = threading.Event()
 
@@ -213,8 +214,9 @@ def test_queue_full_means_503_with_retry_after(loaded):
         release.wait(120)  # held until every rejection is in: "at once" means while these three are still held
         return load_image(data)
 
-    config = ServeConfig(queue_size=2, warmup=False, max_tokens=2)
-    server = Server(create_app(ChatEngine(loaded, max_batch=2), config, decode=slow_decode))
+    config = ServeConfig(warmup=False, max_tokens=2)
+    engine = ChatEngine(loaded, settings=EngineSettings(max_batch=2, queue_size=2))
+    server = Server(create_app(engine, config, decode=slow_decode))
     body = {"model": "m", "messages": [user("hi", image_bytes())], "max_tokens": 1}
     try:
         with ThreadPoolExecutor(20) as pool:
@@ -238,7 +240,7 @@ def test_queue_full_means_503_with_retry_after(loaded):
 @pytest.fixture(scope="module")
 def counted(loaded):
     """A server whose model cannot end an answer early, with its decoding steps counted."""
-    from skingpt4.chat import ChatEngine
+    from skingpt4.engine.chat import ChatEngine
 
     engine = ChatEngine(loaded)
     endless(engine)
@@ -307,15 +309,10 @@ def test_sixteen_sessions_five_turns_no_cross_talk(server, store):
 
     latencies: list[float] = []
     before = {r["id"] for r in store.list()}
-    server.engine.scheduler.peak = 0
-    with ThreadPoolExecutor(16) as pool:
+    with ThreadPoolExecutor(16) as pool, decode_batches(server.engine) as sizes:
         list(pool.map(consult, range(16)))
     latencies.sort()
-    p50, p95, peak = (
-        latencies[len(latencies) // 2],
-        latencies[int(len(latencies) * 0.95)],
-        server.engine.scheduler.peak,
-    )
+    p50, p95, peak = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.95)], max(sizes)
     print(f"\nAPI: 16 sessions x 5 turns, turn latency p50 {p50:.2f} s, p95 {p95:.2f} s, up to {peak} in a batch")
     assert peak >= 2
     records = [store.get(r["id"]) for r in store.list() if r["id"] not in before]
@@ -327,7 +324,7 @@ def test_sixteen_sessions_five_turns_no_cross_talk(server, store):
         cross_talk += len(owners) != 1
         n = int(owners.pop().removeprefix("canary")) if len(owners) == 1 else -1
         photo = image_bytes(noise_seed=100 + n)
-        from skingpt4.images import sha256_bytes
+        from skingpt4.inputs.images import sha256_bytes
 
         cross_talk += [i["sha256"] for i in record["images"]] != [sha256_bytes(photo)]
     assert cross_talk == 0
@@ -340,7 +337,7 @@ def test_schema_fuzzing_finds_no_server_error(loaded):
     from hypothesis.errors import Unsatisfiable
     from schemathesis.generation.modes import GenerationMode
 
-    from skingpt4.chat import ChatEngine
+    from skingpt4.engine.chat import ChatEngine
 
     app = create_app(ChatEngine(loaded), ServeConfig(max_tokens=2, warmup=False))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
@@ -390,10 +387,10 @@ def test_out_of_memory_is_503_and_the_next_request_is_served(loaded, monkeypatch
     import torch
     from fastapi.testclient import TestClient
 
-    from skingpt4.chat import ChatEngine
+    from skingpt4.engine.chat import ChatEngine
 
     engine = ChatEngine(loaded)
-    real, calls = engine._generate, []
+    real, calls = engine.prefill, []
 
     def once_out_of_memory(*args):
         calls.append(1)
@@ -401,7 +398,7 @@ def test_out_of_memory_is_503_and_the_next_request_is_served(loaded, monkeypatch
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*args)
 
-    monkeypatch.setattr(engine, "_generate", once_out_of_memory)
+    monkeypatch.setattr(engine, "prefill", once_out_of_memory)
     body = {"messages": [user("hi", image_bytes())], "max_tokens": 2}
     with TestClient(create_app(engine, ServeConfig(warmup=False))) as http:
         first = http.post("/v1/chat/completions", json=body)
@@ -414,18 +411,18 @@ def test_out_of_memory_in_a_batch_is_503_to_each_of_its_requests(loaded, monkeyp
     """A token step of four batched requests runs out of memory: all four get 503, the server goes on serving."""
     import torch
 
-    from skingpt4.chat import ChatEngine
+    from skingpt4.engine.chat import ChatEngine
 
-    engine = ChatEngine(loaded, max_batch=4)
+    engine = ChatEngine(loaded, settings=EngineSettings(max_batch=4))
     endless(engine)  # no answer ends before the token step that fails
-    real = engine.step
+    real = engine.llm.step
 
     def step(tokens, *args):
         if tokens.shape[0] == 4:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(tokens, *args)
 
-    monkeypatch.setattr(engine, "step", step)
+    monkeypatch.setattr(engine.llm, "step", step)
     server = Server(create_app(engine, ServeConfig(warmup=False)))
     body = {"messages": [user("hi")], "max_tokens": 8, "temperature": 0}  # no photo: nothing to encode first
     post = partial(httpx.post, f"{server.url}/v1/chat/completions", json=body, timeout=60)
@@ -433,11 +430,11 @@ def test_out_of_memory_in_a_batch_is_503_to_each_of_its_requests(loaded, monkeyp
         with ThreadPoolExecutor(4) as pool, engine.lock:  # all four wait for the model, so they start together
             replies = [pool.submit(post) for _ in range(4)]
             deadline = time.monotonic() + 30
-            while len(engine.scheduler.waiting) < 4 and time.monotonic() < deadline:
+            while engine.status().waiting < 4 and time.monotonic() < deadline:
                 time.sleep(0.02)
         statuses = [r.result().status_code for r in replies]
         assert statuses == [503] * 4 and all(r.result().headers["retry-after"] == "5" for r in replies)
-        assert engine.scheduler.limit == 2
+        assert engine.status().limit == 2
         assert post().status_code == 200
     finally:
         server.stop()
@@ -446,7 +443,7 @@ def test_out_of_memory_in_a_batch_is_503_to_each_of_its_requests(loaded, monkeyp
 def test_health_is_503_until_the_warm_up_inference_succeeds(loaded):
     from fastapi.testclient import TestClient
 
-    from skingpt4.chat import ChatEngine
+    from skingpt4.engine.chat import ChatEngine
 
     release = threading.Event()
 
@@ -471,3 +468,30 @@ def test_health_is_503_until_the_warm_up_inference_succeeds(loaded):
             time.sleep(0.05)
         health = http.get("/health")
         assert health.status_code == 503 and "warm-up failed" in health.json()["detail"]
+
+
+def test_an_internal_error_is_500_with_an_id_and_logged_with_where_it_happened(loaded, monkeypatch, caplog):
+    """A 500 can be diagnosed from the server's log (the frames where it was raised, under the id the client got);
+    the exception's message is not logged, as it may quote patient text."""
+    import logging
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from skingpt4.engine.chat import ChatEngine
+
+    engine, said = ChatEngine(loaded), "Mrs " + "Example's rash on the left cheek"
+
+    def broken_prefill(*args):
+        raise RuntimeError(said)
+
+    monkeypatch.setattr(engine, "prefill", broken_prefill)
+    body = {"messages": [user("hi", image_bytes())], "max_tokens": 2}
+    with TestClient(create_app(engine, ServeConfig(warmup=False))) as http, caplog.at_level(logging.ERROR):
+        reply = http.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 500
+    incident = re.search(r"error ([0-9a-f]{12})", reply.json()["error"]["message"]).group(1)
+    logged = "\n".join(record.getMessage() for record in caplog.records if record.name == "skingpt4.serve.api")
+    assert incident in logged and "RuntimeError" in logged
+    assert "in broken_prefill" in logged and "scheduler.py" in logged  # where it was raised, and from where
+    assert "Example" not in logged

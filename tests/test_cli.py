@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import image_bytes
 
-from skingpt4.chat import ChatEngine, GenerationSettings
 from skingpt4.cli.main import main
+from skingpt4.engine.chat import ChatEngine
+from skingpt4.engine.settings import GenerationSettings
 from skingpt4.errors import SkinGPT4Error
 from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
 from skingpt4.serve.terminal import HELP, run_chat

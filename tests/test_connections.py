@@ -11,8 +11,8 @@ import httpx
 import pytest
 import uvicorn
 
-from skingpt4.chat import ChatEngine
 from skingpt4.connections import install
+from skingpt4.engine.chat import ChatEngine
 from skingpt4.serve.api import ServeConfig, create_app
 
 DEADLINE = 2.0  # seconds; the test's own waits are generous multiples of it, to catch a hang, not to time anything

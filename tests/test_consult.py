@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 from conftest import endless, image_bytes
 from PIL import Image, ImageDraw
 
-from skingpt4.chat import GenerationSettings
+from skingpt4.engine.settings import GenerationSettings
 from skingpt4.errors import InputError
-from skingpt4.images import load_image
+from skingpt4.inputs.images import load_image
 from skingpt4.serve.consult import MAX_QUESTION_CHARS, Consultation
 from skingpt4.serve.records import RecordStore
 from skingpt4.serve.safety import DISCLAIMER, REFERRAL_PROMPT
@@ -57,7 +58,7 @@ def prompt_shape(consultation) -> tuple[int, int, int]:
     """How many user turns, assistant turns and image slots the prompt holds."""
     engine = consultation.engine
     prompt = consultation.session.conversation.prompt()
-    ids, _, _ = engine.prepare(consultation.session, SHORT)
+    ids, _, _ = engine.chat.prompt(consultation.session, SHORT)
     return prompt.count("###Human:"), prompt.count("###Assistant:"), ids.count(engine.loaded.image_token_id)
 
 
@@ -130,7 +131,7 @@ def test_records_hold_hashes_turns_and_settings_and_pixels_only_when_asked(engin
         digest = consultation.add_image(image_bytes())
         shown = consultation.answer("Is it serious?", SHORT)
         record = store.get(consultation.id)
-        assert record["surface"] == "web" and record["model_id"] == engine.loaded.model_id
+        assert record["surface"] == "web" and record["model_id"] == engine.info.model_id
         assert len(record["model_sha256"]) == 64 and record["settings"]["max_new_tokens"] == 4
         assert [t["text"] for t in record["turns"]] == ["Is it serious?", shown]
         assert record["images"][0]["sha256"] == digest
@@ -147,7 +148,7 @@ def test_photo_limit_and_reset(engine):
     with pytest.raises(InputError, match="at most 2 photos"):
         consultation.add_image(image_bytes(noise_seed=2))
     consultation.reset()
-    assert consultation.id != first and consultation.images == [] and consultation.session.features == []
+    assert consultation.id != first and consultation.images == [] and consultation.session.photos == []
 
 
 def test_summary_page_holds_thumbnails_turns_referral_and_escapes_text(engine):
@@ -157,14 +158,14 @@ def test_summary_page_holds_thumbnails_turns_referral_and_escapes_text(engine):
     page = consultation.summary_html()
     assert page.count("data:image/png;base64,") == 1 and consultation.images[0]["thumbnail"].size == (256, 171)
     assert "<script>alert" not in page and "&lt;script&gt;" in page
-    assert "Referral:" in page and engine.loaded.model_id in page and "<th>max new tokens</th>" in page
+    assert "Referral:" in page and engine.info.model_id in page and "<th>max new tokens</th>" in page
     assert "{" not in page.split("Model and settings")[1]  # named settings, not a Python dict
     assert "UNTRAINED" in page
 
 
 def test_closing_a_reply_mid_answer_cancels_within_a_token_and_withdraws_the_question(loaded):
     """The web app's Stop and a closed tab close the reply; pieces come per token, so it stops at once."""
-    from skingpt4.chat import ChatEngine
+    from skingpt4.engine.chat import ChatEngine
 
     engine = ChatEngine(loaded)
     endless(engine)
@@ -182,6 +183,25 @@ def test_closing_a_reply_mid_answer_cancels_within_a_token_and_withdraws_the_que
         hook.remove()
     assert len(steps) <= 8  # five pieces, about one step each, then at most the step in flight
     assert consultation.turns == [] and consultation.session.conversation.messages == before
+
+
+def test_an_answer_that_finished_but_was_never_shown_is_withdrawn_with_its_question(engine):
+    """The client went away after the model had answered but before the answer was shown: the turn is not in the
+    shown turns, so the model's conversation must not keep it either (the next turn would read an answer nobody
+    saw, and the records would miss it)."""
+    consultation = Consultation(engine, "web", decode=load_image)
+    consultation.add_image(image_bytes())
+    before = list(consultation.session.conversation.messages)
+    pieces = consultation.reply("What is it?", GenerationSettings.greedy(max_new_tokens=6))
+    next(pieces)
+    deadline = time.monotonic() + 30
+    while consultation.session.conversation.awaiting_answer and time.monotonic() < deadline:
+        time.sleep(0.01)  # the model's answer is complete and stored in the session; nothing more was read
+    assert not consultation.session.conversation.awaiting_answer
+    pieces.close()
+    assert consultation.turns == [] and consultation.session.conversation.messages == before
+    consultation.answer("What is it?", GenerationSettings.greedy(max_new_tokens=6))
+    assert len(consultation.turns) == 2 and consultation.session.conversation.prompt().count("###Human:") == 1
 
 
 def test_chat_surfaces_settle_the_cache_between_turns(engine):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from skingpt4.conversation import (
+from skingpt4.inputs.conversation import (
     CLINICAL_PROMPTS,
     IMAGE_PLACEHOLDER,
     SYSTEM,

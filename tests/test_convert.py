@@ -13,9 +13,9 @@ from lavis_reference import make_projection_checkpoint, write_lavis_files
 from safetensors.torch import load_file, save_file
 from transformers import Blip2ForConditionalGeneration, GPT2Config, LlamaForCausalLM
 
-from skingpt4.convert import ConvertOptions, check_projection, convert
 from skingpt4.errors import ConversionError
-from skingpt4.folder import META_FILE, ModelMeta
+from skingpt4.folder.convert import ConvertOptions, check_projection, convert
+from skingpt4.folder.meta import META_FILE, ModelMeta
 
 
 def options(lavis_files, llm_dir, dims, **overrides) -> ConvertOptions:
@@ -103,7 +103,7 @@ def hf_blip2_flan_t5_folder(folder: Path, dims) -> dict[str, torch.Tensor]:
     """A BLIP-2 folder as transformers itself saves one (T5 text model of width 4096, like blip2-flan-t5-xxl)."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration, T5Config
 
-    from skingpt4.folder import qformer_config, vision_config
+    from skingpt4.folder.meta import qformer_config, vision_config
 
     vision = vision_config(dims.vit_width, dims.vit_depth, dims.vit_heads, dims.vit_mlp, dims.image_size)
     qformer = qformer_config(
@@ -234,7 +234,7 @@ def test_argument_errors(tmp_path, lavis_files, llm_dir, dims, converted_dir):
 
 
 def test_vit_g_needs_its_40_blocks_and_missing_keys_are_named(tmp_path, lavis_files, llm_dir, dims):
-    from skingpt4.keymap import map_vit
+    from skingpt4.folder.keymap import map_vit
 
     blocks = {f"blocks.{i}.norm1.weight": torch.ones(1) for i in range(39)}
     with pytest.raises(ConversionError, match="has 39 blocks; eva_vit_g.pth has 40"):

@@ -95,8 +95,8 @@ def test_fitzpatrick17k_partition_labels_and_skin_type_fallback(tmp_path):
 )
 def test_eval_with_a_partition_label_set(engine, tmp_path, column, named_set):
     from skingpt4.data.manifest import collect
+    from skingpt4.engine.settings import GenerationSettings
     from skingpt4.evaluate.run import run_eval
-    from skingpt4.generation import GenerationSettings
 
     manifest = tmp_path / "fitz.jsonl"
     prepare("fitzpatrick17k", fitzpatrick_set(tmp_path), manifest, adapter_options={"label_column": column})

@@ -15,8 +15,9 @@ from conftest import endless
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from skingpt4.decoding import BYTE_LEVEL, Forbid, StopWhen, TokenBytes
-from skingpt4.generation import GenerationSettings
+from skingpt4.engine.decoding import BYTE_LEVEL, Forbid, StopWhen, TokenBytes
+from skingpt4.engine.sampler import generation_config
+from skingpt4.engine.settings import GenerationSettings
 
 STOPS = ["###", "#", "##", "end.", " the", "é", "日本"]
 
@@ -168,10 +169,10 @@ def test_sampling_with_the_mask_equals_transformers_suppress_tokens(engine):
     settings = GenerationSettings(
         max_new_tokens=24, temperature=0.8, top_p=0.7, repetition_penalty=1.3, seed=5, stop=("zzz",)
     )
-    ids, _, _ = engine.prepare(session, settings)
+    ids, _, _ = engine.chat.prompt(session, settings)
     endless(engine)  # no '#' and no EOS: both run all 24 steps
     row = torch.tensor([ids])
-    config = settings.to_config(engine.tokenizer, engine.suppress_tokens)
+    config = generation_config(settings, engine.tokenizer, engine.suppress_tokens)
     torch.manual_seed(5)
     plain = engine.model.language_model.generate(
         inputs_embeds=engine.embed(row, None), attention_mask=torch.ones_like(row), generation_config=config

@@ -8,10 +8,10 @@ import json
 import pytest
 from conftest import image_bytes
 
-from skingpt4.chat import GenerationSettings
-from skingpt4.conversation import CLINICAL_PROMPTS, DEFAULT_QUESTION
 from skingpt4.data.manifest import collect
+from skingpt4.engine.settings import GenerationSettings
 from skingpt4.errors import InputError
+from skingpt4.inputs.conversation import CLINICAL_PROMPTS, DEFAULT_QUESTION
 from skingpt4.serve.diagnose import diagnose, results_file
 
 GREEDY = GenerationSettings.greedy(max_new_tokens=6)
@@ -62,7 +62,7 @@ def test_records_errors_and_resume(engine, photos, tmp_path):
     assert by_name["broken.png"]["error"].startswith("image is truncated or corrupt")
     good = by_name["a0.jpg"]
     assert good["error"] is None and good["prompts"] == [DEFAULT_QUESTION] and good["answer"] == good["answers"][0]
-    assert good["model"] == engine.loaded.model_id and good["untrained"] is True
+    assert good["model"] == engine.info.model_id and good["untrained"] is True
     assert len(good["image_sha256"]) == 64 and good["seconds"] > 0 and good["settings"]["do_sample"] is False
 
     again = diagnose(engine, items, results_file(out_path), settings=GREEDY, progress=False)

@@ -14,26 +14,17 @@ reference alike, so that every answer runs its full length and every step is com
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 from conftest import image_bytes
-from PIL import Image
-from transformers import GenerationConfig
+from plain_reference import full_length_ids, plain_generate, reference_embeds, tiny_sentencepiece
 
-from skingpt4.chat import ChatEngine
-from skingpt4.generation import GenerationSettings
-from skingpt4.model import load_model
-from skingpt4.tiny import train_tiny_sentencepiece
+from skingpt4.backends.transformers_llm import load_model
+from skingpt4.engine.chat import ChatEngine
+from skingpt4.engine.settings import EngineSettings, GenerationSettings
 
 TOL = 1e-4
 LONG = 80  # new tokens per answer
-PLACEHOLDER = "<ImageHere>"  # written here, not imported: the reference splits where the released code splits
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # (image added before the question, question): the second image comes with the third question
 TURNS = [
     (image_bytes(noise_seed=21), "What's wrong with my skin?"),
@@ -50,26 +41,18 @@ def loaded32(tiny_dir):
 
 @pytest.fixture(scope="module")
 def sp():
-    return spm.SentencePieceProcessor(model_proto=train_tiny_sentencepiece())
+    return tiny_sentencepiece()
 
 
 @pytest.fixture(scope="module")
 def suppressed(loaded32, sp) -> list[int]:
-    """Never generated, in the engine and the reference: the image placeholder, every piece with '#' and EOS (so
-    answers run their full length), and byte/control pieces. Without those the random model writes mostly bytes
-    that decode to U+FFFD, the next prompt tokenizes the answer differently, and no turn could reuse the cache of
-    generated tokens; with them it does (asserted below)."""
-    pieces = range(sp.get_piece_size())
-    hashes = [i for i in pieces if "#" in sp.id_to_piece(i)]
-    assert hashes  # otherwise the tiny model could stop early and fewer steps would be compared
-    odd = [i for i in pieces if sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i)]
-    return sorted({loaded32.image_token_id, *hashes, sp.eos_id(), *odd})
+    return full_length_ids(sp, loaded32.image_token_id)
 
 
-@pytest.fixture(params=[1, 8], ids=["direct", "scheduler"])
+@pytest.fixture(params=[1, 8], ids=["max_batch 1", "max_batch 8"])
 def probe(loaded32, suppressed, monkeypatch, request):
-    """Both ways a turn is decoded: transformers' `generate` (max_batch 1) and the batching scheduler."""
-    engine = ChatEngine(loaded32, max_batch=request.param)
+    """An engine that answers one at a time, and one that batches (a lone turn is a batch of one in both)."""
+    engine = ChatEngine(loaded32, settings=EngineSettings(max_batch=request.param))
     engine.suppress_tokens = list(suppressed)
     recorder = Probe(engine, monkeypatch)
     yield recorder
@@ -82,12 +65,12 @@ class Probe:
 
     def __init__(self, engine: ChatEngine, monkeypatch):
         self.engine, self.runs, self.forwards = engine, [], []
-        run = engine._generate
+        run = engine._new_ids
 
         def recording_run(*args, **kwargs):
             first = len(self.forwards)
             new = run(*args, **kwargs)
-            self.runs.append(([n.clone() for n in new], self.forwards[first:]))
+            self.runs.append(([list(n) for n in new], self.forwards[first:]))
             return new
 
         def hook(module, args, kwargs, output):
@@ -95,53 +78,8 @@ class Probe:
             given = kwargs["input_ids"] if given is None else given
             self.forwards.append((given.shape[1], output.logits[:, -1].detach().clone()))
 
-        monkeypatch.setattr(engine, "_generate", recording_run)
+        monkeypatch.setattr(engine, "_new_ids", recording_run)
         self.handle = engine.model.language_model.register_forward_hook(hook, with_kwargs=True)
-
-
-def pixels(data: bytes, size: int) -> torch.Tensor:
-    """The original `Blip2ImageEvalProcessor`, by hand: bicubic squash, ToTensor, CLIP Normalize."""
-    img = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
-    return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
-
-
-@torch.no_grad()
-def reference_embeds(model, sp, prompt: str, photos: list[bytes], size: int) -> torch.Tensor:
-    """`Chat.get_context_emb` of the released code: per-segment SentencePiece ids (BOS on segment 0 only),
-    embedded, with each image's 32 projected Q-Former outputs concatenated between the segments."""
-    segments = prompt.split(PLACEHOLDER)
-    assert len(segments) == len(photos) + 1
-    features = model.get_image_features(pixel_values=torch.stack([pixels(p, size) for p in photos])).pooler_output
-    embed = model.language_model.get_input_embeddings()
-    pieces = []
-    for i, segment in enumerate(segments):
-        ids = ([sp.bos_id()] if i == 0 else []) + sp.encode(segment)
-        pieces.append(embed(torch.tensor([ids])))
-        if i < len(photos):
-            pieces.append(features[i : i + 1])
-    return torch.cat(pieces, dim=1)
-
-
-@torch.no_grad()
-def plain_generate(model, embeds, suppressed, sp, **options):
-    """Stock transformers, nothing of the engine: `LlamaForCausalLM.generate` on the embeddings."""
-    config = GenerationConfig(
-        do_sample=False,
-        suppress_tokens=suppressed,
-        bos_token_id=sp.bos_id(),
-        eos_token_id=sp.eos_id(),
-        pad_token_id=sp.eos_id(),
-        **options,
-    )
-    mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-    return model.language_model.generate(
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        generation_config=config,
-        return_dict_in_generate=True,
-        output_logits=True,
-    )
 
 
 def consult(probe: Probe, settings: GenerationSettings, recompute: bool, settle: bool = False) -> list[dict]:
@@ -165,7 +103,7 @@ def consult(probe: Probe, settings: GenerationSettings, recompute: bool, settle:
             {
                 "prompt": prompt,
                 "photos": list(photos),
-                "ids": new[0].tolist(),
+                "ids": new[0],
                 "reused": session.reused_tokens,
                 "prompt_tokens": session.prompt_tokens,
                 "widths": [w for w, _ in forwards],
@@ -180,7 +118,7 @@ def consult(probe: Probe, settings: GenerationSettings, recompute: bool, settle:
 
 
 def test_long_multi_turn_reuse_equals_recompute_and_plain_transformers(probe, loaded32, sp, suppressed, capsys):
-    model, size = loaded32.model, loaded32.meta.image_size
+    model, size = loaded32.model, loaded32.info.meta.image_size
     greedy = GenerationSettings.greedy(max_new_tokens=LONG)
     cached = consult(probe, greedy, recompute=False)
     fresh = consult(probe, greedy, recompute=True)
@@ -247,7 +185,7 @@ def test_long_multi_turn_reuse_equals_recompute_and_plain_transformers(probe, lo
 
 def test_beam_search_equals_plain_transformers(probe, loaded32, sp, suppressed):
     """num_beams=3, no sampling, three turns (two images): the engine's ids are plain generate(num_beams=3)'s."""
-    model, size = loaded32.model, loaded32.meta.image_size
+    model, size = loaded32.model, loaded32.info.meta.image_size
     beams = GenerationSettings(do_sample=False, num_beams=3, max_new_tokens=40)
     session = probe.engine.session()
     photos, differs_from_greedy = [], []
@@ -263,7 +201,7 @@ def test_beam_search_equals_plain_transformers(probe, loaded32, sp, suppressed):
         embeds = reference_embeds(model, sp, prompt, photos, size)
         expected = plain_generate(model, embeds, suppressed, sp, max_new_tokens=40, num_beams=3).sequences[0]
         assert len(expected) == 40
-        assert new[0].tolist() == expected.tolist()
+        assert new[0] == expected.tolist()
         greedy = plain_generate(model, embeds, suppressed, sp, max_new_tokens=40).sequences[0]
         differs_from_greedy.append(greedy.tolist() != expected.tolist())
     assert session.cache is None  # beams take the batch path: no cache reuse

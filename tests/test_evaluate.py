@@ -11,12 +11,13 @@ import torch
 from conftest import image_bytes
 from PIL import Image
 
-from skingpt4.chat import ChatEngine, GenerationSettings
-from skingpt4.conversation import CLINICAL_PROMPTS
 from skingpt4.data.manifest import collect
+from skingpt4.engine.chat import ChatEngine
+from skingpt4.engine.settings import GenerationSettings
 from skingpt4.errors import InputError
 from skingpt4.evaluate.run import PredictionFile, canonical, choose_split, run_eval
 from skingpt4.evaluate.scoring import ANSWER_FORMAT, score_labels, spoken
+from skingpt4.inputs.conversation import CLINICAL_PROMPTS
 
 GREEDY = GenerationSettings.greedy(max_new_tokens=4)
 LABELS = ["eczema", "psoriasis", "melanoma"]
@@ -104,7 +105,8 @@ def test_choice_scores_equal_a_plain_forward_pass(engine):
     session = engine.session()
     session.add_encoded(features[0])
     session.ask("What is it?")
-    ids, feats, _ = engine.prepare(session, GREEDY)
+    ids, photos, _ = engine.chat.prompt(session, GREEDY)
+    feats = torch.stack(photos)
     for j, label in enumerate(labels):
         target = engine.tokenizer(ANSWER_FORMAT.format(label) + "###", add_special_tokens=False).input_ids
         row = torch.tensor([ids + target])

@@ -16,14 +16,14 @@ import torch
 from conftest import image_bytes
 from lavis_reference import encode_image_reference
 from PIL import Image
+from plain_reference import pixels as reference_pixels
 from transformers import Blip2ForConditionalGeneration, LlamaForCausalLM
 
-from skingpt4.chat import ChatEngine
-from skingpt4.conversation import IMAGE_PLACEHOLDER
-from skingpt4.model import load_model
-from skingpt4.pixels import eval_transform
-from skingpt4.processing import prompt_ids
-from skingpt4.tiny import train_tiny_sentencepiece
+from skingpt4.backends.transformers_llm import load_model
+from skingpt4.engine.chat import ChatEngine
+from skingpt4.folder.tiny import train_tiny_sentencepiece
+from skingpt4.inputs.conversation import IMAGE_PLACEHOLDER
+from skingpt4.inputs.prompt import prompt_ids
 
 TOL = 1e-5
 
@@ -44,12 +44,25 @@ def reference_llm(llm_dir):
 
 
 def photo(seed: int) -> Image.Image:
-    return Image.open(io.BytesIO(image_bytes(size=(90, 70), noise_seed=seed))).convert("RGB")
+    return Image.open(io.BytesIO(photo_bytes(seed))).convert("RGB")
+
+
+def photo_bytes(seed: int) -> bytes:
+    return image_bytes(size=(90, 70), noise_seed=seed)
 
 
 def reference_features(originals, images, dims) -> torch.Tensor:
-    pixels = torch.stack([eval_transform(img, dims.image_size) for img in images])
+    """`encode_img` of the original, on pixels from the original eval transform written out (`plain_reference`)."""
+    data = [_encoded(img) for img in images]
+    pixels = torch.stack([reference_pixels(d, dims.image_size) for d in data])
     return encode_image_reference(originals["vit"], originals["qformer"], originals["proj"], pixels, dims)
+
+
+def _encoded(img: Image.Image) -> bytes:
+    """The photo as lossless PNG bytes (the reference decodes them itself)."""
+    out = io.BytesIO()
+    img.save(out, "PNG")
+    return out.getvalue()
 
 
 def reference_logits(llm, prompt: str, features: torch.Tensor) -> torch.Tensor:
@@ -95,7 +108,7 @@ def test_logits_match_reference(ours, originals, reference_llm, dims, turns):
     prompt = session.conversation.prompt()
     assert prompt.count(IMAGE_PLACEHOLDER) == len(images)
     expected = reference_logits(reference_llm, prompt, reference_features(originals, images, dims))
-    got = our_logits(ours, prompt, torch.stack(session.features))
+    got = our_logits(ours, prompt, torch.stack(session.photos))
     vocab = expected.shape[-1]
     assert got.shape[0] == expected.shape[0]
     assert got.shape[-1] == vocab + 1  # the image placeholder row
@@ -112,10 +125,10 @@ def test_stock_blip2_forward_gives_the_same_logits(ours, converted_dir, dims):
     session.ask("Could you describe the skin disease in this image for me?")
     prompt = session.conversation.prompt()
     ids = torch.tensor([prompt_ids(ours.tokenizer, prompt, ours.loaded.image_token_id)])
-    pixels = eval_transform(img, dims.image_size)[None]
+    pixels = reference_pixels(_encoded(img), dims.image_size)[None]
     with torch.no_grad():
         stock_logits = stock(pixel_values=pixels, input_ids=ids).logits[0]
-    assert (stock_logits - our_logits(ours, prompt, torch.stack(session.features))).abs().max().item() <= TOL
+    assert (stock_logits - our_logits(ours, prompt, torch.stack(session.photos))).abs().max().item() <= TOL
 
 
 def test_eps_of_ln_vision_matters(ours, originals, dims):

@@ -1,4 +1,4 @@
-"""Tests for skingpt4.images.load_image: every input is generated here, nothing is read from fixtures."""
+"""Tests for skingpt4.inputs.images.load_image: every input is generated here, nothing is read from fixtures."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from malformed import encode, png_chunk
 from PIL import Image, ImageCms, PngImagePlugin
 
-from skingpt4.images import ALLOWED_FORMATS, DEFAULT_LIMITS, ImageLimits, ImageRejected, load_image
+from skingpt4.inputs.images import ALLOWED_FORMATS, DEFAULT_LIMITS, ImageLimits, ImageRejected, load_image
 
 ALLOWED_TEXT = "allowed: JPEG, PNG, WebP, BMP, TIFF"
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)

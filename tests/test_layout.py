@@ -1,5 +1,6 @@
-"""The package's shape, as docs/README's layout section describes it: no import cycles, small modules, and imports
-that point down (the core at the bottom, `cli` on top; subpackages meet only in the core or in `data`)."""
+"""The package's shape, as the README's layout section describes it: no import cycles, short functions, a job per
+module, and imports that point down (the core at the bottom, `cli` on top; surfaces meet only in the core or in
+`data`, and reach the engine only through its written interface)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "skingpt4"
-SUBPACKAGES = {"cli", "data", "evaluate", "review", "serve", "train"}
-MAX_LINES = 400
+SURFACES = {"cli", "data", "evaluate", "review", "serve", "train"}  # the core: top-level modules and the rest
+MAX_FUNCTION_LINES = 60  # a function's own lines (functions defined inside it count for themselves)
+MAX_TOP_MODULES = 16
+ENGINE_INTERFACE = {"skingpt4.engine.protocol", "skingpt4.engine.settings", "skingpt4.engine.factory"}
 
 
 def module_name(path: Path) -> str:
@@ -59,7 +62,12 @@ def family(module: str) -> str:
     if module == "skingpt4.__main__":  # `python -m skingpt4`: the command line
         return "cli"
     parts = module.split(".")
-    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in SUBPACKAGES) else "core"
+    return parts[1] if len(parts) >= 2 and parts[1] in SURFACES else "core"
+
+
+def package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 else "top"
 
 
 def test_no_import_cycle():
@@ -70,13 +78,77 @@ def test_the_cycle_finder_finds_one():
     assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
-def test_no_module_over_400_lines():
-    long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+def own_lines(function: ast.AST) -> int:
+    """A function's lines without those of the functions and classes defined directly inside it."""
+    inner = [n for n in ast.iter_child_nodes(function) if not isinstance(n, (ast.arguments, ast.expr))]
+    nested, todo = 0, list(inner)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            nested += node.end_lineno - node.lineno + 1
+        else:
+            todo.extend(ast.iter_child_nodes(node))
+    return function.end_lineno - function.lineno + 1 - nested
+
+
+def test_functions_are_short():
+    long = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and own_lines(node) > MAX_FUNCTION_LINES:
+                long[f"{module_name(path)}.{node.name}"] = own_lines(node)
     assert long == {}
 
 
+def test_the_length_check_counts_a_functions_own_lines():
+    source = "def outer():\n    x = 1\n\n    def inner():\n        return 2\n\n    return inner\n"
+    assert own_lines(ast.parse(source).body[0]) == 5  # 7 lines, 2 of them inner's
+
+
+def test_every_module_says_its_job():
+    """A docstring on every module: what it is for, in its first line (one job per module)."""
+    silent = [module_name(p) for p in PACKAGE.rglob("*.py") if not ast.get_docstring(ast.parse(p.read_text()))]
+    assert silent == []
+
+
+def test_the_top_level_holds_few_modules_and_the_engine_is_one_folder():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= MAX_TOP_MODULES, top
+    engine = {p.stem for p in (PACKAGE / "engine").glob("*.py")}
+    assert {"protocol", "chat", "session", "scheduler", "sampler", "decoding", "sharing", "factory"} <= engine
+    defined = {
+        node.name: module_name(path)
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.parse(path.read_text(encoding="utf-8")).body
+        if isinstance(node, ast.ClassDef)
+    }
+    for name in ("Engine", "LanguageModel", "ChatEngine", "VllmEngine", "Scheduler", "Sampler", "ChatSession"):
+        assert defined[name].startswith("skingpt4.engine."), name
+
+
+def test_surfaces_reach_the_engine_only_through_its_interface():
+    """`serve`, `evaluate`, `review`, `train`, `data` and `cli` import from the engine only its protocol, its
+    settings and its factory: never our engine or vLLM's directly, nor a back end's engine parts."""
+    wrong = []
+    for module, targets in imports().items():
+        if family(module) == "core":
+            continue
+        wrong += [
+            f"{module} -> {t}" for t in targets if t.startswith("skingpt4.engine.") and t not in ENGINE_INTERFACE
+        ]
+    assert wrong == []
+
+
+def test_back_ends_do_not_import_the_engine():
+    """The back ends implement the engine's `LanguageModel` as written; the engine picks them, never the reverse."""
+    wrong = [
+        f"{m} -> {t}" for m, ts in imports().items() for t in ts if package(m) == "backends" and package(t) == "engine"
+    ]
+    assert wrong == []
+
+
 def test_imports_point_down():
-    """The core imports no subpackage; a subpackage imports the core, `data`, and itself; only `cli` imports all;
+    """The core imports no surface; a surface imports the core, `data`, and itself; only `cli` imports all;
     serving never imports training."""
     wrong = []
     for module, targets in imports().items():

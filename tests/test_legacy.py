@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from skingpt4.cli.legacy import main, model_folder, read_model_section
-from skingpt4.folder import home_dir
+from skingpt4.folder.meta import home_dir
 from skingpt4.serve import web_launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def test_original_assets_are_converted_once_then_reused(tmp_path, lavis_files, l
     monkeypatch.setattr(web_launch, "launch", lambda engine, config: served.append((engine, config)))
     assert main(["--cfg-path", str(cfg), "--gpu-id", "0"]) == 0
     engine, config = served[0]
-    assert engine.loaded.path == first and (config.host, config.port, config.auth) == ("127.0.0.1", 5905, None)
+    assert engine.info.path == first and (config.host, config.port, config.auth) == ("127.0.0.1", 5905, None)
 
 
 def test_clear_errors(tmp_path, capsys):

@@ -17,7 +17,7 @@ from conftest import within
 from malformed import CATEGORIES, Case, all_cases, data_url_cases, decode_data_url, has_metadata, image_cases
 from PIL import Image
 
-from skingpt4.images import DEFAULT_LIMITS, ImageRejected, load_image
+from skingpt4.inputs.images import DEFAULT_LIMITS, ImageRejected, load_image
 from skingpt4.serve.sandbox import Decoder
 
 HANG_GUARD_S = 60.0

@@ -10,10 +10,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Blip2ForConditionalGeneration
 
+from skingpt4.backends.transformers_llm import load_model
 from skingpt4.errors import ModelLoadError
-from skingpt4.folder import IMAGE_TOKEN, META_FILE, ModelMeta
-from skingpt4.model import load_model, resolve_dtype
-from skingpt4.tiny import tiny_model_dir
+from skingpt4.folder.load import resolve_dtype
+from skingpt4.folder.meta import IMAGE_TOKEN, META_FILE, ModelMeta
+from skingpt4.folder.tiny import tiny_model_dir
 
 
 def test_tiny_folder_is_a_plain_transformers_model(tiny_dir):
@@ -32,14 +33,14 @@ def test_load_model_restores_the_original_eps_and_freezes(loaded):
     assert loaded.model.vision_model.post_layernorm.eps == 1e-5
     assert loaded.model.vision_model.encoder.layers[0].layer_norm1.eps == 1e-6
     assert not loaded.model.training and not any(p.requires_grad for p in loaded.model.parameters())
-    assert loaded.warning.startswith("UNTRAINED") and loaded.model_id.startswith("model@")
+    assert loaded.info.warning.startswith("UNTRAINED") and loaded.info.model_id.startswith("model@")
 
 
 def test_tiny_is_built_once_and_cached():
     first = tiny_model_dir()
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     assert tiny_model_dir() == first and (first / "model.safetensors").stat().st_mtime_ns == stamp
-    assert load_model("tiny").meta.untrained
+    assert load_model("tiny").info.meta.untrained
 
 
 def test_meta_round_trip_and_plain_blip2_folder(tmp_path, tiny_dir):
@@ -70,7 +71,8 @@ def test_device_and_precision_errors(tiny_dir, kwargs, message):
 def test_half_precision_runs_on_cpu(tiny_dir, dtype):
     from conftest import image_bytes
 
-    from skingpt4.chat import ChatEngine, GenerationSettings
+    from skingpt4.engine.chat import ChatEngine
+    from skingpt4.engine.settings import GenerationSettings
 
     assert resolve_dtype(None, "cpu") == torch.float32 and resolve_dtype(None, "cuda") == torch.float16
     half = load_model(tiny_dir, dtype=dtype)
@@ -134,7 +136,7 @@ def test_a_folder_names_the_tokenizer_class_its_tokenizer_json_needs(tmp_path, t
     and swaps the class); SentencePiece-style ones keep `LlamaTokenizer`, and both read text back unchanged."""
     from transformers.models.auto.tokenization_auto import logger as auto_logger
 
-    from skingpt4.folder import save_tokenizer
+    from skingpt4.folder.meta import save_tokenizer
 
     byte_level = byte_level_tokenizer()
     saved = byte_level.save_pretrained

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from skingpt4.data.manifest import collect, read_manifest
 from skingpt4.data.prepare import prepare
+from skingpt4.engine.settings import GenerationSettings
 from skingpt4.evaluate.run import run_eval
-from skingpt4.generation import GenerationSettings
 from skingpt4.review.page import create_app as review_app
 from skingpt4.review.page import load_cases
 from skingpt4.review.store import ReviewStore
@@ -53,7 +53,7 @@ def unique(items: list[bytes]) -> list[bytes]:
 @QUICK
 @given(text=ANY_TEXT)
 def test_api_text_is_answered_or_refused_in_one_line(loaded, text):
-    from skingpt4.chat import ChatEngine
+    from skingpt4.engine.chat import ChatEngine
 
     with TestClient(api_app(ChatEngine(loaded), ServeConfig(warmup=False, max_tokens=2))) as client:
         body = json.dumps({"messages": [{"role": "user", "content": text}], "max_tokens": 2})  # surrogates escaped

@@ -1,4 +1,4 @@
-"""Tests for skingpt4.pixels: the LAVIS/torchvision eval and train transforms rebuilt on PIL + torch."""
+"""Tests for skingpt4.inputs.pixels: the LAVIS/torchvision eval and train transforms rebuilt on PIL + torch."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from skingpt4.pixels import (
+from skingpt4.inputs.pixels import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGE_SIZE,
@@ -231,7 +231,7 @@ def test_train_transform_uniform_colour_and_small_input():
 
 def test_model_folder_normalisation_reaches_the_transform(tmp_path):
     """skingpt4.json's image_mean/image_std are what the transforms use, not fixed CLIP values."""
-    from skingpt4.folder import META_FILE, ModelMeta
+    from skingpt4.folder.meta import META_FILE, ModelMeta
 
     (tmp_path / META_FILE).write_text('{"image_size": 8, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.5, 1]}')
     spec = ModelMeta.load(tmp_path).pixels

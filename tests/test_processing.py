@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sentencepiece as spm
 
-from skingpt4.conversation import Conversation, get_template
-from skingpt4.processing import common_prefix, image_keys, prompt_ids, truncate_left
-from skingpt4.tiny import build_tiny_tokenizer, train_tiny_sentencepiece
+from skingpt4.folder.tiny import build_tiny_tokenizer, train_tiny_sentencepiece
+from skingpt4.inputs.conversation import Conversation, get_template
+from skingpt4.inputs.prompt import common_prefix, image_keys, prompt_ids, truncate_left
 
 IMG = 999
 

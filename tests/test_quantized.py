@@ -1,4 +1,4 @@
-"""The quantized CPU path (`quantized.py`): the LLM on llama.cpp, fed the engine's own embeddings.
+"""The quantized CPU path (`backends/llamacpp.py`): the LLM on llama.cpp, fed the engine's own embeddings.
 
 Exactness is proven in float32: the same GGUF export in F32 run by llama.cpp must give transformers' logits (to
 float rounding) and the same greedy answers, alone, over turns that reuse the cache, and batched. int8/int4 then
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 
 import gguf  # the dev extra installs skingpt4[cpu] (pyproject.toml): these tests always run
 import numpy as np
@@ -18,32 +19,47 @@ import torch
 from conftest import endless, image_bytes
 from test_scheduler import asked, question, together
 
-from skingpt4.chat import ChatEngine
+from skingpt4.backends.llamacpp import load_quantized
 from skingpt4.cli.main import main
+from skingpt4.engine.chat import ChatEngine
+from skingpt4.engine.factory import EngineOptions
+from skingpt4.engine.settings import EngineSettings, GenerationSettings
 from skingpt4.errors import InputError, ModelLoadError
-from skingpt4.generation import GenerationSettings
-from skingpt4.model import LoadedModel, load_model
+from skingpt4.folder.load import LoadedModel
 
 
 @pytest.fixture(scope="module")
 def float32(tiny_dir) -> LoadedModel:
-    return load_model(tiny_dir, device="cpu", quantize="float32")
+    return load_quantized(tiny_dir, "float32")
 
 
 @pytest.fixture(scope="module")
 def int4(tiny_dir) -> LoadedModel:
-    return load_model(tiny_dir, device="cpu", quantize="int4")
+    return load_quantized(tiny_dir, "int4")
 
 
 def prompt_logits(engine: ChatEngine, n: int) -> torch.Tensor:
     session = asked(engine, n)
-    ids, features, _ = engine.prepare(session, GenerationSettings.greedy(max_new_tokens=8))
+    ids, photos, _ = engine.chat.prompt(session, GenerationSettings.greedy(max_new_tokens=8))
     with engine.lock, torch.no_grad():
-        return engine.prefill([(ids, features)], engine.new_cache())[1][0]
+        return engine.prefill([(ids, torch.stack(photos))], engine.llm.new_cache())[1][0]
+
+
+def small_store(tiny_dir, loaded, float32, cells: int = 256) -> ChatEngine:
+    """An engine on llama.cpp (float32) whose key/value store holds `cells` positions."""
+    from skingpt4.backends.gguf import gguf_file
+    from skingpt4.backends.llamacpp import LlamaCppLLM
+
+    config = loaded.model.config.text_config
+    small = LlamaCppLLM(gguf_file(tiny_dir, "float32", config), float32.model.get_input_embeddings(), 513, cells)
+    return ChatEngine(LoadedModel(float32.model, float32.tokenizer, float32.info, small))
 
 
 def test_llama_cpp_in_float32_computes_what_transformers_computes(loaded, float32):
-    reference, ours = ChatEngine(loaded, max_batch=1), ChatEngine(float32, max_batch=1)
+    reference, ours = (
+        ChatEngine(loaded, settings=EngineSettings(max_batch=1)),
+        ChatEngine(float32, settings=EngineSettings(max_batch=1)),
+    )
     for n in range(3):
         expected, got = prompt_logits(reference, n), prompt_logits(ours, n)
         assert got.shape == expected.shape == (loaded.model.config.text_config.vocab_size,)
@@ -60,13 +76,16 @@ def test_llama_cpp_in_float32_computes_what_transformers_computes(loaded, float3
 
 
 def test_quantized_answers_batched_equal_alone(loaded, float32):
-    alone, batched = ChatEngine(float32, max_batch=1), ChatEngine(float32, max_batch=4)
+    alone, batched = (
+        ChatEngine(float32, settings=EngineSettings(max_batch=1)),
+        ChatEngine(float32, settings=EngineSettings(max_batch=4)),
+    )
     for engine in (alone, batched):
         endless(engine)
     settings = GenerationSettings.greedy(max_new_tokens=16)
     sessions = [asked(batched, n) for n in range(4)]
     answers = together(batched, [lambda s=s: s.answer(settings) for s in sessions])
-    assert batched.scheduler.peak == 4
+    assert batched.status().peak == 4
     assert answers == [asked(alone, n).answer(settings) for n in range(4)]
     for n, s in enumerate(sessions):  # second turns: each row continues its own llama.cpp sequence
         s.ask(question(n + 1))
@@ -81,7 +100,7 @@ def test_quantized_answers_batched_equal_alone(loaded, float32):
 
 
 def test_gguf_holds_the_weights_in_llama_cpps_layout(tiny_dir, loaded, float32, int4):
-    from skingpt4.gguf_files import gguf_file
+    from skingpt4.backends.gguf import gguf_file
 
     config = loaded.model.config.text_config
     lm = loaded.model.language_model
@@ -104,13 +123,8 @@ def test_gguf_holds_the_weights_in_llama_cpps_layout(tiny_dir, loaded, float32, 
 
 
 def test_a_full_key_value_store_drops_the_idle_session_first(tiny_dir, loaded, float32):
-    from skingpt4.gguf_files import gguf_file
-    from skingpt4.quantized import LlamaCppLLM
-
-    config = loaded.model.config.text_config
-    small = LlamaCppLLM(gguf_file(tiny_dir, "float32", config), float32.model.get_input_embeddings(), 513, 256)
-    engine = ChatEngine(LoadedModel(float32.model, float32.tokenizer, float32.meta, "small", tiny_dir, small))
-    roomy = ChatEngine(float32, max_batch=1)
+    engine = small_store(tiny_dir, loaded, float32)
+    roomy = ChatEngine(float32, settings=EngineSettings(max_batch=1))
     for e in (engine, roomy):
         endless(e)
     settings = GenerationSettings.greedy(max_new_tokens=60)
@@ -129,7 +143,7 @@ def test_a_full_key_value_store_drops_the_idle_session_first(tiny_dir, loaded, f
     assert answer == expected.answer(settings)
     sessions = [asked(engine, n) for n in range(3)]  # 3 x 160 positions at once cannot fit: out of memory
     results = together(engine, [lambda s=s: s.answer(settings) for s in sessions])
-    assert all(isinstance(r, torch.OutOfMemoryError) for r in results) and engine.scheduler.limit == 1
+    assert all(isinstance(r, torch.OutOfMemoryError) for r in results) and engine.status().limit == 1
     assert all("rash" not in str(s.conversation.messages) for s in sessions)  # withdrawn, as on a GPU
     assert asked(engine, 0).answer(settings) == asked(roomy, 0).answer(settings)  # and it goes on serving
 
@@ -143,19 +157,19 @@ def test_beams_and_choice_scoring_need_the_unquantized_model(int4, tiny_dir, tmp
     with pytest.raises(InputError, match="beam search needs the unquantized model"):
         session.answer(GenerationSettings(num_beams=2, max_new_tokens=4))
     assert session.conversation.awaiting_answer  # the question is still there to answer another way
-    from skingpt4.evaluate.scoring import _sequence_logprobs
-
-    ids, features, _ = engine.prepare(session, GenerationSettings.greedy(max_new_tokens=4))
+    ids, photos, _ = engine.chat.prompt(session, GenerationSettings.greedy(max_new_tokens=4))
     with pytest.raises(InputError, match="run it without --quantize"):
-        _sequence_logprobs(engine, [(ids, features, [5, 6])])
+        engine.score([(ids, photos, [5, 6])])
 
 
 def test_quantize_refuses_a_gpu_and_names_the_missing_extra(tiny_dir, monkeypatch):
-    with pytest.raises(ModelLoadError, match="runs the LLM on the CPU"):
-        load_model(tiny_dir, device="cpu", quantize="int4", load_in_8bit=True)
+    with pytest.raises(InputError, match="runs the LLM on the CPU"):
+        EngineOptions(str(tiny_dir), quantize="int4", load_in_8bit=True).check()
+    with pytest.raises(InputError, match="runs the LLM on the CPU"):
+        EngineOptions(str(tiny_dir), quantize="int4", device="cuda").check()
     monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # as if not installed
     with pytest.raises(ModelLoadError, match=r"pip install 'skingpt4\[cpu\]'"):
-        load_model(tiny_dir, device="cpu", quantize="int4")
+        load_quantized(tiny_dir, "int4")
 
 
 def test_chat_and_diagnose_with_quantize_int4(tiny_dir, tmp_path, monkeypatch, capsys, int4):
@@ -163,7 +177,7 @@ def test_chat_and_diagnose_with_quantize_int4(tiny_dir, tmp_path, monkeypatch, c
     model = ["--model", str(tiny_dir), "--quantize", "int4", "--greedy", "--max-new-tokens", "6"]
     assert main(["chat", *model]) == 0
     out = capsys.readouterr().out
-    session = ChatEngine(int4, max_batch=1).session()
+    session = ChatEngine(int4, settings=EngineSettings(max_batch=1)).session()
     session.ask("What is this rash?")
     assert session.answer(GenerationSettings.greedy(max_new_tokens=6)).strip()[:8] in out  # the same answer
     (tmp_path / "in").mkdir()
@@ -189,3 +203,32 @@ def test_serve_with_quantize_answers_through_the_openai_client(int4):
         assert 1 <= first.usage.completion_tokens <= 8
     finally:
         server.stop()
+
+
+def test_a_newcomer_that_does_not_fit_fails_alone_and_the_running_answer_goes_on(tiny_dir, loaded, float32):
+    """A full store never drops a row that is decoding: the newcomer's prefill fails as out of memory (503 for it
+    alone) and the running answer ends as it would have alone."""
+    engine, roomy = small_store(tiny_dir, loaded, float32), ChatEngine(float32)
+    for e in (engine, roomy):
+        endless(e)
+    long = GenerationSettings.greedy(max_new_tokens=120)  # about 100 + 120 positions: fits the 256 alone
+    steps, reached, real_step = [], threading.Event(), engine.llm.step
+
+    def step(*args):
+        steps.append(1)
+        if len(steps) == 60:
+            reached.set()
+        return real_step(*args)
+
+    engine.llm.step = step
+    running, answers = asked(engine, 0), []
+    thread = threading.Thread(target=lambda: answers.append(running.answer(long)))
+    thread.start()
+    assert reached.wait(60)
+    newcomer = asked(engine, 1)  # about 100 more positions beside the running 160: they do not fit
+    with pytest.raises(torch.OutOfMemoryError):
+        newcomer.answer(GenerationSettings.greedy(max_new_tokens=8))
+    thread.join(120)
+    assert answers == [asked(roomy, 0).answer(long)]
+    assert "rash" not in str(newcomer.conversation.messages)  # withdrawn: a retry is clean
+    assert asked(engine, 1).answer(long) == asked(roomy, 1).answer(long)  # once the store has room, it is served

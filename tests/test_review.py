@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from PIL import ExifTags, Image
 
 from skingpt4.errors import InputError
-from skingpt4.images import load_image
+from skingpt4.inputs.images import load_image
 from skingpt4.review.page import create_app, exposure_warning, load_cases, serve_review
 from skingpt4.review.stats import fleiss_kappa, format_summary, summarise, summary, wilson
 from skingpt4.review.store import ANSWERS, COLUMNS, STATEMENT_KEYS, STATEMENTS, Rating, ReviewStore, clean_rater

@@ -22,7 +22,7 @@ import pytest
 from malformed import encode, noise, png_zero, quadrants
 from PIL import Image
 
-from skingpt4.images import ImageRejected, load_image
+from skingpt4.inputs.images import ImageRejected, load_image
 from skingpt4.serve.sandbox import Decoder, load_image_isolated
 
 posix_only = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
@@ -274,7 +274,7 @@ def test_load_image_turns_memory_error_into_rejection():
         import resource, sys
         sys.path.insert(0, "tests")
         from malformed import png_zero
-        from skingpt4.images import ImageRejected, load_image
+        from skingpt4.inputs.images import ImageRejected, load_image
         big = png_zero(6300, 6300)
         start = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
         resource.setrlimit(resource.RLIMIT_AS, (start + 300 * 2**20, resource.RLIM_INFINITY))

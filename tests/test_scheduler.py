@@ -1,4 +1,4 @@
-"""Continuous batching (`scheduler.py`) against the direct path, transformers' own `generate`, one at a time.
+"""Continuous batching (`engine/scheduler.py`): every answer equals the same request answered alone.
 
 Requests join a decoding batch at chosen token steps (a forward hook counts the steps and opens each request's
 gate), leave at different lengths, wait for a slot past `max_batch`, and come back for a second turn on their own
@@ -13,13 +13,13 @@ import time
 
 import pytest
 import torch
-from conftest import endless, image_bytes, within
+from conftest import decode_batches, endless, image_bytes, within
 
-from skingpt4.chat import ChatEngine
+from skingpt4.engine.chat import ChatEngine
+from skingpt4.engine.settings import EngineSettings, GenerationSettings
+from skingpt4.engine.sharing import FairLock
 from skingpt4.errors import Cancelled, InputError
-from skingpt4.generation import GenerationSettings
-from skingpt4.images import load_image
-from skingpt4.sharing import FairLock
+from skingpt4.inputs.images import load_image
 
 
 def asked(engine: ChatEngine, n: int):
@@ -75,7 +75,7 @@ def together(engine: ChatEngine, work: list) -> list:
         for t in threads:
             t.start()
         deadline = time.monotonic() + 60
-        while len(engine.scheduler.waiting) < len(work) and time.monotonic() < deadline:
+        while engine.status().waiting < len(work) and time.monotonic() < deadline:
             time.sleep(0.01)
     for t in threads:
         t.join(120)
@@ -84,15 +84,18 @@ def together(engine: ChatEngine, work: list) -> list:
 
 @pytest.fixture
 def engines(loaded):
-    """An engine that batches (4 at a time) and the direct path, both unable to end an answer early."""
-    batched, direct = ChatEngine(loaded, max_batch=4, cached_sessions=6), ChatEngine(loaded, max_batch=1)
+    """An engine that batches (4 at a time) and one that answers one at a time, both unable to end early."""
+    batched, alone = (
+        ChatEngine(loaded, settings=EngineSettings(max_batch=4, cached_sessions=6)),
+        ChatEngine(loaded, settings=EngineSettings(max_batch=1)),
+    )
     endless(batched)
-    endless(direct)
-    return batched, direct
+    endless(alone)
+    return batched, alone
 
 
 def test_requests_joining_at_token_steps_answer_as_if_alone(engines):
-    batched, direct = engines
+    batched, alone = engines
     steps = Steps(batched)
     lengths = [24, 40, 12, 30, 18, 36]
     joins = [0, 0, 3, 7, 12, 20]  # the decoding step each request waits for before it is asked
@@ -114,14 +117,14 @@ def test_requests_joining_at_token_steps_answer_as_if_alone(engines):
     for t in threads:
         t.join(120)
     steps.handle.remove()
-    alone = []
+    lone = []
     for n in range(6):
-        session = asked(direct, n)
-        alone.append(session.answer(GenerationSettings.greedy(max_new_tokens=lengths[n])))
+        session = asked(alone, n)
+        lone.append(session.answer(GenerationSettings.greedy(max_new_tokens=lengths[n])))
         assert session.completion_tokens == lengths[n] == sessions[n].completion_tokens
-    assert answers == alone
+    assert answers == lone
     # rows really joined mid-answer and left at their own lengths; never more than max_batch at once
-    assert max(steps.sizes) == 4 == batched.scheduler.peak and len(set(steps.sizes)) >= 3
+    assert max(steps.sizes) == 4 == batched.status().peak and len(set(steps.sizes)) >= 3
     assert len(steps.sizes) < sum(lengths)  # fewer steps than one request at a time would take
 
     # a second turn, all at once: each continues its own cache, and answers as it would alone
@@ -131,7 +134,7 @@ def test_requests_joining_at_token_steps_answer_as_if_alone(engines):
     assert all(s.reused_tokens > 0 for s in sessions)
     expected = []
     for n in range(6):
-        session = asked(direct, n)
+        session = asked(alone, n)
         session.answer(GenerationSettings.greedy(max_new_tokens=lengths[n]))
         session.ask("What treatment do you suggest?")
         expected.append(session.answer(GenerationSettings.greedy(max_new_tokens=16)))
@@ -140,7 +143,7 @@ def test_requests_joining_at_token_steps_answer_as_if_alone(engines):
 
 def test_sampling_with_a_seed_and_a_repetition_penalty_are_the_same_batched(engines):
     """A seeded request draws from its own generator: batched or alone, it draws the same tokens."""
-    batched, direct = engines
+    batched, alone = engines
     settings = [
         GenerationSettings(max_new_tokens=30, seed=1),
         GenerationSettings(max_new_tokens=30, seed=2, temperature=0.7, top_p=0.8),
@@ -149,16 +152,16 @@ def test_sampling_with_a_seed_and_a_repetition_penalty_are_the_same_batched(engi
     ]
     sessions = [asked(batched, n) for n in range(4)]
     together_ = together(batched, [lambda s=s, g=g: s.answer(g) for s, g in zip(sessions, settings)])
-    alone = [asked(direct, n).answer(g) for n, g in enumerate(settings)]
-    assert batched.scheduler.peak == 4
-    assert together_ == alone
-    assert len(set(alone)) == 4  # the settings (and seeds) made four different answers
+    lone = [asked(alone, n).answer(g) for n, g in enumerate(settings)]
+    assert batched.status().peak == 4
+    assert together_ == lone
+    assert len(set(lone)) == 4  # the settings (and seeds) made four different answers
 
 
 def test_one_cancelled_of_eight_leaves_at_the_next_step_and_seven_answer_as_alone(loaded, engines):
-    _, direct = engines
-    batched = ChatEngine(loaded, max_batch=8)
-    assert batched.cached_sessions == 8  # as many caches kept as are decoded together
+    _, alone = engines
+    batched = ChatEngine(loaded, settings=EngineSettings(max_batch=8))
+    assert batched.settings.cached_sessions == 8  # as many caches kept as are decoded together, by default
     endless(batched)
     steps = Steps(batched)
     cancel = threading.Event()
@@ -174,12 +177,12 @@ def test_one_cancelled_of_eight_leaves_at_the_next_step_and_seven_answer_as_alon
     assert steps.sizes == [8] * 10 + [7] * (39 - 10)
     assert steps.prefills == [8]  # eight new prompts of four lengths, prefilled in one left-padded batch
     others = [n for n in range(8) if n != 3]
-    assert [results[n] for n in others] == [asked(direct, n).answer(settings) for n in others]
+    assert [results[n] for n in others] == [asked(alone, n).answer(settings) for n in others]
 
 
 def test_out_of_memory_fails_that_batch_halves_the_next_and_serving_goes_on(engines, monkeypatch):
-    batched, direct = engines
-    real, failed = batched.step, []
+    batched, alone = engines
+    real, failed = batched.llm.step, []
 
     def step(tokens, *args):
         if tokens.shape[0] == 4 and not failed:
@@ -187,24 +190,24 @@ def test_out_of_memory_fails_that_batch_halves_the_next_and_serving_goes_on(engi
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(tokens, *args)
 
-    monkeypatch.setattr(batched, "step", step)
+    monkeypatch.setattr(batched.llm, "step", step)
     settings = GenerationSettings.greedy(max_new_tokens=12)
     sessions = [asked(batched, n) for n in range(4)]
     results = together(batched, [lambda s=s: s.answer(settings) for s in sessions])
     assert all(isinstance(r, torch.OutOfMemoryError) for r in results)
     assert all("rash" not in str(s.conversation.messages) for s in sessions)  # withdrawn: a retry is clean
-    assert batched.scheduler.limit == 2
+    assert batched.status().limit == 2
     steps = Steps(batched)
     for n, s in enumerate(sessions):
         s.ask(question(n))
     retried = together(batched, [lambda s=s: s.answer(settings) for s in sessions])
     steps.handle.remove()
     assert max(steps.sizes) == 2  # the next batches held half as many rows
-    assert retried == [asked(direct, n).answer(settings) for n in range(4)]
+    assert retried == [asked(alone, n).answer(settings) for n in range(4)]
 
 
 def test_out_of_memory_in_a_joint_prefill_also_halves_the_next_batch(engines, monkeypatch):
-    batched, direct = engines
+    batched, alone = engines
     real = batched.prefill
 
     def prefill(prompts, *args, **kwargs):
@@ -217,11 +220,11 @@ def test_out_of_memory_in_a_joint_prefill_also_halves_the_next_batch(engines, mo
     sessions = [asked(batched, n) for n in range(4)]
     results = together(batched, [lambda s=s: s.answer(settings) for s in sessions])
     assert all(isinstance(r, torch.OutOfMemoryError) for r in results)
-    assert batched.scheduler.limit == 2
+    assert batched.status().limit == 2
     for n, s in enumerate(sessions):
         s.ask(question(n))
     retried = together(batched, [lambda s=s: s.answer(settings) for s in sessions])
-    assert retried == [asked(direct, n).answer(settings) for n in range(4)]
+    assert retried == [asked(alone, n).answer(settings) for n in range(4)]
 
 
 def test_a_photo_is_encoded_between_token_steps_not_after_the_batch(engines):
@@ -264,10 +267,88 @@ def test_fair_lock_is_reentrant_and_knows_its_owner():
     assert order == [0, 1, 2, 3, 4]
 
 
-def test_max_batch_one_is_the_direct_path_and_zero_is_refused(loaded):
-    assert ChatEngine(loaded, max_batch=1).scheduler is None
-    with pytest.raises(InputError, match="max_batch must be at least 1"):
-        ChatEngine(loaded, max_batch=0)
+def test_max_batch_one_answers_one_at_a_time_and_zero_is_refused(loaded):
+    engine = ChatEngine(loaded, settings=EngineSettings(max_batch=1))
+    endless(engine)
+    sessions = [asked(engine, n) for n in range(2)]
+    settings = GenerationSettings.greedy(max_new_tokens=6)
+    with decode_batches(engine) as sizes:
+        answers = together(engine, [lambda s=s: s.answer(settings) for s in sessions])
+    assert sizes == [1] * 10  # each answer's first token comes from its prefill, then 5 steps of one row
+    assert answers == [asked(engine, n).answer(settings) for n in range(2)]
+    with pytest.raises(InputError, match="--max-batch must be at least 1"):
+        EngineSettings(max_batch=0)
+
+
+def test_a_request_cancelled_while_it_waits_for_a_row_leaves_the_queue_at_once(loaded):
+    """Behind a full batch, a request whose client went away does not keep its place until a row is free."""
+    engine = ChatEngine(loaded, settings=EngineSettings(max_batch=1))
+    endless(engine)
+    steps = Steps(engine)
+    running = threading.Thread(target=asked(engine, 0).answer, args=(GenerationSettings.greedy(max_new_tokens=1500),))
+    running.start()
+    steps.wait_for(5)
+    queued, cancel, outcome = asked(engine, 1), threading.Event(), []
+    waiter = threading.Thread(target=lambda: outcome.append(_raised(queued.answer, GREEDY_8, cancel)))
+    waiter.start()
+    deadline = time.monotonic() + 30
+    while engine.status().waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.status().waiting == 1
+    cancel.set()
+    waiter.join(10)
+    at_return = len(steps.sizes)
+    assert isinstance(outcome[0], Cancelled) and engine.status().waiting == 0
+    running.join(120)
+    steps.handle.remove()
+    assert at_return < 1000 < len(steps.sizes) == 1499  # it left while the running answer was still decoding
+    assert "case 1" not in str(queued.conversation.messages)  # the question was withdrawn
+
+
+def test_a_waiter_interrupted_by_ctrl_c_gives_up_its_turn():
+    """Ctrl+C on the main thread (which drives `diagnose` and `eval`) while it waits for the model: its place in
+    the lock's queue is given up, and whoever waits behind it, and everyone after, gets the lock."""
+    import signal
+
+    lock, held, release = FairLock(), threading.Event(), threading.Event()
+
+    def holder():
+        with lock:
+            held.set()
+            release.wait(10)
+
+    first = threading.Thread(target=holder)
+    first.start()
+    assert held.wait(5)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    behind = threading.Thread(target=lambda: (time.sleep(0.1), lock.acquire(), lock.release()))
+    behind.start()  # asks after the main thread: it waits behind the interrupted ticket
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lock.acquire()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    release.set()
+    first.join(5)
+    behind.join(5)
+    assert not behind.is_alive()  # it was served, not stuck behind a ticket nobody will use
+    within(5, lambda: (lock.acquire(), lock.release()))
+
+
+GREEDY_8 = GenerationSettings.greedy(max_new_tokens=8)
+
+
+def _raised(work, *args):
+    try:
+        return work(*args)
+    except BaseException as exc:  # returned, and asserted by the test
+        return exc
 
 
 def test_photos_waiting_together_are_encoded_in_one_batch_as_if_alone(loaded, monkeypatch):
@@ -289,7 +370,7 @@ def test_photos_waiting_together_are_encoded_in_one_batch_as_if_alone(loaded, mo
     failed = together_encoded(engine, [[p] for p in photos[:2]])
     hook.remove()
     assert all(isinstance(f, torch.OutOfMemoryError) for f in failed)  # each caller of the batch is told
-    assert torch.equal(engine.encode_images(photos[:1]), alone[0]) and engine._encode.queued == []
+    assert torch.equal(engine.encode_images(photos[:1]), alone[0]) and engine.status().encoding == 0
 
 
 def together_encoded(engine: ChatEngine, groups: list[list]) -> list:
@@ -307,7 +388,7 @@ def together_encoded(engine: ChatEngine, groups: list[list]) -> list:
         for t in threads:
             t.start()
         deadline = time.monotonic() + 30
-        while len(engine._encode.queued) < len(groups) and time.monotonic() < deadline:
+        while engine.status().encoding < len(groups) and time.monotonic() < deadline:
             time.sleep(0.01)
     for t in threads:
         t.join(60)

@@ -13,10 +13,10 @@ from PIL import Image
 from safetensors import safe_open
 
 from skingpt4.cli.main import main
-from skingpt4.conversation import Conversation, get_template
-from skingpt4.folder import IMAGE_TOKEN, ModelMeta
-from skingpt4.processing import one_slot_per_image, prompt_ids
-from skingpt4.serving_files import CHAT_TEMPLATE_FILE, write_serving_files
+from skingpt4.folder.meta import IMAGE_TOKEN, ModelMeta
+from skingpt4.folder.serving import CHAT_TEMPLATE_FILE, write_serving_files
+from skingpt4.inputs.conversation import Conversation, get_template
+from skingpt4.inputs.prompt import one_slot_per_image, prompt_ids
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ import pytest
 from conftest import within
 from malformed import all_cases, data_url_cases, has_metadata, image_cases
 
-from skingpt4.chat import ChatEngine
 from skingpt4.data.manifest import collect
-from skingpt4.generation import GenerationSettings
+from skingpt4.engine.chat import ChatEngine
+from skingpt4.engine.settings import GenerationSettings
 from skingpt4.serve.api import ServeConfig, create_app
 from skingpt4.serve.diagnose import diagnose, results_file
 from skingpt4.serve.records import RecordStore

@@ -15,16 +15,16 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from skingpt4.chat import ChatEngine
-from skingpt4.checkpoints import load_pth, state_dict
-from skingpt4.conversation import SYSTEM
-from skingpt4.convert import ConvertOptions, convert
+from skingpt4.backends.transformers_llm import load_model
+from skingpt4.engine.chat import ChatEngine
+from skingpt4.engine.settings import GenerationSettings
 from skingpt4.errors import InputError
-from skingpt4.generation import GenerationSettings
-from skingpt4.keymap import map_projection
-from skingpt4.model import load_model
-from skingpt4.pixels import PixelSpec
-from skingpt4.processing import prompt_ids
+from skingpt4.folder.checkpoints import load_pth, state_dict
+from skingpt4.folder.convert import ConvertOptions, convert
+from skingpt4.folder.keymap import map_projection
+from skingpt4.inputs.conversation import SYSTEM
+from skingpt4.inputs.pixels import PixelSpec
+from skingpt4.inputs.prompt import prompt_ids
 from skingpt4.train.data import Collate, TrainDataset, TrainOrder, load_prompts, read_records
 from skingpt4.train.loop import TrainConfig, load_config, lr_at, make_trainable, train
 
@@ -252,7 +252,7 @@ def test_projection_only_changes_only_the_projection(tiny_dir, manifest, tmp_pat
     for name in ("config.json", "tokenizer.json", "generation_config.json"):  # copied byte for byte
         assert (result.model_dir / name).read_bytes() == (tiny_dir / name).read_bytes()
     loaded = load_model(result.model_dir, device="cpu")
-    assert loaded.model_id.startswith(f"{result.output_dir.name}@")  # named by its run, not "model@..."
+    assert loaded.info.model_id.startswith(f"{result.output_dir.name}@")  # named by its run, not "model@..."
     weight = load_file(result.trainable)["language_projection.weight"]
     assert torch.equal(loaded.model.language_projection.weight, weight)
 

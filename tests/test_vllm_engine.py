@@ -25,14 +25,15 @@ import torch
 from conftest import image_bytes, within
 from test_api import Server, user
 
-from skingpt4.chat import ChatEngine
-from skingpt4.conversation import Conversation, get_template
+from skingpt4.engine.chat import ChatEngine
+from skingpt4.engine.sampler import vllm_options
+from skingpt4.engine.settings import GenerationSettings
+from skingpt4.engine.vllm import VllmEngine
 from skingpt4.errors import Cancelled, InputError
-from skingpt4.generation import GenerationSettings
-from skingpt4.processing import one_slot_per_image, prompt_ids
+from skingpt4.inputs.conversation import Conversation, get_template
+from skingpt4.inputs.prompt import one_slot_per_image, prompt_ids
 from skingpt4.serve.api import ServeConfig, create_app
 from skingpt4.serve.safety import DISCLAIMER, NEUTRAL
-from skingpt4.vllm_engine import VllmEngine, sampling_options
 
 SLOTS = 32
 
@@ -127,8 +128,7 @@ def test_folding_each_photo_to_one_id_is_what_the_plugin_unfolds(tiny_dir, loade
                 conversation.add_image()
             conversation.add_question(f"turn {turn}: is it spreading?")
             conversation.add_answer("It looks like eczema.")
-        conversation.drop_question()  # the last answer goes: the prompt ends open
-        conversation.messages.pop()
+        conversation.messages.pop()  # the last answer goes: the prompt ends open
         ids = prompt_ids(tokenizer, conversation.prompt(), image_id)
         folded = one_slot_per_image(ids, image_id)
         assert folded.count(image_id) == sum(layout) and len(folded) == len(ids) - 31 * sum(layout)
@@ -136,9 +136,9 @@ def test_folding_each_photo_to_one_id_is_what_the_plugin_unfolds(tiny_dir, loade
 
 
 def test_sampling_options_are_the_originals():
-    greedy = sampling_options(GenerationSettings.greedy(max_new_tokens=40), ["###", ""])
+    greedy = vllm_options(GenerationSettings.greedy(max_new_tokens=40), ["###", ""])
     assert greedy == {"max_tokens": 40, "stop": ["###"], "seed": None, "temperature": 0.0}
-    sampled = sampling_options(GenerationSettings(temperature=0.7, top_p=0.8, seed=3), ["###", "END"])
+    sampled = vllm_options(GenerationSettings(temperature=0.7, top_p=0.8, seed=3), ["###", "END"])
     assert sampled == {
         "max_tokens": 300,
         "stop": ["###", "END"],
@@ -274,7 +274,7 @@ def test_the_plugin_is_declared_for_vllm():
     from importlib.metadata import entry_points
 
     (plugin,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "skingpt4"]
-    assert plugin.value == "skingpt4.vllm_plugin:register" and callable(plugin.load())
+    assert plugin.value == "skingpt4.backends.vllm_plugin:register" and callable(plugin.load())
 
 
 def test_folders_name_the_plugins_class(tiny_dir):
@@ -287,7 +287,7 @@ def test_vllms_token_matcher_unfolds_each_image_in_place(loaded):
     pytest.importorskip("vllm")
     from vllm.multimodal.processing.processor import apply_token_matches
 
-    from skingpt4.vllm_model import image_slots
+    from skingpt4.backends.vllm_model import image_slots
 
     image_id = loaded.image_token_id
     conversation = Conversation(get_template("skingpt4"))
@@ -303,14 +303,15 @@ def test_vllms_token_matcher_unfolds_each_image_in_place(loaded):
 
 
 def test_engine_arguments_for_vllm(tiny_dir):
-    from skingpt4.cli.consult import engine_argument
-    from skingpt4.vllm_engine import VllmOptions
+    from skingpt4.cli.flags import engine_argument
+    from skingpt4.engine.factory import VllmOptions
 
     options = VllmOptions(tensor_parallel_size=2, pipeline_parallel_size=3, max_images=3, extra={"nnodes": 2})
-    args = options.engine_args(tiny_dir)
+    args = options.engine_args(tiny_dir, 6)
     assert args["hf_overrides"] == {"architectures": ["SkinGPT4ForConditionalGeneration"]}  # older folders too
     assert (args["tensor_parallel_size"], args["pipeline_parallel_size"]) == (2, 3)
     assert args["limit_mm_per_prompt"] == {"image": 3} and args["max_model_len"] == 2000
+    assert args["max_num_seqs"] == 6  # --max-batch: rows decoded together, in vLLM as in ours
     with pytest.raises(InputError, match="--vllm-arg tensor_parallel_size: set by skingpt4"):
         VllmOptions(extra={"tensor_parallel_size": 4})
     assert engine_argument("nnodes=2") == ("nnodes", 2)
@@ -340,8 +341,8 @@ def test_vllms_processor_for_the_plugins_class_gives_our_ids_pixels_and_slots(ti
     from vllm.multimodal.processing.context import TimingContext
     from vllm.plugins import load_general_plugins
 
-    from skingpt4.folder import ModelMeta
-    from skingpt4.processing import block_offsets
+    from skingpt4.folder.meta import ModelMeta
+    from skingpt4.inputs.prompt import block_offsets
 
     load_general_plugins()
     config = ModelConfig(model=str(tiny_dir), tokenizer=str(tiny_dir), max_model_len=2000)
@@ -383,7 +384,7 @@ def test_the_plugins_model_class_encodes_photos_as_ours_does(tiny_dir, loaded, m
     from vllm.distributed.parallel_state import ensure_model_parallel_initialized, init_distributed_environment
     from vllm.plugins import load_general_plugins
 
-    from skingpt4.vllm_model import SkinGPT4ForConditionalGeneration
+    from skingpt4.backends.vllm_model import SkinGPT4ForConditionalGeneration
 
     load_general_plugins()  # without the plugin, vLLM refuses the folder: "not supported for now"
 
@@ -410,7 +411,7 @@ def test_the_plugins_model_class_encodes_photos_as_ours_does(tiny_dir, loaded, m
     assert {name for name, _ in model.named_parameters()} <= names  # every tower parameter came from the folder
     rng = np.random.default_rng(0)
     photos = [Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)) for _ in range(2)]
-    pixels = torch.stack([loaded.meta.pixels.eval(photo) for photo in photos])
+    pixels = torch.stack([loaded.info.meta.pixels.eval(photo) for photo in photos])
     expected = ChatEngine(loaded).encode_images(photos)
     with torch.no_grad():
         ours_eps = float((model.embed_multimodal(pixel_values=pixels) - expected).abs().max())
@@ -422,3 +423,36 @@ def test_the_plugins_model_class_encodes_photos_as_ours_does(tiny_dir, loaded, m
     others = torch.ones(logits.shape[1], dtype=torch.bool)
     others[loaded.image_token_id] = False
     assert torch.isneginf(logits[:, loaded.image_token_id]).all() and torch.isfinite(logits[:, others]).all()
+
+
+class SlowToEnd(FakeVllm):
+    """A vLLM whose cancelled request takes a second to end (its clean-up awaits)."""
+
+    async def generate(self, prompt: dict, params, request_id: str):
+        try:
+            async for output in super().generate(prompt, params, request_id):
+                yield output
+        finally:
+            await asyncio.sleep(1.0)
+
+
+def test_a_request_slow_to_end_in_vllm_never_hides_the_answers_outcome(tiny_dir, loaded, monkeypatch, caplog):
+    """Past `STOP_WAIT_S` the wait for vLLM to end a cancelled request is logged, and the answer's own outcome
+    (here: cancelled) is what the caller gets, never the wait's timeout."""
+    import logging
+
+    import skingpt4.engine.vllm as vllm_module
+
+    monkeypatch.setattr(vllm_module, "STOP_WAIT_S", 0.2)
+    script = loaded.tokenizer("It is red. ", add_special_tokens=False).input_ids
+    engine = vllm_engine(tiny_dir, SlowToEnd(ChatEngine(loaded), script=script, endless=True))
+    try:
+        session, cancel = engine.session(), threading.Event()
+        session.ask("hi")
+        threading.Timer(0.2, cancel.set).start()
+        with caplog.at_level(logging.WARNING), pytest.raises(Cancelled):
+            within(10, session.answer, GenerationSettings.greedy(max_new_tokens=1500), cancel)
+        assert not session.conversation.awaiting_answer  # the question was withdrawn
+        assert any("had not ended after" in r.getMessage() for r in caplog.records)
+    finally:
+        engine.close()

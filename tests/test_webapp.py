@@ -23,16 +23,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import image_bytes
+from conftest import decode_batches, image_bytes
 from gradio_client import Client, handle_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import ExifTags, Image
 
-from skingpt4.chat import ChatEngine
-from skingpt4.conversation import CLINICAL_PROMPTS
+from skingpt4.engine.chat import ChatEngine
+from skingpt4.engine.settings import GenerationSettings
 from skingpt4.errors import InputError
-from skingpt4.generation import GenerationSettings
+from skingpt4.inputs.conversation import CLINICAL_PROMPTS
 from skingpt4.net import is_loopback
 from skingpt4.serve.consult import Consultation
 from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
@@ -197,7 +197,7 @@ def test_running_app_configuration(web):
     assert blocks.server_name == "127.0.0.1" and blocks.share is False and blocks.analytics_enabled is False
     assert blocks.max_file_size == 10 * 2**20 and blocks.show_error is False and blocks.delete_cache == (600, 3600)
     assert blocks._queue.max_size == 16
-    assert str(Path(web.app.engine.loaded.path).resolve()) in blocks.blocked_paths  # never served
+    assert str(Path(web.app.engine.info.path).resolve()) in blocks.blocked_paths  # never served
     model_events = [fn for fn in blocks.fns.values() if fn.concurrency_id == "model"]
     assert len(model_events) == 7 and all(
         fn.concurrency_limit == 8 for fn in model_events
@@ -253,7 +253,7 @@ def test_answers_end_with_the_disclaimer_and_show_as_text(web, tmp_path):
     assert user_texts(history) == ["What is this &lt;img src=x&gt;?"]  # shown as text, never as HTML
     summary = summary_of(download)
     assert "What is this &lt;img src=x&gt;?" in summary and "UNTRAINED" in summary and cached_files(web) == []
-    assert web.app.engine.loaded.model_id in summary and "<th>max new tokens</th><td>4</td>" in summary
+    assert web.app.engine.info.model_id in summary and "<th>max new tokens</th><td>4</td>" in summary
     for thumb in data_uri_images(summary):
         assert not has_metadata(thumb)
     history, *_ = c.predict(*GREEDY, api_name="/clinical_4")
@@ -344,10 +344,9 @@ def test_sixteen_sessions_do_not_cross(web, tmp_path):
         c.close()
         return history, summary, latencies
 
-    web.app.engine.scheduler.peak = 0
-    with ThreadPoolExecutor(sessions) as pool:
+    with ThreadPoolExecutor(sessions) as pool, decode_batches(web.app.engine) as sizes:
         results = list(pool.map(visit, range(sessions)))
-    assert web.app.engine.scheduler.peak >= 2  # turns were decoded in shared batches, which is what could mix them
+    assert max(sizes) >= 2  # turns were decoded in shared batches, which is what could mix them
     crossed = 0
     for i, (history, summary, _) in enumerate(results):
         assert user_texts(history) == [f"canary{i:02d}z turn {t}?" for t in range(turns)]
@@ -375,7 +374,7 @@ def test_browser_flow(web, tmp_path):
         try:
             page = browser.new_page()
             page.goto(web.url)
-            expect(page.locator("#untrained-banner")).to_contain_text(web.app.engine.loaded.warning)
+            expect(page.locator("#untrained-banner")).to_contain_text(web.app.engine.info.warning)
             expect(page.locator("#intended-use")).to_contain_text(INTENDED_USE)
             expect(page.get_by_text("Use via API")).to_have_count(0)  # the documented API is `skingpt4 serve`
             expect(page.locator("#download[aria-disabled=true]")).to_have_count(1)  # nothing to sum up yet
@@ -463,9 +462,9 @@ def test_two_tabs_answer_in_one_batch_and_stop_ends_only_its_own(web, tmp_path):
                     for page in pages:
                         page.locator("#question textarea").press("Enter")
                     deadline = time.monotonic() + 60
-                    while len(engine.scheduler.waiting) < 2 and time.monotonic() < deadline:
+                    while engine.status().waiting < 2 and time.monotonic() < deadline:
                         time.sleep(0.02)
-                    assert len(engine.scheduler.waiting) == 2, "both questions should wait for the model"
+                    assert engine.status().waiting == 2, "both questions should wait for the model"
                 deadline = time.monotonic() + 60
                 while sizes.count(2) < 20 and time.monotonic() < deadline:
                     time.sleep(0.02)

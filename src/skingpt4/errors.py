@@ -25,3 +25,8 @@ class InputError(SkinGPT4Error):
 
 class Cancelled(SkinGPT4Error):
     """Generation stopped on request (the client went away); the question was withdrawn."""
+
+
+# What the quantized back end cannot do, said where a flag is checked (before loading) and where it is refused.
+NO_BEAMS = "beam search needs the unquantized model; --quantize answers greedy or sampled"
+NEEDS_TRANSFORMERS = "reads the LLM's hidden states: run it without --quantize (open mode works)"

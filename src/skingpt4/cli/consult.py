@@ -12,13 +12,21 @@ from skingpt4.net import exposure_warning
 
 def add_commands(command) -> None:
     """`command(name, run)` makes a subparser (main.py's factory: help and example from `run`'s docstring)."""
-    chat = command("chat", cmd_chat)
+    chat_flags(command("chat", cmd_chat))
+    diagnose_flags(command("diagnose", cmd_diagnose))
+    demo_flags(command("demo", cmd_demo))
+    serve_flags(command("serve", cmd_serve))
+    records_flags(command("records", cmd_records))
+
+
+def chat_flags(chat) -> None:
     flags.model_flags(chat)
     flags.generation_flags(chat)
     chat.add_argument("--image", action="append", default=[], help="photo to start with (repeatable)")
     flags.record_flags(chat)
 
-    diag = command("diagnose", cmd_diagnose)
+
+def diagnose_flags(diag) -> None:
     flags.model_flags(diag)
     flags.generation_flags(diag)
     diag.add_argument("inputs", nargs="+", help="image files, folders, or manifests (.jsonl/.csv with 'image')")
@@ -29,18 +37,20 @@ def add_commands(command) -> None:
     diag.add_argument("--no-progress", action="store_true")
     flags.record_flags(diag)
 
-    demo = command("demo", cmd_demo)
+
+def demo_flags(demo) -> None:
     flags.model_flags(demo)
     flags.generation_flags(demo)
     demo.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument("--auth-file", help="file of user:password lines required to open the app (recommended)")
     demo.add_argument("--auth", help="user:password (visible in the process list: prefer --auth-file)")
-    demo.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the model")
+    flags.queue_flag(demo)
     flags.connection_flags(demo)
     flags.record_flags(demo)
 
-    serve = command("serve", cmd_serve)
+
+def serve_flags(serve) -> None:
     flags.model_flags(serve)
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
@@ -48,7 +58,7 @@ def add_commands(command) -> None:
     serve.add_argument("--max-body-mb", type=float, help="largest request body (default 20)")
     serve.add_argument("--max-image-mb", type=float, help="largest image (default 10)")
     serve.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask (default 1024)")
-    serve.add_argument("--queue-size", type=int, help="requests that may wait; more get 503 (default 8)")
+    flags.queue_flag(serve)
     serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off: SSRF)")
     serve.add_argument("--image-root", help="allow file:// image paths under this folder")
     serve.add_argument(
@@ -69,7 +79,8 @@ def add_commands(command) -> None:
     flags.connection_flags(serve)
     flags.record_flags(serve)
 
-    records = command("records", cmd_records)
+
+def records_flags(records) -> None:
     records.add_argument("action", choices=["list", "export", "delete"])
     records.add_argument("--records", help="records database (default: in the user's data folder)")
     records.add_argument("--id", action="append", default=[], help="consultation id (repeatable)")
@@ -84,7 +95,7 @@ def cmd_chat(args) -> int:
 
     skingpt4 chat --model ./skingpt4 --image lesion.jpg      (or --model tiny to try it offline)
     """
-    from skingpt4.images import load_image
+    from skingpt4.inputs.images import load_image
     from skingpt4.serve.terminal import run_chat
 
     settings = flags.settings(args)
@@ -110,7 +121,6 @@ def cmd_demo(args) -> int:
         host=args.host,
         port=args.port,
         auth=auth or None,
-        queue_size=args.queue_size,
         settings=flags.settings(args),
         **{k: getattr(args, k) for k in ("request_timeout_s", "max_connections") if getattr(args, k) is not None},
     )
@@ -136,7 +146,7 @@ def cmd_serve(args) -> int:
         key = Path(args.api_key_file).read_text().strip()
         if not key:
             raise InputError(f"{args.api_key_file} is empty")
-    names = ("max_body_mb", "max_image_mb", "max_tokens", "queue_size", "request_timeout_s", "max_connections")
+    names = ("max_body_mb", "max_image_mb", "max_tokens", "request_timeout_s", "max_connections")
     options = {name: getattr(args, name) for name in names}
     config = ServeConfig(
         host=args.host,
@@ -146,49 +156,17 @@ def cmd_serve(args) -> int:
         image_root=args.image_root,
         **{k: v for k, v in options.items() if v is not None},
     )
-    engine = vllm_engine(args, config) if args.engine == "vllm" else flags.engine(args)
+    engine = flags.engine(args, max_images=config.max_images)
     flags.announce(engine)
     if warning := exposure_warning(config.host, "" if config.api_key else "an API key", "use the model"):
         print(warning, file=sys.stderr)
     try:
         with flags.records_store(args, engine) as store:
-            print(f"serving {engine.loaded.model_id} on http://{config.host}:{config.port}/v1", file=sys.stderr)
+            print(f"serving {engine.info.model_id} on http://{config.host}:{config.port}/v1", file=sys.stderr)
             serve(engine, config, store)
     finally:
-        if args.engine == "vllm":
-            engine.close()
+        engine.close()
     return 0
-
-
-def vllm_engine(args, config):
-    """`serve --engine vllm`: vLLM's engine on the model folder; flags that only our engine has are refused."""
-    from skingpt4.vllm_engine import VllmOptions, open_vllm
-
-    ours = {"--device": args.device != "auto", "--device-map": args.device_map, "--load-in-8bit": args.load_in_8bit}
-    ours.update({"--load-in-4bit": args.load_in_4bit, "--quantize": args.quantize})
-    if given := [flag for flag, value in ours.items() if value]:
-        raise InputError(f"{', '.join(given)}: not with --engine vllm (vLLM places and loads the model itself)")
-    options = VllmOptions(
-        tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size,
-        dtype=args.dtype or "auto",
-        max_images=config.max_images,
-        extra=dict(engine_argument(text) for text in args.vllm_arg),
-    )
-    return open_vllm(args.model, options, args.max_batch, args.template)
-
-
-def engine_argument(text: str) -> tuple[str, object]:
-    """`KEY=VALUE` -> (key, value): JSON where the value is JSON (numbers, true, lists), else the text."""
-    import json
-
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise InputError(f"--vllm-arg {text!r}: expected KEY=VALUE")
-    try:
-        return key.strip().replace("-", "_"), json.loads(value)
-    except ValueError:
-        return key.strip().replace("-", "_"), value
 
 
 def cmd_records(args) -> int:
@@ -248,8 +226,8 @@ def cmd_diagnose(args) -> int:
 
     skingpt4 diagnose --model ./skingpt4 photos/ manifest.jsonl --out results.jsonl --greedy
     """
-    from skingpt4.conversation import CLINICAL_PROMPTS
     from skingpt4.data.manifest import collect
+    from skingpt4.inputs.conversation import CLINICAL_PROMPTS
     from skingpt4.serve.diagnose import diagnose, results_file
 
     if args.batch_size < 1:

@@ -9,8 +9,8 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
+from skingpt4.engine.settings import EngineSettings, GenerationSettings
 from skingpt4.errors import InputError
-from skingpt4.generation import MAX_BATCH, GenerationSettings
 
 GENERATION_FLAGS = ("max_new_tokens", "temperature", "top_p", "num_beams", "repetition_penalty", "seed")
 
@@ -28,11 +28,26 @@ def model_flags(parser: argparse.ArgumentParser) -> None:
         help="the LLM quantized on llama.cpp, on the CPU, no GPU needed (pip install 'skingpt4[cpu]')",
     )
     parser.add_argument("--template", help="prompt template: skingpt4 (default) or llama2")
+    defaults = EngineSettings()
     parser.add_argument(
         "--max-batch",
         type=int,
-        default=MAX_BATCH,
-        help=f"answers decoded together (continuous batching; default {MAX_BATCH}); 1 answers one at a time",
+        default=defaults.max_batch,
+        help=f"answers decoded together (continuous batching; default {defaults.max_batch}); 1: one at a time",
+    )
+    parser.add_argument(
+        "--cached-sessions",
+        type=int,
+        default=defaults.cached_sessions,
+        help=f"conversations whose key/value cache is kept between turns (default {defaults.cached_sessions})",
+    )
+
+
+def queue_flag(parser: argparse.ArgumentParser) -> None:
+    """For the commands that serve several people at once."""
+    default = EngineSettings().queue_size
+    parser.add_argument(
+        "--queue-size", type=int, default=default, help=f"requests that may wait; more are refused (default {default})"
     )
 
 
@@ -71,31 +86,63 @@ def settings(args):
     return GenerationSettings(do_sample=not args.greedy, **given)
 
 
-def engine(args):
-    """Load the model named by the model flags into a `ChatEngine`."""
-    from skingpt4.chat import ChatEngine
-    from skingpt4.model import load_model
+def engine_options(args, max_images: int | None = None):
+    """`EngineOptions` from the model flags (and, for `serve`, the engine flags; `max_images`: photos per prompt
+    the API admits, for which vLLM reserves encoder memory)."""
+    from skingpt4.engine.factory import EngineOptions, VllmOptions
 
-    check_model_flags(args)
-    loaded = load_model(
-        args.model, args.device, args.dtype, args.device_map, args.load_in_8bit, args.load_in_4bit, args.quantize
+    queue = getattr(args, "queue_size", EngineSettings.queue_size)
+    settings = EngineSettings(args.max_batch, args.cached_sessions, queue)
+    options = EngineOptions(
+        model=args.model,
+        engine=getattr(args, "engine", "skingpt4"),
+        device=args.device,
+        dtype=args.dtype,
+        device_map=args.device_map,
+        load_in_8bit=args.load_in_8bit,
+        load_in_4bit=args.load_in_4bit,
+        quantize=args.quantize,
+        template=args.template,
+        settings=settings,
     )
-    return ChatEngine(loaded, args.template, max_batch=args.max_batch)
+    if options.engine == "vllm":
+        options.vllm = VllmOptions(
+            tensor_parallel_size=args.tensor_parallel_size,
+            pipeline_parallel_size=args.pipeline_parallel_size,
+            dtype=args.dtype or "auto",
+            extra=dict(engine_argument(text) for text in args.vllm_arg),
+            **({"max_images": max_images} if max_images else {}),
+        )
+        options.dtype = None  # vLLM's own
+    return options
+
+
+def engine_argument(text: str) -> tuple[str, object]:
+    """`--vllm-arg KEY=VALUE` -> (key, value): JSON where the value is JSON (numbers, true, lists), else the text."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise InputError(f"--vllm-arg {text!r}: expected KEY=VALUE")
+    try:
+        return key.strip().replace("-", "_"), json.loads(value)
+    except ValueError:
+        return key.strip().replace("-", "_"), value
 
 
 def check_model_flags(args) -> None:
-    """What can be checked of the model flags without loading anything (no torch import): the folder, the template."""
-    from skingpt4.conversation import get_template
-    from skingpt4.folder import model_folder
+    """Every conflict among the model flags, and with the generation flags the command was given, before anything
+    loads (no torch import)."""
+    scoring = getattr(args, "mode", None) == "choice"
+    engine_options(args).check(beams=(getattr(args, "num_beams", None) or 1) > 1, scoring=scoring)
 
-    model_folder(args.model)
-    if args.max_batch < 1:
-        raise InputError("--max-batch must be at least 1")
-    if args.template:
-        try:
-            get_template(args.template)
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
+
+def engine(args, max_images: int | None = None):
+    """Open the engine the model flags name (`engine/factory.py`), after checking them."""
+    from skingpt4.engine.factory import open_engine
+
+    check_model_flags(args)
+    return open_engine(engine_options(args, max_images))
 
 
 def engine_loading(args) -> Future:
@@ -127,8 +174,8 @@ def announce(engine) -> None:
     from skingpt4.serve.safety import INTENDED_USE
 
     print(INTENDED_USE, file=sys.stderr)
-    if engine.loaded.warning:
-        print(f"WARNING: {engine.loaded.warning}", file=sys.stderr)
+    if engine.info.warning:
+        print(f"WARNING: {engine.info.warning}", file=sys.stderr)
 
 
 @contextmanager
@@ -144,9 +191,9 @@ def records_store(args, engine):
     from skingpt4.serve.consult import model_sha256
     from skingpt4.serve.records import RecordStore
 
-    if engine.loaded.path:
+    if engine.info.path:
         print("hashing the model's weight files for the records (once per start)...", file=sys.stderr)
-        model_sha256(str(engine.loaded.path))
+        model_sha256(str(engine.info.path))
     with RecordStore(args.records, keep_images=args.keep_images) as store:
         yield store
 

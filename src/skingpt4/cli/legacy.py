@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from skingpt4.errors import InputError, SkinGPT4Error, first_line
-from skingpt4.images import ImageRejected
+from skingpt4.inputs.images import ImageRejected
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,19 +38,19 @@ def main(argv: list[str] | None = None) -> int:
 def launch(cfg_path: Path, gpu_id: int, host: str = "127.0.0.1", port: int = 5905) -> int:
     import torch
 
-    from skingpt4.chat import ChatEngine
-    from skingpt4.model import load_model
+    from skingpt4.engine.factory import EngineOptions, open_engine
     from skingpt4.serve import web_launch
     from skingpt4.serve.safety import INTENDED_USE
 
     section = read_model_section(cfg_path)
     folder = model_folder(section)
     device = f"cuda:{gpu_id}" if torch.cuda.is_available() else "cpu"
-    loaded = load_model(folder, device=device, load_in_8bit=bool(section.get("low_resource")) and device != "cpu")
+    low_resource = bool(section.get("low_resource")) and device != "cpu"
+    engine = open_engine(EngineOptions(str(folder), device=device, load_in_8bit=low_resource))
     print(INTENDED_USE, file=sys.stderr)
-    if loaded.warning:
-        print(f"WARNING: {loaded.warning}", file=sys.stderr)
-    web_launch.launch(ChatEngine(loaded), web_launch.WebConfig(host=host, port=port))  # until Ctrl+C / SIGTERM
+    if engine.info.warning:
+        print(f"WARNING: {engine.info.warning}", file=sys.stderr)
+    web_launch.launch(engine, web_launch.WebConfig(host=host, port=port))  # until Ctrl+C / SIGTERM
     return 0
 
 
@@ -71,8 +71,8 @@ def read_model_section(cfg_path: Path) -> dict:
 
 def model_folder(section: dict) -> Path:
     """The converted folder the YAML names, converting the original assets into the cache if needed."""
-    from skingpt4.convert import ConvertOptions, convert
-    from skingpt4.folder import home_dir
+    from skingpt4.folder.convert import ConvertOptions, convert
+    from skingpt4.folder.meta import home_dir
 
     if section.get("converted"):
         return Path(section["converted"]).expanduser()

@@ -12,7 +12,7 @@ import sys
 
 from skingpt4.cli import consult, research, weights
 from skingpt4.errors import InputError, SkinGPT4Error
-from skingpt4.images import ImageRejected
+from skingpt4.inputs.images import ImageRejected
 from skingpt4.text import readable
 
 RESUMABLE = {"diagnose", "eval", "train"}  # their output records what is done; a rerun skips it

@@ -11,7 +11,17 @@ from skingpt4.errors import InputError
 
 def add_commands(command) -> None:
     """`command(name, run)` makes a subparser (main.py's factory: help and example from `run`'s docstring)."""
-    data = command("prepare-data", cmd_prepare_data)
+    prepare_data_flags(command("prepare-data", cmd_prepare_data))
+    tr = command("train", cmd_train)
+    tr.add_argument("--config", required=True, help="YAML of settings (configs/train/*.yaml are the recipe's)")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
+    tr.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
+    tr.add_argument("--no-progress", action="store_true")
+    eval_flags(command("eval", cmd_eval))
+    review_flags(command("review", cmd_review))
+
+
+def prepare_data_flags(data) -> None:
     data.add_argument("format", help="skincon, folder, dermnet, fitzpatrick17k, ddi, ham10000, pad-ufes-20, minigpt4")
     data.add_argument("source", help="the set's metadata CSV, or its folder (folder, dermnet, minigpt4)")
     data.add_argument("--out", required=True, help="manifest.jsonl to write, or a folder with --layout minigpt4")
@@ -47,13 +57,8 @@ def add_commands(command) -> None:
         "(default fitzpatrick_scale,fitzpatrick_centaur: the scale, else Centaur's estimate)",
     )
 
-    tr = command("train", cmd_train)
-    tr.add_argument("--config", required=True, help="YAML of settings (configs/train/*.yaml are the recipe's)")
-    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
-    tr.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
-    tr.add_argument("--no-progress", action="store_true")
 
-    ev = command("eval", cmd_eval)
+def eval_flags(ev) -> None:
     flags.model_flags(ev)
     ev.add_argument(
         "--data",
@@ -93,7 +98,8 @@ def add_commands(command) -> None:
     ev.add_argument("--top-p", type=float)
     ev.add_argument("--no-progress", action="store_true")
 
-    review = command("review", cmd_review)
+
+def review_flags(review) -> None:
     review.add_argument("transcripts", help="transcripts.jsonl from `skingpt4 eval --protocol clinical`, or `summary`")
     review.add_argument("--store", help="ratings database (default: ratings.sqlite beside the transcripts)")
     review.add_argument("--references", help="the clinician's own answers (.csv or .jsonl with case, answer)")
@@ -183,16 +189,13 @@ def cmd_eval(args) -> int:
     skingpt4 eval --model ./skingpt4 --data test.jsonl --out results/ --mode choice
       skingpt4 eval --model ./skingpt4 --data test.jsonl --out clinical/ --protocol clinical
     """
-    from skingpt4.conversation import DEFAULT_QUESTION
     from skingpt4.data.manifest import collect
     from skingpt4.evaluate.run import choose_split, run_eval
+    from skingpt4.inputs.conversation import DEFAULT_QUESTION
 
     if args.batch_size < 1 or args.repeats < 1:
         raise InputError("--batch-size and --repeats must be at least 1")
-    if args.quantize and args.mode == "choice":
-        from skingpt4.evaluate.scoring import NEEDS_TRANSFORMERS
-
-        raise InputError(f"--mode choice {NEEDS_TRANSFORMERS}")
+    flags.check_model_flags(args)  # every model-flag conflict (--quantize with --mode choice...) before any work
     labels = args.labels
     if labels and "," in labels:
         labels = [label.strip() for label in labels.split(",") if label.strip()]
@@ -229,7 +232,7 @@ def cmd_eval(args) -> int:
 
 def _eval_settings(args):
     """Greedy unless sampling is asked for (`--temperature`, `--top-p`, `--repeats`); None: run_eval's defaults."""
-    from skingpt4.generation import GenerationSettings
+    from skingpt4.engine.settings import GenerationSettings
 
     given = {n: getattr(args, n) for n in ("max_new_tokens", "temperature", "top_p") if getattr(args, n) is not None}
     if not given:

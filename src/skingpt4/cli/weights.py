@@ -36,7 +36,7 @@ def cmd_create_tiny(args) -> int:
 
     skingpt4 create-tiny-model ./tiny
     """
-    from skingpt4.tiny import create_tiny_model
+    from skingpt4.folder.tiny import create_tiny_model
 
     if bool(args.out) == bool(args.out_option):
         raise InputError("give the folder to create once: skingpt4 create-tiny-model ./tiny")
@@ -52,7 +52,7 @@ def cmd_convert(args) -> int:
         --llm ./Llama-2-13b-chat-hf --projection skingpt4_llama2_13bchat_base_pretrain_stage2.pth \
         --out ./skingpt4
     """
-    from skingpt4.convert import ConvertOptions, convert
+    from skingpt4.folder.convert import ConvertOptions, convert
 
     if args.upgrade:
         return _upgrade(args)
@@ -75,9 +75,9 @@ def cmd_convert(args) -> int:
 
 
 def _upgrade(args) -> int:
-    from skingpt4.folder import model_folder
-    from skingpt4.serving_files import write_serving_files
-    from skingpt4.tiny import tiny_model_dir
+    from skingpt4.folder.meta import model_folder
+    from skingpt4.folder.serving import write_serving_files
+    from skingpt4.folder.tiny import tiny_model_dir
 
     if any(getattr(args, name) for name in ("out", "llm", "projection", "vit", "qformer", "blip2")):
         raise InputError("--upgrade FOLDER takes no other source or output: it adds files to FOLDER in place")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from skingpt4.data.results import lines
 from skingpt4.errors import InputError
-from skingpt4.images import DEFAULT_LIMITS, ImageRejected, load_image, read_source, sha256_bytes
+from skingpt4.inputs.images import DEFAULT_LIMITS, ImageRejected, load_image, read_source, sha256_bytes
 from skingpt4.private_files import write_private
 from skingpt4.text import has_surrogate, readable, readable_values
 

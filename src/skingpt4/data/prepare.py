@@ -32,7 +32,7 @@ from pathlib import Path
 from skingpt4.data import adapters, captions, options
 from skingpt4.data.manifest import read_manifest, read_minigpt4, write_manifest, write_minigpt4
 from skingpt4.errors import InputError
-from skingpt4.images import DEFAULT_LIMITS, ImageRejected, load_image, read_source
+from skingpt4.inputs.images import DEFAULT_LIMITS, ImageRejected, load_image, read_source
 from skingpt4.text import readable
 
 SPLITS = ("train", "val", "test")

@@ -22,8 +22,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from skingpt4.engine.settings import setting_rows
 from skingpt4.evaluate import metrics as M
-from skingpt4.generation import setting_rows
 
 DPI = 100
 SKIN_TONE_SIZE = (7.0, 4.5)  # inches

@@ -30,21 +30,24 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from skingpt4.chat import ChatEngine
-from skingpt4.conversation import CLINICAL_PROMPTS, DEFAULT_QUESTION
 from skingpt4.data.manifest import Item, prefetched
 from skingpt4.data.results import RETRY, RecordFile
+from skingpt4.engine.settings import GenerationSettings
 from skingpt4.errors import InputError, first_line
 from skingpt4.evaluate import labels as L
 from skingpt4.evaluate import synonyms as S
 from skingpt4.evaluate.metrics import SKIN_GROUPS
 from skingpt4.evaluate.outputs import finish, write_transcripts
 from skingpt4.evaluate.scoring import ANSWER_FORMAT, score_labels
-from skingpt4.folder import TRAINING_IMAGES
-from skingpt4.generation import GenerationSettings
+from skingpt4.folder.meta import TRAINING_IMAGES
+from skingpt4.inputs.conversation import CLINICAL_PROMPTS, DEFAULT_QUESTION
+
+if TYPE_CHECKING:
+    from skingpt4.engine.protocol import Engine
 
 SKIN_GROUP_NAMES = tuple(SKIN_GROUPS)
 MODES = ("open", "choice")
@@ -142,7 +145,7 @@ def check_run(out: Path, config: dict) -> None:
 
 
 def run_eval(
-    engine: ChatEngine,
+    engine: Engine,
     items: list[Item],
     out_dir: str | Path,
     *,
@@ -178,8 +181,8 @@ def run_eval(
     prompts = list(CLINICAL_PROMPTS) if protocol == "clinical" else [question]
     out = Path(out_dir)
     config = {
-        "model": engine.loaded.model_id,
-        "untrained": engine.loaded.meta.untrained,
+        "model": engine.info.model_id,
+        "untrained": engine.info.meta.untrained,
         "mode": mode,
         "protocol": protocol,
         "labels": label_set,
@@ -203,9 +206,9 @@ def run_eval(
     return {**summary, "errors": errors, "split": split, "warnings": warnings, "metrics": metrics, "files": files}
 
 
-def seen_in_training(engine: ChatEngine, records: dict) -> list[str]:
+def seen_in_training(engine: Engine, records: dict) -> list[str]:
     """A warning when images scored are among the model's training images (its folder lists them by content)."""
-    listed = engine.loaded.path / TRAINING_IMAGES if engine.loaded.path else None
+    listed = engine.info.path / TRAINING_IMAGES if engine.info.path else None
     if listed is None or not listed.is_file():
         return []
     trained = set(listed.read_text().split())
@@ -243,7 +246,7 @@ def _settings(settings: GenerationSettings | None, seed: int, repeats: int) -> G
 
 @dataclasses.dataclass
 class Context:
-    engine: ChatEngine
+    engine: Engine
     labels: list[str]
     truth: dict[str, str | None]
     prompts: list[str]
@@ -320,7 +323,7 @@ def current(records: dict[tuple[str, int], dict], items: list[Item], truth: dict
 
 
 def _blank(ctx: Context, item: Item, repeat: int) -> dict:
-    manifest, loaded = item.manifest, ctx.engine.loaded
+    manifest, info = item.manifest, ctx.engine.info
     case = ctx.cases[item.key]
     return {
         "image": item.key,
@@ -337,8 +340,8 @@ def _blank(ctx: Context, item: Item, repeat: int) -> dict:
         "probs": None,
         "seconds": None,
         "error": None,
-        "model": loaded.model_id,
-        "untrained": loaded.meta.untrained,
+        "model": info.model_id,
+        "untrained": info.meta.untrained,
     }
 
 

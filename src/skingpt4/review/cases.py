@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from skingpt4.errors import InputError, first_line
-from skingpt4.images import DEFAULT_LIMITS, ImageRejected, load_image, png_bytes, read_source, sha256_bytes, thumbnail
+from skingpt4.inputs.images import (
+    DEFAULT_LIMITS,
+    ImageRejected,
+    load_image,
+    png_bytes,
+    read_source,
+    sha256_bytes,
+    thumbnail,
+)
 from skingpt4.text import readable, user_path
 
 DISPLAY_MAX_SIDE = 2048  # a 12 Mpx photo as PNG would be ~20 MB per page view; 2048 px keeps lesion detail

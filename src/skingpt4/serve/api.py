@@ -2,7 +2,7 @@
 
 `POST /v1/chat/completions` (plain or server-sent events), `GET /v1/models`, `GET /health`. Every request is
 bounded: body size (also chunked), image size before decoding, text length, `max_tokens`, and admission (as many
-requests generate as the engine decodes together, `--max-batch`; `queue_size` wait; the rest get 503 +
+requests generate as the engine decodes together, `--max-batch`; `--queue-size` wait; the rest get 503 +
 Retry-After). A request whose client goes away is cancelled within a token step. Logs carry ids, counts and
 timings, never patient text, file names or pixels.
 """
@@ -15,22 +15,26 @@ import logging
 import secrets
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from skingpt4.chat import ChatEngine
 from skingpt4.connections import MAX_CONNECTIONS, REQUEST_TIMEOUT_S, install
+from skingpt4.engine.settings import GenerationSettings
 from skingpt4.errors import Cancelled, InputError, SkinGPT4Error, first_line
-from skingpt4.generation import GenerationSettings
-from skingpt4.images import ImageRejected
+from skingpt4.inputs.images import ImageRejected
 from skingpt4.serve.api_schema import ChatRequest, ImageFetcher, check_sizes, load_turns, settings_for
 from skingpt4.serve.consult import Consultation, check_question
 from skingpt4.serve.limits import Admission, BodyLimit, error_body
 from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
+
+if TYPE_CHECKING:
+    from skingpt4.engine.protocol import Engine
 
 log = logging.getLogger("skingpt4.serve.api")
 MB = 2**20
@@ -49,7 +53,6 @@ class ServeConfig:
     max_images: int = 4
     max_text_chars: int = 16_000
     max_tokens: int = 1024
-    queue_size: int = 8
     retry_after_s: int = 5
     allow_remote_images: bool = False
     image_root: str | None = None
@@ -67,7 +70,6 @@ class ServeConfig:
                 f"--max-tokens must be 1..{context - 1} (the context holds {context} tokens, prompt included)",
             ),
             (self.max_body_mb > 0 and self.max_image_mb > 0, "--max-body-mb and --max-image-mb must be positive"),
-            (self.queue_size >= 0, "--queue-size must be 0 or more"),
             (self.request_timeout_s > 0 and self.max_connections > 0, "--request-timeout and --max-connections > 0"),
         ]
         for ok, message in checks:
@@ -81,10 +83,10 @@ class Health:
     def __init__(self):
         self.status, self.detail = "starting", "warming up"
 
-    def warm_up(self, engine: ChatEngine, decode) -> None:
+    def warm_up(self, engine: Engine, decode) -> None:
         from PIL import Image
 
-        from skingpt4.images import png_bytes
+        from skingpt4.inputs.images import png_bytes
 
         try:
             consultation = Consultation(engine, "api", decode=decode)
@@ -96,11 +98,11 @@ class Health:
             log.error("warm-up failed: %s", type(exc).__name__)
 
 
-def create_app(engine: ChatEngine, config: ServeConfig | None = None, store=None, decode=None) -> FastAPI:
+def create_app(engine: Engine, config: ServeConfig | None = None, store=None, decode=None) -> FastAPI:
     config = config or ServeConfig()
-    health, admission = Health(), Admission(config.queue_size, engine.max_batch)
+    health, admission = Health(), Admission(engine.settings.queue_size, engine.settings.max_batch)
     fetch = ImageFetcher(int(config.max_image_mb * MB), config.image_root, config.allow_remote_images)
-    model_id = engine.loaded.model_id
+    model_id = engine.info.model_id
 
     async def lifespan(app):
         task = asyncio.create_task(asyncio.to_thread(health.warm_up, engine, decode)) if config.warmup else None
@@ -314,8 +316,22 @@ def describe(exc: BaseException) -> tuple[int, str, str]:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return 503, "out of memory on this request; retry with fewer tokens or images", "server_busy"
-    log.error("generation failed: %s", type(exc).__name__)  # the type only: messages may quote patient text
-    return 500, "internal error while generating", "server_error"
+    incident = uuid.uuid4().hex[:12]
+    log.error("generation failed (error %s): %s\n%s", incident, type(exc).__name__, stack(exc))
+    return 500, f"internal error while generating (error {incident} in the server's log)", "server_error"
+
+
+def stack(exc: BaseException) -> str:
+    """Where an exception was raised: its traceback's frames (file, line, function, source line), and those of
+    the exceptions it came from, without any message (messages may quote patient text)."""
+    frames, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        frames.append("".join(traceback.format_list(traceback.extract_tb(exc.__traceback__))).rstrip())
+        exc = exc.__cause__ or exc.__context__
+        if exc is not None:
+            frames.append(f"  from {type(exc).__name__}:")
+    return "\n".join(frames)
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -323,7 +339,7 @@ def error_response(exc: BaseException) -> JSONResponse:
     return failure(status, message, kind, {"Retry-After": "5"} if status == 503 else None)
 
 
-def serve(engine: ChatEngine, config: ServeConfig, store=None) -> None:
+def serve(engine: Engine, config: ServeConfig, store=None) -> None:
     """Run the server until SIGTERM/Ctrl-C; in-flight requests get `shutdown_timeout_s` to finish."""
     import signal
 

@@ -15,9 +15,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from skingpt4.conversation import DEFAULT_QUESTION
+from skingpt4.engine.settings import GenerationSettings
 from skingpt4.errors import InputError
-from skingpt4.generation import GenerationSettings
+from skingpt4.inputs.conversation import DEFAULT_QUESTION
 from skingpt4.text import check_text
 
 

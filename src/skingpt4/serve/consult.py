@@ -17,13 +17,16 @@ import uuid
 from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from skingpt4.chat import ChatEngine
-from skingpt4.conversation import neutralise
+from skingpt4.engine.settings import GenerationSettings, setting_rows
 from skingpt4.errors import InputError
-from skingpt4.generation import GenerationSettings, setting_rows
-from skingpt4.images import DEFAULT_LIMITS, png_bytes, png_data_uri, read_source, sha256_bytes, thumbnail
+from skingpt4.inputs.conversation import neutralise
+from skingpt4.inputs.images import DEFAULT_LIMITS, png_bytes, png_data_uri, read_source, sha256_bytes, thumbnail
 from skingpt4.serve.safety import INTENDED_USE, LEVELS, Guard, without_rails
+
+if TYPE_CHECKING:
+    from skingpt4.engine.protocol import Engine
 
 log = logging.getLogger(__name__)
 MAX_QUESTION_CHARS = 4000  # far above any real question; bounds prompt-building work for hostile input
@@ -33,9 +36,9 @@ class Consultation:
     """A chat session plus the turns as shown, the images' hashes and thumbnails, and record keeping."""
 
     def __init__(
-        self, engine: ChatEngine, surface: str, store=None, decode=None, max_images: int = 8, settle: bool = False
+        self, engine: Engine, surface: str, store=None, decode=None, max_images: int = 8, settle: bool = False
     ):
-        """`settle`: after each answer, prepare the cache for the next turn in the background (`ChatEngine.settle`),
+        """`settle`: after each answer, prepare the cache for the next turn in the background (`Engine.settle`),
         for surfaces where a person reads and types between turns; not the stateless API."""
         self.engine, self.surface, self.store, self.max_images, self.settle = (
             engine,
@@ -84,7 +87,7 @@ class Consultation:
                     yield guard.feed(piece)  # often "" while a sentence is held back: a chance to cancel, per token
         except GeneratorExit:
             if not self.session.conversation.awaiting_answer:  # it finished, but was never shown: withdraw it
-                self.session.conversation.drop_question()
+                self.session.withdraw()
             raise
         tail, verdict = guard.finish()
         self.turns.append({"role": "user", "text": asked})
@@ -135,7 +138,7 @@ class Consultation:
         return {
             "id": self.id,
             "surface": self.surface,
-            "model_id": self.engine.loaded.model_id,
+            "model_id": self.engine.info.model_id,
             "images": [{"sha256": image["sha256"]} for image in self.images],
             "turns": self.turns,
             "settings": asdict(self.settings) if self.settings else {},
@@ -144,14 +147,14 @@ class Consultation:
     def _save(self) -> None:
         if self.store is None:
             return
-        path = self.engine.loaded.path
+        path = self.engine.info.path
         images = [{"sha256": image["sha256"], "png": image["png"]} for image in self.images]
         weights = model_sha256(str(path)) if path else ""
         self.store.save({**self.transcript(), "images": images, "model_sha256": weights})
 
     def summary_html(self) -> str:
         """A self-contained HTML page: thumbnails, questions and answers, referral notice, model and settings."""
-        loaded, esc = self.engine.loaded, html.escape
+        info, esc = self.engine.info, html.escape
         parts = [
             "<!doctype html><meta charset='utf-8'><title>Consultation summary</title>",
             "<style>body{font:15px/1.5 sans-serif;max-width:48em;margin:2em auto}img{margin:4px;border:1px solid #ccc}"
@@ -159,8 +162,8 @@ class Consultation:
             "<h1>Consultation summary</h1>",
             f"<p><b>{esc(INTENDED_USE)}</b></p>",
         ]
-        if loaded.warning:
-            parts.append(f"<p class='referral'>{esc(loaded.warning)}</p>")
+        if info.warning:
+            parts.append(f"<p class='referral'>{esc(info.warning)}</p>")
         if self.level != "none":
             parts.append(f"<p class='referral'>Referral: {esc(REFERRAL_NOTICE[self.level])}</p>")
         parts.append("<h2>Photos</h2><p>")
@@ -174,7 +177,7 @@ class Consultation:
         settings = setting_rows(asdict(self.settings)) if self.settings else []
         rows = "".join(f"<tr><th>{esc(name)}</th><td>{esc(value)}</td></tr>" for name, value in settings)
         parts.append(
-            f"<h2>Model and settings</h2><p>Model: {esc(loaded.model_id)}<br>"
+            f"<h2>Model and settings</h2><p>Model: {esc(info.model_id)}<br>"
             f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}</p><table>{rows}</table>"
         )
         return "\n".join(parts) + "\n"
@@ -198,7 +201,7 @@ def check_question(question: str) -> None:
 @functools.cache
 def model_sha256(path: str) -> str:
     """Computed once per process (reads every weight byte): surfaces that keep records call it at start-up."""
-    from skingpt4.checkpoints import weights_sha256
+    from skingpt4.folder.checkpoints import weights_sha256
 
     return weights_sha256(Path(path))
 

@@ -15,14 +15,18 @@ import functools
 import json
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from skingpt4.chat import ChatEngine, GenerationSettings
-from skingpt4.conversation import DEFAULT_QUESTION
 from skingpt4.data.manifest import Item, prefetched
 from skingpt4.data.results import RETRY, RecordFile
+from skingpt4.engine.settings import GenerationSettings
 from skingpt4.errors import first_line
-from skingpt4.images import png_bytes
+from skingpt4.inputs.conversation import DEFAULT_QUESTION
+from skingpt4.inputs.images import png_bytes
 from skingpt4.serve.safety import DISCLAIMER, LEVELS, review
+
+if TYPE_CHECKING:
+    from skingpt4.engine.protocol import Engine
 
 CSV_FIELDS = [
     "image",
@@ -60,7 +64,7 @@ class Summary:
 
 
 def diagnose(
-    engine: ChatEngine,
+    engine: Engine,
     items: list[Item],
     out: RecordFile,
     prompts: list[str] | None = None,
@@ -75,7 +79,7 @@ def diagnose(
     prompts = prompts or [DEFAULT_QUESTION]
     settings = settings or GenerationSettings()
     todo = [item for item in items if item.key not in out.done]
-    summary = Summary(skipped=len(items) - len(todo), stale=_stale(out, items, engine.loaded.model_id, prompts))
+    summary = Summary(skipped=len(items) - len(todo), stale=_stale(out, items, engine.info.model_id, prompts))
     batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
     blank = functools.partial(_blank_record, engine, prompts=prompts, settings=settings)
     with tqdm(total=len(todo), disable=not progress, unit="image") as bar:
@@ -101,7 +105,7 @@ def _stale(out: RecordFile, items: list[Item], model_id: str, prompts: list[str]
     return stale
 
 
-def run_batch(engine: ChatEngine, loaded, prompts: list[str], settings, store=None) -> list[dict]:
+def run_batch(engine: Engine, loaded, prompts: list[str], settings, store=None) -> list[dict]:
     """Encode and answer one batch, as `load_images` gave it; a bad image or a failed generation is an error
     record. "seconds" is the answering time per image (the batch was decoded while the one before was answered)."""
     started = time.perf_counter()
@@ -120,7 +124,7 @@ def run_batch(engine: ChatEngine, loaded, prompts: list[str], settings, store=No
     return records
 
 
-def _answer(engine: ChatEngine, records: list[dict], images: list, prompts: list[str], settings) -> None:
+def _answer(engine: Engine, records: list[dict], images: list, prompts: list[str], settings) -> None:
     """One conversation per image; each answer passes the safety rails before it is recorded."""
     features = engine.encode_images(images)
     sessions = [engine.session() for _ in records]
@@ -138,11 +142,11 @@ def _answer(engine: ChatEngine, records: list[dict], images: list, prompts: list
         record["answer"] = record["answers"][0]
 
 
-def _keep(engine: ChatEngine, store, done: list[tuple[dict, object]], settings) -> None:
+def _keep(engine: Engine, store, done: list[tuple[dict, object]], settings) -> None:
     """Each diagnosed image as a consultation record: hashes, turns and settings, never the file name."""
     from skingpt4.serve.consult import model_sha256
 
-    path = engine.loaded.path
+    path = engine.info.path
     for record, image in done:
         turns = []
         for prompt, answer in zip(record["prompts"], record["answers"]):
@@ -150,7 +154,7 @@ def _keep(engine: ChatEngine, store, done: list[tuple[dict, object]], settings) 
         store.save(
             {
                 "surface": "diagnose",
-                "model_id": engine.loaded.model_id,
+                "model_id": engine.info.model_id,
                 "model_sha256": model_sha256(str(path)) if path else "",
                 "images": [{"sha256": record["image_sha256"], "png": png_bytes(image) if store.keep_images else None}],
                 "turns": turns,
@@ -159,12 +163,12 @@ def _keep(engine: ChatEngine, store, done: list[tuple[dict, object]], settings) 
         )
 
 
-def _blank_record(engine: ChatEngine, item: Item, prompts: list[str], settings) -> dict:
+def _blank_record(engine: Engine, item: Item, prompts: list[str], settings) -> dict:
     return {
         "image": item.key,
         "image_sha256": None,
-        "model": engine.loaded.model_id,
-        "untrained": engine.loaded.meta.untrained,
+        "model": engine.info.model_id,
+        "untrained": engine.info.meta.untrained,
         "prompts": list(prompts),
         "answers": [],
         "answer": None,

@@ -1,7 +1,7 @@
 """Decode untrusted images in a child process (docs/reliability.md §0 item 1, §1.1).
 
 Pillow's decoders are the attack surface, and Gradio pins ``pillow<13``, so decoding happens in a persistent
-child process that runs :func:`skingpt4.images.load_image` under limits:
+child process that runs :func:`skingpt4.inputs.images.load_image` under limits:
 
 * a wall-clock timeout per image (``conn.poll``); on expiry the child is killed and a fresh one started next call;
 * ``RLIMIT_AS``: the child's address space may grow by at most ``memory_mb`` beyond its start-up size (the size
@@ -11,7 +11,7 @@ child process that runs :func:`skingpt4.images.load_image` under limits:
 
 The child is a plain ``python -c`` subprocess talking over a socket pair (not ``multiprocessing``: its ``spawn``
 re-imports the parent's main script, so any script without an ``if __name__ == "__main__":`` guard would break,
-and ``fork`` is unsafe in a process with torch threads). It needs only :mod:`skingpt4.images` (NumPy and Pillow,
+and ``fork`` is unsafe in a process with torch threads). It needs only :mod:`skingpt4.inputs.images` (NumPy and Pillow,
 not torch). Where there are no socket pairs to hand down (Windows), images are decoded in this process instead,
 with the same limits but without the child's isolation.
 
@@ -38,8 +38,8 @@ from multiprocessing.connection import Connection
 
 from PIL import Image
 
-from skingpt4 import images
-from skingpt4.images import DEFAULT_LIMITS, ImageLimits, ImageRejected
+from skingpt4.inputs import images
+from skingpt4.inputs.images import DEFAULT_LIMITS, ImageLimits, ImageRejected
 
 __all__ = ["Decoder", "load_image_isolated"]
 
@@ -225,7 +225,8 @@ _shared_lock = threading.Lock()
 
 
 def load_image_isolated(data: bytes) -> Image.Image:
-    """:func:`skingpt4.images.load_image` with the default limits, in a shared child process started on first use."""
+    """:func:`skingpt4.inputs.images.load_image` with the default limits, in a shared child process started on first
+    use."""
     global _shared
     if not hasattr(socket, "AF_UNIX"):  # Windows: no socket pair to hand down; same limits, in this process
         return images.load_image(data)

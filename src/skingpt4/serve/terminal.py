@@ -12,20 +12,20 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from skingpt4.engine.settings import GenerationSettings
 from skingpt4.errors import SkinGPT4Error, first_line
-from skingpt4.generation import GenerationSettings
-from skingpt4.images import ImageRejected, load_image
+from skingpt4.inputs.images import ImageRejected, load_image
 from skingpt4.serve.safety import INTENDED_USE
 
 if TYPE_CHECKING:
-    from skingpt4.chat import ChatEngine
+    from skingpt4.engine.protocol import Engine
     from skingpt4.serve.consult import Consultation
 
 HELP = "commands: /image PATH  add a photo | /reset  new consultation | /save FILE  save transcript | /quit"
 
 
 def run_chat(
-    engine: ChatEngine | Future,
+    engine: Engine | Future,
     settings: GenerationSettings,
     images: list[str] = (),
     stdin: TextIO | None = None,
@@ -83,8 +83,8 @@ class _Session:
             from skingpt4.serve.consult import Consultation
 
             engine = self.engine.result() if isinstance(self.engine, Future) else self.engine
-            if engine.loaded.warning:
-                self.say(f"WARNING: {engine.loaded.warning}")
+            if engine.info.warning:
+                self.say(f"WARNING: {engine.info.warning}")
             self.consultation = Consultation(engine, "chat", store=self.store, decode=load_image, settle=True)
         return self.consultation
 

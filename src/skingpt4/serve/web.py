@@ -31,19 +31,22 @@ import threading
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
-from skingpt4.chat import ChatEngine
 from skingpt4.connections import MAX_CONNECTIONS, REQUEST_TIMEOUT_S
-from skingpt4.conversation import CLINICAL_PROMPTS
+from skingpt4.engine.settings import GenerationSettings
 from skingpt4.errors import Cancelled, InputError, SkinGPT4Error, first_line
-from skingpt4.generation import GenerationSettings
-from skingpt4.images import ImageRejected, png_data_uri
+from skingpt4.inputs.conversation import CLINICAL_PROMPTS
+from skingpt4.inputs.images import ImageRejected, png_data_uri
 from skingpt4.serve.consult import Consultation
 from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
 from skingpt4.serve.uploads import Sweeper, Uploads, private_cache
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before Gradio is imported: it reads this at several points
 import gradio as gr  # noqa: E402
+
+if TYPE_CHECKING:
+    from skingpt4.engine.protocol import Engine
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,6 @@ class WebConfig:
     port: int = 7860
     auth: list[tuple[str, str]] | None = None  # user/password pairs (`--auth`, `--auth-file`)
     max_file_size: str = "10mb"  # per upload; Gradio answers 413 above it, before anything is decoded
-    queue_size: int = 16  # requests that may wait for the model; more are refused ("queue is full")
     max_question_chars: int = 2000
     max_images: int = 4  # photos per consultation (e.g. clinical and dermoscopic views)
     max_sessions: int = 64  # browser sessions whose state is kept; the least recently used is dropped beyond
@@ -103,7 +105,7 @@ def _drop_visit(visit) -> None:  # gr.State's delete_callback: the tab closed, o
 class WebApp:
     """Event handlers over one engine; `blocks` is the Gradio app. Nothing per user lives on this object."""
 
-    def __init__(self, engine: ChatEngine, config: WebConfig, store=None):
+    def __init__(self, engine: Engine, config: WebConfig, store=None):
         self.engine, self.config, self.store = engine, config, store
         self.cache = private_cache(config.temp_parent)
         self.uploads = Uploads(self.cache, config.upload_ttl)
@@ -276,7 +278,7 @@ class WebApp:
 
     def _header(self) -> None:
         gr.Markdown("# SkinGPT-4: research demo")
-        if warning := self.engine.loaded.warning:
+        if warning := self.engine.info.warning:
             style = "background:#fee;border:2px solid #c00;padding:8px;font-weight:bold"
             gr.HTML(f"<div id='untrained-banner' style='{style}'>{html.escape(warning)}</div>")
         gr.HTML(f"<div id='intended-use' style='font-weight:bold'>{html.escape(INTENDED_USE)}</div>")
@@ -329,7 +331,9 @@ class WebApp:
         # The events that run the model: as many at once as the engine decodes together (`--max-batch`); Stop
         # cancels only its own visit's answer. Events stay callable (the tests drive them), but none is listed on
         # an API page: the documented API is `skingpt4 serve`.
-        model = dict(concurrency_id="model", concurrency_limit=self.engine.max_batch, api_visibility="undocumented")
+        model = dict(
+            concurrency_id="model", concurrency_limit=self.engine.settings.max_batch, api_visibility="undocumented"
+        )
         cheap = dict(concurrency_limit=None, api_visibility="undocumented")
         knobs = [ui.beams, ui.temperature, ui.greedy, ui.state]
         shown = [ui.chat, ui.question, ui.download, ui.status, ui.state]

@@ -17,12 +17,15 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from skingpt4 import net
-from skingpt4.chat import ChatEngine
 from skingpt4.connections import install
 from skingpt4.errors import InputError, first_line
 from skingpt4.serve.web import WebApp, WebConfig
+
+if TYPE_CHECKING:
+    from skingpt4.engine.protocol import Engine
 
 __all__ = ["WebConfig", "build_app", "launch", "parse_auth", "read_auth_file"]
 
@@ -73,7 +76,7 @@ def login_check(pairs: list[tuple[str, str]], delay: float):
 # -- serving -----------------------------------------------------------------------------------------------------
 
 
-def build_app(engine: ChatEngine, config: WebConfig | None = None, store=None) -> WebApp:
+def build_app(engine: Engine, config: WebConfig | None = None, store=None) -> WebApp:
     """The app, not yet serving. `store` (a `records.RecordStore`) keeps each consultation when given."""
     return WebApp(engine, config or WebConfig(), store)
 
@@ -107,9 +110,9 @@ def exposure_warning(config: WebConfig) -> str | None:
     return net.exposure_warning(config.host, missing, "use the model and see what this app shows")
 
 
-def private_paths(engine: ChatEngine, store=None) -> list[str]:
+def private_paths(engine: Engine, store=None) -> list[str]:
     """The model folder and the record store: never to be served, whatever a bug hands Gradio."""
-    paths = [str(Path(engine.loaded.path).resolve())] if getattr(engine.loaded, "path", None) else []
+    paths = [str(Path(engine.info.path).resolve())] if engine.info.path else []
     if getattr(store, "path", None):
         database = str(Path(store.path).resolve())
         paths += [database, f"{database}-wal", f"{database}-shm"]  # SQLite's journal files hold records too
@@ -134,7 +137,7 @@ class Running:
             os.environ["GRADIO_TEMP_DIR"] = self.previous_temp_dir
 
 
-def launch(engine: ChatEngine, config: WebConfig | None = None, store=None, block: bool = True) -> Running:
+def launch(engine: Engine, config: WebConfig | None = None, store=None, block: bool = True) -> Running:
     """Serve the app. With `block`, until Ctrl+C or SIGTERM, then everything is cleaned up; else returns at once.
 
     SIGTERM is taken as a stop from the start: one that arrives while the server is still starting (a service manager
@@ -157,7 +160,7 @@ def launch(engine: ChatEngine, config: WebConfig | None = None, store=None, bloc
     return running
 
 
-def _start(engine: ChatEngine, config: WebConfig, store, previous: str | None) -> Running:
+def _start(engine: Engine, config: WebConfig, store, previous: str | None) -> Running:
     running = Running(build_app(engine, config, store), "", previous)
     try:
         running.url = _serve(running.app, private_paths(engine, store))
@@ -169,7 +172,8 @@ def _start(engine: ChatEngine, config: WebConfig, store, previous: str | None) -
 
 def _serve(app: WebApp, blocked: list[str]) -> str:
     config = app.config
-    app.blocks.queue(max_size=config.queue_size, default_concurrency_limit=app.engine.max_batch)
+    settings = app.engine.settings  # requests past its queue are refused ("queue is full")
+    app.blocks.queue(max_size=settings.queue_size, default_concurrency_limit=settings.max_batch)
     if warning := exposure_warning(config):
         print(warning, file=sys.stderr)
     os.environ["GRADIO_TEMP_DIR"] = str(app.cache)  # the server reads it when launched (build_app set it too)

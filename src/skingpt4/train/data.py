@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skingpt4.conversation import IMAGE_PLACEHOLDER
 from skingpt4.data.manifest import read_manifest, read_minigpt4
 from skingpt4.errors import InputError
-from skingpt4.images import ImageRejected, load_image
-from skingpt4.processing import prompt_ids
+from skingpt4.inputs.conversation import IMAGE_PLACEHOLDER
+from skingpt4.inputs.images import ImageRejected, load_image
+from skingpt4.inputs.prompt import prompt_ids
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skingpt4.checkpoints import sha256_file
+from skingpt4.backends.transformers_llm import load_model
 from skingpt4.data.prepare import excluded_hashes
 from skingpt4.errors import InputError
-from skingpt4.model import load_model
+from skingpt4.folder.checkpoints import sha256_file
 from skingpt4.train.config import TrainConfig, load_config
 from skingpt4.train.data import Collate, TrainDataset, TrainOrder, load_prompts, read_records, val_batches
 from skingpt4.train.state import (
@@ -229,7 +229,7 @@ def prepare(cfg: TrainConfig, resume: bool) -> Run:
     make_trainable(net, cfg)
     if cfg.init_from:
         load_trainable(net, Path(cfg.init_from), "init_from")
-    common = (loaded.tokenizer, loaded.image_token_id, cfg.end_sym, cfg.max_txt_len, loaded.meta.pixels, cfg.seed)
+    common = (loaded.tokenizer, loaded.image_token_id, cfg.end_sym, cfg.max_txt_len, loaded.info.meta.pixels, cfg.seed)
     train_set = TrainDataset(records, prompts, *common, train=True)
     val_set = TrainDataset(val_records, prompts, *common, train=False) if val_records else None
     optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.init_lr, betas=(0.9, cfg.beta2))
@@ -249,7 +249,7 @@ def prepare(cfg: TrainConfig, resume: bool) -> Run:
         val_set,
         len(prompts),
         tracker,
-        loaded.path,
+        loaded.info.path,
         image_hashes,
     )
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skingpt4.checkpoints import sha256_file
 from skingpt4.errors import InputError, first_line
-from skingpt4.folder import TRAINING_IMAGES, ModelMeta
-from skingpt4.keymap import map_projection
+from skingpt4.folder.checkpoints import sha256_file
+from skingpt4.folder.keymap import map_projection
+from skingpt4.folder.meta import TRAINING_IMAGES, ModelMeta
 
 CHECKPOINTS = "checkpoints"
 PROJECTION = ("language_projection.weight", "language_projection.bias")
@@ -35,7 +35,7 @@ def trainable_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A run's folder (its trainable.safetensors), a checkpoint folder, or a SkinGPT-4 `.pth` (llama_proj.*)."""
-    from skingpt4.checkpoints import load_pth, state_dict
+    from skingpt4.folder.checkpoints import load_pth, state_dict
 
     if path.is_dir():
         path = path / "trainable.safetensors"

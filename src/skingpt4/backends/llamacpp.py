@@ -5,13 +5,16 @@ Q4_0 kernels decode 4.9x and 7.1x faster than PyTorch in float32, while PyTorch'
 (torchao) were slower than float32 there. Only the transformer layers move: the vision tower, the Q-Former, the
 projection and the token embeddings stay in PyTorch, and the engine hands llama.cpp input *embeddings* (the
 tokens' rows with each image's 32 features in its slots, `ChatEngine.embed`), the way llama.cpp runs LLaVA. The
-prompt ids, the image slots, token choice and stop handling are the engine's one code path (`llm.py`).
+prompt ids, the image slots, token choice and stop handling are the engine's one code path; this is a
+`LanguageModel` (`engine/protocol.py`).
 
-- `gguf_files.py` writes the folder's Llama as GGUF, once (int8 is Q8_0, int4 Q4_0).
+- `gguf.py` writes the folder's Llama as GGUF, once (int8 is Q8_0, int4 Q4_0).
 - `LlamaCppLLM` runs prefill and token steps on a llama.cpp context: each cache row is one llama.cpp sequence in
-  one shared key/value store of `KV_CELLS` positions. When it is full, the least recently used idle session's
-  sequence is dropped (that session recomputes its prefix next turn); when the batch alone does not fit, the step
-  fails as out of memory does on a GPU (503, and the scheduler halves its batch).
+  one shared key/value store of `KV_CELLS` positions. When it is full, the least recently used *parked* sequence
+  (one a session keeps between turns, `park`) is dropped, and that session recomputes its prefix next turn. A
+  sequence in use (a row of the running batch, or one being prefilled) is never dropped: when the store cannot
+  hold a newcomer's prompt, that prefill alone fails as out of memory does on a GPU (503 for that request), and
+  when the running batch itself does not fit, its step does (503 for its requests; the scheduler halves its batch).
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skingpt4.errors import ModelLoadError, first_line
-from skingpt4.gguf_files import check_kind, gguf_file
-from skingpt4.llm import padding_mask
+from skingpt4.backends.gguf import check_kind, gguf_file
+from skingpt4.backends.padding import padding_mask
+from skingpt4.errors import NEEDS_TRANSFORMERS, NO_BEAMS, InputError, ModelLoadError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +52,12 @@ def require_llama_cpp():
 
 
 class Sequence:
-    """One row of llama.cpp's key/value store: its sequence id and how many positions it holds. When nothing
-    refers to it any more, its id is freed (at the next call into llama.cpp, which holds the engine's lock)."""
+    """One row of llama.cpp's key/value store: its sequence id, how many positions it holds, and whether it is
+    parked (kept by a session between turns: it may be dropped). When nothing refers to it any more, its id is
+    freed (at the next call into llama.cpp, which holds the engine's lock)."""
 
     def __init__(self, llm: LlamaCppLLM, seq_id: int):
-        self.llm, self.id, self.length = llm, seq_id, 0
+        self.llm, self.id, self.length, self.parked = llm, seq_id, 0, False
 
     def __del__(self):
         if self.id is not None:
@@ -77,7 +81,7 @@ class Rows:
 
 
 class LlamaCppLLM:
-    """`llm.py`'s operations on a llama.cpp context (one shared key/value store of `kv_cells` positions)."""
+    """The engine's `LanguageModel` on a llama.cpp context (one shared key/value store of `kv_cells` positions)."""
 
     def __init__(self, path: Path, embed_tokens: torch.nn.Module, vocab: int, kv_cells: int = KV_CELLS):
         lc = self.lc = require_llama_cpp()
@@ -106,7 +110,7 @@ class LlamaCppLLM:
         self.freed: list[int] = []  # ids of sequences dropped by their owners, not yet cleared
         self.live: OrderedDict[int, weakref.ref] = OrderedDict()  # least recently used first
 
-    # -- llm.py's interface
+    # -- the LanguageModel interface (engine/protocol.py)
 
     def new_cache(self) -> Rows:
         return Rows()
@@ -137,6 +141,18 @@ class LlamaCppLLM:
     def row(cache: Rows, row: int, start: int) -> Rows:
         return Rows([cache.rows[row]])
 
+    @staticmethod
+    def park(cache: Rows) -> None:
+        """A session keeps this cache between turns: under pressure its sequence may be dropped (`_evict`)."""
+        for seq in cache.rows:
+            seq.parked = True
+
+    def beam_search(self, *args, **kwargs):
+        raise InputError(NO_BEAMS)
+
+    def logits_at(self, *args, **kwargs):
+        raise InputError(f"choice scoring {NEEDS_TRANSFORMERS}")
+
     # -- sequences
 
     def truncate(self, seq: Sequence, length: int) -> None:
@@ -147,7 +163,7 @@ class LlamaCppLLM:
 
     def _sequence(self) -> Sequence:
         self._clear_freed()
-        if not self.free_ids and not self._evict(set()):
+        if not self.free_ids and not self._evict():
             raise torch.OutOfMemoryError(f"llama.cpp: all {MAX_SEQUENCES} sequences are in use")
         seq = Sequence(self, self.free_ids.pop())
         self.live[seq.id] = weakref.ref(seq)
@@ -163,12 +179,12 @@ class LlamaCppLLM:
         del self.live[seq_id]
         self.free_ids.append(seq_id)
 
-    def _evict(self, busy: set[int]) -> bool:
-        """Drop the least recently used sequence not in `busy`; its session recomputes its prefix next turn.
-        A sequence whose owner is gone is left to `_clear_freed` (its id is queued there, or about to be)."""
+    def _evict(self) -> bool:
+        """Drop the least recently used parked sequence; its session recomputes its prefix next turn. A sequence
+        in use is never dropped; one whose owner is gone is left to `_clear_freed` (its id is queued there)."""
         self._clear_freed()
         for seq_id, ref in self.live.items():
-            if seq_id not in busy and (seq := ref()) is not None:
+            if (seq := ref()) is not None and seq.parked:
                 self._release(seq_id)
                 seq.id, seq.length = None, 0
                 return True
@@ -180,11 +196,11 @@ class LlamaCppLLM:
         """Each row's embeddings (T_i, H) appended to its sequence, whole rows in llama.cpp batches of at most
         `kv_cells` positions; returns the logits after each row's last position (B, V)."""
         self._clear_freed()
-        busy = {seq.id for seq, _ in work}
-        if None in busy:
-            raise RuntimeError("a sequence was evicted while in use")
-        for seq_id in busy:
-            self.live.move_to_end(seq_id)
+        for seq, _ in work:
+            if seq.id is None:
+                raise RuntimeError("a sequence was evicted while in use")
+            seq.parked = False
+            self.live.move_to_end(seq.id)
         logits = torch.empty(len(work), self.vocab)
         chunks, size = [[]], 0
         for n, (seq, e) in enumerate(work):
@@ -196,10 +212,10 @@ class LlamaCppLLM:
             chunks[-1].append((n, seq, e.detach().to(torch.float32).cpu().numpy()))
             size += len(e)
         for chunk in chunks:
-            self._decode(chunk, logits, busy)
+            self._decode(chunk, logits)
         return logits
 
-    def _decode(self, chunk, logits: torch.Tensor, busy: set[int]) -> None:
+    def _decode(self, chunk, logits: torch.Tensor) -> None:
         lc, total = self.lc, sum(len(e) for _, _, e in chunk)
         batch = lc.llama_batch_init(total, self.width, 1)
         try:
@@ -218,7 +234,7 @@ class LlamaCppLLM:
                 outputs.append((n, at - 1))
             batch.n_tokens = total
             while (status := lc.llama_decode(self.ctx, batch)) == 1:  # no room in the key/value store
-                if not self._evict(busy):
+                if not self._evict():
                     raise torch.OutOfMemoryError(f"llama.cpp's key/value store ({self.kv_cells} positions) is full")
             if status != 0:
                 raise RuntimeError(f"llama.cpp could not decode (status {status})")
@@ -256,14 +272,18 @@ _LOG = _log_callback()  # kept alive here: llama.cpp calls it for as long as the
 # -- loading ----------------------------------------------------------------------------------------------------
 
 
-def load_quantized(path: Path, kind: str, dtype: torch.dtype):
-    """The folder's vision tower, Q-Former, projection and token embeddings in PyTorch (`dtype`), and its LLM on
-    llama.cpp in `kind`: returns (the network with a layerless language model, the `LlamaCppLLM`)."""
+def load_quantized(model: str | Path, kind: str, dtype: str | None = None):
+    """A model folder (or `tiny`) with its vision tower, Q-Former, projection and token embeddings in PyTorch on the
+    CPU (`dtype`, float32 by default) and its LLM on llama.cpp in `kind` (int8, int4; float32 for tests): a
+    `LoadedModel` whose `llm` is a `LlamaCppLLM`."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
+    from skingpt4.folder.load import ready, resolve_dtype, resolve_model_path
+
     require_llama_cpp()  # before the GGUF export, which needs the `gguf` package too
     check_kind(kind)
+    path = resolve_model_path(model)
     config = Blip2Config.from_pretrained(path)
     layers = config.text_config.num_hidden_layers
     gguf = gguf_file(path, kind, config.text_config)
@@ -271,12 +291,11 @@ def load_quantized(path: Path, kind: str, dtype: torch.dtype):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the skipped layer weights are expected
     try:
-        net = Blip2ForConditionalGeneration.from_pretrained(path, config=config, dtype=dtype)
+        net = Blip2ForConditionalGeneration.from_pretrained(path, config=config, dtype=resolve_dtype(dtype, "cpu"))
     except Exception as exc:
         raise ModelLoadError(f"cannot load the model in {path}: {first_line(exc, 300)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     net.language_model.lm_head.to("meta")  # llama.cpp has the head; only its shape is read here
     net.config.text_config.num_hidden_layers = layers
-    llm = LlamaCppLLM(gguf, net.get_input_embeddings(), net.config.text_config.vocab_size)
-    return net, llm
+    return ready(path, net, LlamaCppLLM(gguf, net.get_input_embeddings(), net.config.text_config.vocab_size))

@@ -130,7 +130,7 @@ def _folder_weights(folder: Path):
 def gguf_path(folder: Path, kind: str) -> Path:
     """Where the folder's LLM in `kind` is kept: the name holds a fingerprint of the folder's config and weight
     files (names, sizes, times), so a changed folder gets a new file."""
-    from skingpt4.folder import home_dir
+    from skingpt4.folder.meta import home_dir
 
     digest = hashlib.sha256((folder / "config.json").read_bytes())
     for f in sorted(folder.glob("*.safetensors")):

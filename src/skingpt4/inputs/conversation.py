@@ -177,7 +177,7 @@ class Conversation:
     template: Template
     messages: list[tuple[int, str | None]] = field(default_factory=list)
     special_tokens: tuple[str, ...] = ()
-    _before_question: list | None = field(default=None, repr=False)
+    _before_turn: list | None = field(default=None, repr=False)  # the messages before the last question
 
     @property
     def num_images(self) -> int:
@@ -185,11 +185,12 @@ class Conversation:
 
     def add_image(self) -> None:
         self.messages.append((0, IMAGE_MESSAGE))
+        self._before_turn = None  # a photo after an answer begins the next turn: the last one stands
 
     def add_question(self, text: str) -> str:
         """Append user text (neutralised); merge it into a preceding image message, as the original does."""
         clean = neutralise(text, self.template, self.special_tokens)
-        self._before_question = list(self.messages)
+        self._before_turn = list(self.messages)
         if self.messages and self.messages[-1][0] == 0 and self.messages[-1][1].endswith("</Img>"):
             self.messages[-1] = (0, f"{self.messages[-1][1]} {clean}")
         else:
@@ -214,14 +215,14 @@ class Conversation:
     def add_answer(self, text: str) -> str:
         """Store an answer as it was shown."""
         self.messages.append((1, text))
-        self._before_question = None  # answered: nothing is left to undo
         return text
 
-    def drop_question(self) -> None:
-        """Undo the last `add_question` (used when its answer failed); after an answer there is nothing to undo."""
-        if self._before_question is not None:
-            self.messages = self._before_question
-            self._before_question = None
+    def withdraw(self) -> None:
+        """Undo the last `add_question`, and its answer if it has one: a failed answer, or one never shown. Once a
+        photo or another question has followed, that turn stands and this does nothing."""
+        if self._before_turn is not None:
+            self.messages = self._before_turn
+            self._before_turn = None
 
     @property
     def awaiting_answer(self) -> bool:

@@ -1,6 +1,6 @@
 """Sharing one model between threads: a lock taken in turn, and calls that wait for it served as one batch.
 
-The chat engine's model is used by every surface at once: the batching scheduler's token steps (`scheduler.py`),
+The engine's model is used by every surface at once: the scheduler's token steps (`scheduler.py`),
 photos being encoded, beam searches, idle-time cache preparation. Whatever runs the model holds the engine's
 `FairLock`; `Gathered` lets the photos of several callers that wait for it be encoded in one forward pass.
 """
@@ -24,6 +24,7 @@ class FairLock:
         self._cond = threading.Condition(threading.Lock())
         self._owner: int | None = None
         self._depth = self._next = self._serving = 0
+        self._abandoned: set[int] = set()  # tickets of waiters that gave up (Ctrl+C while waiting)
 
     def acquire(self) -> None:
         me = threading.get_ident()
@@ -32,8 +33,15 @@ class FairLock:
                 self._depth += 1
                 return
             ticket, self._next = self._next, self._next + 1
-            while self._serving != ticket:
-                self._cond.wait()
+            try:
+                while self._serving != ticket:
+                    self._cond.wait()
+            except BaseException:  # interrupted while waiting: the ticket is skipped, whoever is behind goes on
+                if self._serving == ticket:
+                    self._advance()
+                else:
+                    self._abandoned.add(ticket)
+                raise
             self._owner, self._depth = me, 1
 
     def release(self) -> None:
@@ -42,8 +50,16 @@ class FairLock:
                 raise RuntimeError("release of a lock this thread does not hold")
             self._depth -= 1
             if self._depth == 0:
-                self._owner, self._serving = None, self._serving + 1
-                self._cond.notify_all()
+                self._owner = None
+                self._advance()
+
+    def _advance(self) -> None:
+        """Serve the next ticket that is still wanted."""
+        self._serving += 1
+        while self._serving in self._abandoned:
+            self._abandoned.remove(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
 
     def owned(self) -> bool:
         """Whether the calling thread holds the lock."""

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from skingpt4.checkpoints import (
+from skingpt4.engine.sampler import folder_generation_config
+from skingpt4.errors import ConversionError, first_line
+from skingpt4.folder.checkpoints import (
     hub_folder,
     iter_tensors,
     load_pth,
@@ -26,15 +28,13 @@ from skingpt4.checkpoints import (
     tensor_keys,
     weight_files,
 )
-from skingpt4.conversation import get_template
-from skingpt4.errors import ConversionError, first_line
-from skingpt4.folder import NUM_QUERY_TOKENS, ModelMeta, add_image_token, make_config, save_tokenizer
-from skingpt4.folder import qformer_config as make_qformer_config
-from skingpt4.folder import vision_config as make_vision_config
-from skingpt4.generation import folder_generation_config
-from skingpt4.keymap import dropped, map_projection, map_qformer, map_vit
-from skingpt4.model import DTYPES
-from skingpt4.serving_files import write_serving_files
+from skingpt4.folder.keymap import dropped, map_projection, map_qformer, map_vit
+from skingpt4.folder.load import DTYPES
+from skingpt4.folder.meta import NUM_QUERY_TOKENS, ModelMeta, add_image_token, make_config, save_tokenizer
+from skingpt4.folder.meta import qformer_config as make_qformer_config
+from skingpt4.folder.meta import vision_config as make_vision_config
+from skingpt4.folder.serving import write_serving_files
+from skingpt4.inputs.conversation import get_template
 
 LLM_FILES = ["*.json", "tokenizer.model"]  # what --llm needs besides its weights
 

@@ -8,8 +8,8 @@ the projected image features into those positions.
 
 from __future__ import annotations
 
-from skingpt4.conversation import IMAGE_PLACEHOLDER
-from skingpt4.folder import NUM_QUERY_TOKENS
+from skingpt4.folder.meta import NUM_QUERY_TOKENS
+from skingpt4.inputs.conversation import IMAGE_PLACEHOLDER
 
 
 def prompt_ids(tokenizer, prompt: str, image_token_id: int, num_query_tokens: int = NUM_QUERY_TOKENS) -> list[int]:

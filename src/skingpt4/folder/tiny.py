@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from skingpt4.folder import (
+from skingpt4.engine.sampler import folder_generation_config
+from skingpt4.folder.meta import (
     IMAGE_TOKEN,
     META_FILE,
     ModelMeta,
@@ -22,8 +23,7 @@ from skingpt4.folder import (
     save_tokenizer,
     vision_config,
 )
-from skingpt4.generation import folder_generation_config
-from skingpt4.serving_files import write_serving_files
+from skingpt4.folder.serving import write_serving_files
 
 TINY_CORPUS = (
     "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide it to "

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-from skingpt4.conversation import AnswerText
+from skingpt4.inputs.conversation import AnswerText
 
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback: one byte per token
 
@@ -145,7 +145,7 @@ class Forbid:
 
 
 class TextPieces:
-    """A `generate` streamer that yields the answer's text as it grows, through the answer's clean-up.
+    """A streamer that yields the answer's text as it grows, through the answer's clean-up.
 
     Each step decodes all new ids (cheap at these lengths) and feeds what was added to `answer` (an `AnswerText`),
     which releases what is final. A trailing run of SentencePiece byte tokens (`<0xNN>`) is held back until it ends:
@@ -154,13 +154,11 @@ class TextPieces:
     """
 
     def __init__(self, tokenizer, answer: AnswerText):
-        self.tokenizer, self.answer, self.ids, self.fed, self.prompt_seen = tokenizer, answer, [], 0, False
+        self.tokenizer, self.answer, self.ids, self.fed = tokenizer, answer, [], 0
         self.queue: queue.Queue[str | None] = queue.Queue()
 
     def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first sends the prompt ids
-            self.prompt_seen = True
-            return
+        """The answer's next ids (any shape)."""
         self.ids.extend(value.flatten().tolist())
         done = len(self.ids)  # the trailing run of byte pieces, looked at from the end only
         while done and BYTE_PIECE.fullmatch(self.tokenizer.convert_ids_to_tokens(self.ids[done - 1]) or ""):

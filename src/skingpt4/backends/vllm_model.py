@@ -31,7 +31,7 @@ from vllm.model_executor.models.blip2 import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
-from skingpt4.folder import IMAGE_TOKEN, ModelMeta
+from skingpt4.folder.meta import IMAGE_TOKEN, ModelMeta
 
 
 def image_slots(image_token_id: int, num_query_tokens: int) -> list[PromptReplacement]:

@@ -1,7 +1,8 @@
-"""Decoding options, with the released demo's defaults in one place.
+"""The engine's two kinds of settings, each default in one place.
 
-`GenerationSettings` is what every surface passes to the chat engine; `folder_generation_config` writes the same
-defaults into a model folder's generation_config.json, so plain transformers users get them too.
+`GenerationSettings` are per answer (every surface passes them; the defaults are the released demo's).
+`EngineSettings` are per engine: how many answers are decoded together, how many sessions keep a key/value cache
+between turns, and how many requests may wait for a row. `sampler.py` turns generation settings into token choice.
 """
 
 from __future__ import annotations
@@ -9,9 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from skingpt4.errors import InputError
-
-TOP_K = 50  # transformers' default, which the original's sampling inherited (it sets no top_k)
-MAX_BATCH = 8  # answers decoded together by default (`--max-batch`, scheduler.py); bench/bench_concurrency.py
 
 
 @dataclass
@@ -39,36 +37,44 @@ class GenerationSettings:
             (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),
             (len(self.stop) <= 4 and all(0 < len(s) <= 64 for s in self.stop), "at most 4 stop strings of 1-64 chars"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise InputError(message)
+        _check(checks)
 
     @classmethod
     def greedy(cls, **overrides) -> GenerationSettings:
         return cls(do_sample=False, **overrides)
 
-    def to_config(self, tokenizer, suppress_tokens: list[int] | None = None):
-        """These settings as a transformers `GenerationConfig` (sampling knobs only when sampling).
 
-        The chat engine passes no `suppress_tokens` and no stop strings: it applies both itself, at O(1) per token
-        (`decoding.py`); a model folder's generation_config.json carries the suppressed ids for plain transformers.
-        """
-        from transformers import GenerationConfig
+MAX_CONTEXT = GenerationSettings.max_context  # prompt and answer together, in the model's positions
 
-        options = dict(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=self.do_sample,
-            num_beams=self.num_beams,
-            repetition_penalty=self.repetition_penalty,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How one engine shares its model (`--max-batch`, `--cached-sessions`, `--queue-size`).
+
+    `max_batch`: answers decoded together, one token step for all (`scheduler.py`; vLLM's `max_num_seqs`); 1 answers
+    one at a time. `cached_sessions`: sessions whose key/value cache is kept between turns (on a 13B model one
+    2000-token cache is about 1.6 GB); the others recompute their history. `queue_size`: requests that may wait
+    for a row beyond those decoding; a surface refuses more (the API answers 503, the web app says it is busy).
+    """
+
+    max_batch: int = 8  # bench/bench_concurrency.py
+    cached_sessions: int = 8
+    queue_size: int = 16
+
+    def __post_init__(self):
+        _check(
+            [
+                (self.max_batch >= 1, "--max-batch must be at least 1 (1: one answer at a time)"),
+                (self.cached_sessions >= 0, "--cached-sessions must be 0 or more"),
+                (self.queue_size >= 0, "--queue-size must be 0 or more"),
+            ]
         )
-        if suppress_tokens:
-            options["suppress_tokens"] = list(suppress_tokens)
-        if self.do_sample:
-            options.update(temperature=self.temperature, top_k=TOP_K, top_p=self.top_p)
-        return GenerationConfig(**options)
+
+
+def _check(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
 
 
 def setting_rows(settings: dict, prefix: str = "") -> list[list[str]]:
@@ -83,8 +89,3 @@ def setting_rows(settings: dict, prefix: str = "") -> list[list[str]]:
         else:
             rows.append([name, "none" if value is None else str(value)])
     return rows
-
-
-def folder_generation_config(tokenizer, image_token_id: int):
-    """generation_config.json for a model folder: the demo's defaults, and never the image placeholder."""
-    return GenerationSettings().to_config(tokenizer, suppress_tokens=[image_token_id])

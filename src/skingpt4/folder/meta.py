@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from skingpt4.errors import ModelLoadError
-from skingpt4.pixels import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, PixelSpec
+from skingpt4.inputs.pixels import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, PixelSpec
 
 IMAGE_TOKEN = "<image>"  # one added special token; 32 copies stand for each image
 NUM_QUERY_TOKENS = 32

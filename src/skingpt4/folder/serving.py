@@ -1,17 +1,17 @@
 """What a model folder carries for engines other than ours (vLLM, plain transformers): written by `convert`,
 `create-tiny-model`, and `convert --upgrade FOLDER` for folders made before.
 
-- `architectures`: the skingpt4 plugin's class for vLLM (`vllm_plugin.py`). transformers does not read it (our loader
-  and `AutoModelForImageTextToText` go by `model_type`, blip-2); a vLLM without the plugin refuses the folder
-  ("not supported") instead of serving it with the photos' slots at the prompt's start.
+- `architectures`: the skingpt4 plugin's class for vLLM (`backends/vllm_plugin.py`). transformers does not read it
+  (our loader and `AutoModelForImageTextToText` go by `model_type`, blip-2); a vLLM without the plugin refuses the
+  folder ("not supported") instead of serving it with the photos' slots at the prompt's start.
 - `text_config.architectures`: vLLM builds BLIP-2's language model from the text config through its registry,
   which refuses a config without architectures ("No model architectures are specified").
 - `preprocessor_config.json` and `processor_config.json`: `AutoProcessor.from_pretrained(folder)` gives a
-  `Blip2Processor` (vLLM requires one) whose image processor is our eval transform (`pixels.py`): a 224 x 224
+  `Blip2Processor` (vLLM requires one) whose image processor is our eval transform (`inputs/pixels.py`): a 224 x 224
   bicubic resize that squashes, CLIP mean and std, RGB. With Pillow (transformers' backend when torchvision is not
   installed) its pixels equal ours (tests/test_serving_files.py). Where torchvision is installed (vLLM's
   environment) transformers picks its torchvision backend, whose resize differs (up to 0.015 after normalisation,
-  transformers 5.20), and a folder cannot choose the backend: the vLLM plugin computes pixels with `pixels.py`.
+  transformers 5.20), and a folder cannot choose the backend: the vLLM plugin computes pixels with `inputs/pixels.py`.
 - `chat_template.jinja`: the folder's prompt template with one `<image>` per photo, laid out as `Conversation`
   does (each photo a user message `<Img><image></Img>`; the question after it joins that message with a space).
   The original tokenizes the prompt segment by segment, split at each image, so SentencePiece puts its word-start
@@ -26,10 +26,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from skingpt4.conversation import IMAGE_MESSAGE, IMAGE_PLACEHOLDER, Template, get_template
-from skingpt4.folder import IMAGE_TOKEN, NUM_QUERY_TOKENS, ModelMeta
+from skingpt4.folder.meta import IMAGE_TOKEN, NUM_QUERY_TOKENS, ModelMeta
+from skingpt4.inputs.conversation import IMAGE_MESSAGE, IMAGE_PLACEHOLDER, Template, get_template
 
-ARCHITECTURE = "SkinGPT4ForConditionalGeneration"  # vLLM's BLIP-2 as SkinGPT-4 needs it (`vllm_model.py`)
+ARCHITECTURE = "SkinGPT4ForConditionalGeneration"  # vLLM's BLIP-2 as SkinGPT-4 needs it (`backends/vllm_model.py`)
 TEXT_ARCHITECTURE = "LlamaForCausalLM"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 

@@ -11,11 +11,11 @@ wrongly.
 
 from __future__ import annotations
 
-from skingpt4.serving_files import ARCHITECTURE
+from skingpt4.folder.serving import ARCHITECTURE
 
 
 def register() -> None:
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "skingpt4.vllm_model:SkinGPT4ForConditionalGeneration")
+        ModelRegistry.register_model(ARCHITECTURE, "skingpt4.backends.vllm_model:SkinGPT4ForConditionalGeneration")

@@ -4,7 +4,7 @@ docs/reference.md §1.2: eval is ``Resize((224, 224), BICUBIC)`` (squashes, aspe
 ``ToTensor`` -> ``Normalize(CLIP_MEAN, CLIP_STD)``; train is ``RandomResizedCrop(224, scale=(0.5, 1.0),
 BICUBIC)`` -> ``ToTensor`` -> the same ``Normalize``, no flip and no colour jitter. The functions below
 reproduce torchvision's PIL code path step by step, so released weights see the pixels they were trained on.
-Inputs must already be 8-bit RGB, i.e. come from :func:`skingpt4.images.load_image`.
+Inputs must already be 8-bit RGB, i.e. come from :func:`skingpt4.inputs.images.load_image`.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def _randint_inclusive(rng: Rng, low: int, high: int) -> int:
 def _require_rgb(img: Image.Image) -> None:
     """ToTensor on other modes changes the channel count or value range; decoding belongs to images.load_image."""
     if img.mode != "RGB":
-        raise ValueError(f"expected an 8-bit RGB image (use skingpt4.images.load_image), got mode {img.mode!r}")
+        raise ValueError(f"expected an 8-bit RGB image (use skingpt4.inputs.images.load_image), got mode {img.mode!r}")
 
 
 def _to_normalised_tensor(img: Image.Image, mean: Triple, std: Triple) -> torch.Tensor:

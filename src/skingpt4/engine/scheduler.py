@@ -1,18 +1,16 @@
-"""Continuous batching: concurrent requests decoded together, one token step at a time.
+"""The one decode loop: every greedy or sampled answer, alone or with others, one token step at a time.
 
-Every surface (API, web app, terminal chat, `diagnose`, `eval`) asks `ChatEngine.generate`; with `max_batch`
-above 1, its greedy and sampled requests come here, and one of the waiting callers runs the model for all of
-them. Requests that arrive while others decode join the batch at the next token boundary: new prompts prefilled
-together in one left-padded batch, a prompt that continues its session's key/value cache alone, after that cache,
-as a lone turn would; a finished, cancelled or failed request leaves at once. The batch's cache is the rows'
-caches left-padded to one length, with an attention mask over the padding and each row's own positions, so a row
-computes what it would alone (in float32 its greedy ids are the lone request's; tests/test_scheduler.py). On
-llama.cpp (`--quantize`) each row is a sequence of its own and the padding is only in the mask (`quantized.py`).
-
-Token choice is transformers' own for these settings, row by row: repetition penalty over the answer so far, the
-never-generate mask, then when sampling temperature, top-k 50 and top-p, and a draw. A request with a seed draws
-from its own generator, so its answer does not depend on what it was batched with. Beam search does not come
-here: it runs alone, on the direct path, between token steps.
+Every surface (API, web app, terminal chat, `diagnose`, `eval`) asks `ChatEngine.generate`; its requests come here,
+and one of the waiting callers runs the model for all of them (continuous batching; one request alone is a batch of
+one). Requests that arrive while others decode join the batch at the next token boundary: new prompts prefilled
+together in one left-padded batch, a prompt that continues its session's key/value cache alone, after that cache;
+a finished, cancelled or failed request leaves at once, and a request cancelled while it waits for a row leaves the
+queue at once. The batch's cache is the rows' caches left-padded to one length, with an attention mask over the
+padding and each row's own positions, so a row computes what it would alone (in float32 its greedy ids are the lone
+request's; tests/test_scheduler.py). The back end (`protocol.LanguageModel`) does the arithmetic and keeps the
+cache's rows; on llama.cpp each row is a sequence of its own and the padding is only in the mask. Each row's token
+is chosen by its own `sampler.Sampler`. Beam search does not come here: it runs alone, on transformers' `generate`,
+between token steps (`ChatEngine`).
 
 An out-of-memory error in a token step (or in prefilling new prompts together) fails the requests in the batch
 (the API answers them 503) and halves the batch the scheduler admits next; it grows back by one every
@@ -28,23 +26,27 @@ from dataclasses import dataclass, field
 
 import torch
 
-from skingpt4.decoding import StopWhen
-from skingpt4.generation import TOP_K, GenerationSettings
-from skingpt4.llm import pad_left
+from skingpt4.backends.padding import pad_left
+from skingpt4.engine import sampler
+from skingpt4.engine.decoding import StopWhen
+from skingpt4.engine.protocol import EngineStatus
+from skingpt4.engine.settings import GenerationSettings
 
 log = logging.getLogger(__name__)
 REGROW_STEPS = 128
+POLL_S = 0.1  # how often a caller waiting for the batch looks at its requests' cancel flags
 
 
 @dataclass(eq=False)
 class Request:
     """One session's turn in the scheduler: its prompt, its settings, and what it has generated so far."""
 
-    session: object  # chat.Session
+    session: object  # session.ChatSession
     ids: list[int]
     features: torch.Tensor | None
     first_image: int
     settings: GenerationSettings
+    stop: StopWhen
     streamer: object | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
@@ -52,43 +54,12 @@ class Request:
     done: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self):
-        from transformers import (
-            RepetitionPenaltyLogitsProcessor,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
-
-        s = self.settings
-        self.processors = [RepetitionPenaltyLogitsProcessor(s.repetition_penalty)] if s.repetition_penalty != 1 else []
-        self.warpers = []
-        if s.do_sample:  # in transformers' order, each only where it changes something
-            self.warpers += [TemperatureLogitsWarper(s.temperature)] if s.temperature != 1 else []
-            self.warpers += [TopKLogitsWarper(TOP_K)]
-            self.warpers += [TopPLogitsWarper(s.top_p)] if s.top_p < 1 else []
-        self.generator = None
-
-    @property
-    def plain(self) -> bool:
-        """Greedy without a penalty: the batch's argmax is this row's choice."""
-        return not self.settings.do_sample and not self.processors
-
-    def choose(self, scores: torch.Tensor) -> int:
-        """The next token from this row's scores (1, V), already masked."""
-        answer = torch.tensor([self.tokens], dtype=torch.long, device=scores.device)
-        for process in self.processors + self.warpers:
-            scores = process(answer, scores)
-        if not self.settings.do_sample:
-            return int(scores.argmax(-1))
-        if self.generator is None and self.settings.seed is not None:
-            self.generator = torch.Generator(scores.device).manual_seed(self.settings.seed)
-        probs = torch.nn.functional.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        self.sampler = sampler.Sampler(self.settings)
 
 
 class Batch:
     """The decoding rows' shared state: their left-padded cache, its mask, each row's length and pending token.
-    The language model backend (`llm.py`) joins, selects and splits the cache's rows."""
+    The language model back end joins, selects and splits the cache's rows."""
 
     def __init__(self, llm, cache, mask: torch.Tensor, tokens: torch.Tensor):
         self.llm, self.cache, self.mask, self.lengths, self.last = llm, cache, mask, mask.sum(-1), tokens
@@ -113,15 +84,22 @@ class Batch:
         """One row's cache without its padding: the session keeps it for its next turn."""
         return self.llm.row(self.cache, row, self.mask.shape[1] - int(self.lengths[row]))
 
+    def step(self) -> torch.Tensor:
+        """One token for every row: the next logits (B, V)."""
+        mask = torch.cat([self.mask, self.mask.new_ones(len(self.last), 1)], dim=1)
+        logits = self.llm.step(self.last, mask, self.lengths, self.cache)
+        self.mask, self.lengths = mask, self.lengths + 1
+        return logits
+
 
 class Scheduler:
     """Decodes the requests of any number of threads together, at most `max_batch` at a time.
 
     There is no thread of its own: one of the waiting callers drives the batch (admits, steps) until its own
-    requests are done, then another caller with work left takes over. So the model runs on the callers' threads,
-    as on the direct path: on a CPU, PyTorch's parallel ops run slower on any thread but the first to use OpenMP
-    (libgomp spins less once it manages more threads than there are cores), so `diagnose` and `eval`, which call
-    from the main thread, keep its speed.
+    requests are done, then another caller with work left takes over. So the model runs on the callers' threads:
+    on a CPU, PyTorch's parallel ops run slower on any thread but the first to use OpenMP (libgomp spins less once
+    it manages more threads than there are cores), so `diagnose` and `eval`, which call from the main thread, keep
+    its speed.
     """
 
     def __init__(self, engine, max_batch: int):
@@ -133,8 +111,12 @@ class Scheduler:
         self.driving = False  # whether a caller is driving the batch now
         self.clean_steps = self.peak = 0  # peak: the largest batch decoded so far
 
-    def run(self, requests: list[Request]) -> list[torch.Tensor]:
-        """Queue the requests and see them answered; returns each one's new tokens, or raises the first error."""
+    def status(self) -> EngineStatus:
+        with self.wake:
+            return EngineStatus(len(self.active), len(self.waiting), self.limit, self.peak)
+
+    def run(self, requests: list[Request]) -> list[list[int]]:
+        """Queue the requests and see them answered; returns each one's new ids, or raises the first error."""
         with self.wake:
             self.waiting.extend(requests)
             self.wake.notify_all()
@@ -147,17 +129,19 @@ class Scheduler:
         for r in requests:
             if r.error is not None:
                 raise r.error
-        return [torch.tensor(r.tokens, dtype=torch.long) for r in requests]
+        return [r.tokens for r in requests]
 
     def _see_through(self, requests: list[Request]) -> None:
-        """Wait while another caller drives the batch; if `requests` are not done by then, drive it until they are."""
+        """Wait while another caller drives the batch; if `requests` are not done by then, drive it until they are.
+        A request cancelled while it waits for a row leaves the queue within `POLL_S`."""
 
         def done() -> bool:
             return all(r.done.is_set() for r in requests)
 
         with self.wake:
             while self.driving and not done():
-                self.wake.wait()
+                self._drop_cancelled()
+                self.wake.wait(POLL_S)
             if done():
                 return
             self.driving = True
@@ -169,19 +153,27 @@ class Scheduler:
                 self.driving = False
                 self.wake.notify_all()
 
+    def _drop_cancelled(self) -> None:
+        """Requests cancelled while waiting for a row leave the queue (their callers return `Cancelled`)."""
+        for r in [r for r in self.waiting if r.cancel.is_set()]:
+            self.waiting.remove(r)
+            self._end(r)
+
     def _iteration(self) -> None:
         """Admit who waits (up to the limit), then one token step."""
         joining = []
         try:
             with self.engine.lock, torch.no_grad():
                 with self.wake:  # whoever came while the lock was busy joins now
+                    self._drop_cancelled()
                     while self.waiting and len(self.active) + len(joining) < self.limit:
                         joining.append(self.waiting.popleft())
                 self._admit(joining)
                 if self.active:
                     self._step()
         except BaseException as exc:  # never leave a request waiting: fail those the broken step held
-            log.error("token step failed: %s", type(exc).__name__)
+            unexpected = isinstance(exc, Exception) and not isinstance(exc, torch.OutOfMemoryError)
+            log.error("token step failed: %s", type(exc).__name__, exc_info=exc if unexpected else None)
             self._fail([r for r in joining if not r.done.is_set() and r not in self.active], exc)
             self._fail(self.active, exc)
             if not isinstance(exc, Exception):  # Ctrl+C and the like reach the caller
@@ -207,7 +199,7 @@ class Scheduler:
                 self._fail([r], exc)
         if fresh:
             try:
-                cache = self.engine.new_cache()
+                cache = self.engine.llm.new_cache()
                 mask, logits = self.engine.prefill([(r.ids, r.features) for r in fresh], cache)
                 self._join(fresh, cache, mask, logits)
             except Exception as exc:  # these requests fail (503 for out of memory); the batch goes on
@@ -217,10 +209,6 @@ class Scheduler:
 
     def _join(self, requests: list[Request], cache, mask: torch.Tensor, logits: torch.Tensor) -> None:
         """Prefilled rows choose their first token and join the batch; any already finished leaves at once."""
-        for r in requests:
-            r.stop = StopWhen(self.engine.pieces, self.engine.stops(r.settings))
-            if r.streamer is not None:  # as transformers' generate does: first the prompt ids (none: embeddings)
-                r.streamer.put(torch.zeros(1, 0, dtype=torch.long))
         tokens = self._choose(requests, logits)
         last = torch.tensor(tokens, device=mask.device)
         if self.batch is None:
@@ -237,16 +225,13 @@ class Scheduler:
         self._leave([i for i, r in enumerate(self.active) if r.cancel.is_set()])
         if not self.active:
             return
-        b = self.batch
-        mask = torch.cat([b.mask, b.mask.new_ones(len(self.active), 1)], dim=1)
         try:
-            logits = self.engine.step(b.last, mask, b.lengths, b.cache)
+            logits = self.batch.step()
         except torch.OutOfMemoryError as exc:
             self._shrink(len(self.active))
             return self._fail(self.active, exc)
-        b.mask, b.lengths = mask, b.lengths + 1
         tokens = self._choose(self.active, logits)
-        b.last = b.last.new_tensor(tokens)
+        self.batch.last = self.batch.last.new_tensor(tokens)
         self._leave([i for i, (r, t) in enumerate(zip(self.active, tokens)) if self._emit(r, t)])
         self.clean_steps += 1
         if self.limit < self.max_batch and self.clean_steps % REGROW_STEPS == 0:
@@ -258,12 +243,7 @@ class Scheduler:
         log.warning("out of memory in a batch of %d; the next batches hold at most %d", rows, self.limit)
 
     def _choose(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
-        scores = self.engine.forbid(None, logits.to(torch.float32, copy=True))
-        chosen = scores.argmax(-1).tolist()
-        for i, r in enumerate(requests):
-            if not r.plain:
-                chosen[i] = r.choose(scores[i : i + 1])
-        return chosen
+        return sampler.choose([r.sampler for r in requests], [r.tokens for r in requests], logits, self.engine.forbid)
 
     def _emit(self, r: Request, token: int) -> bool:
         """Add a token to a row's answer; whether the row is finished."""
@@ -291,16 +271,15 @@ class Scheduler:
 
     def _end(self, r: Request, cache=None) -> None:
         """A request is answered (or cancelled): its session keeps the cache, its streamer ends, its caller wakes."""
-        session = r.session
         if cache is not None:
-            session.cache, session.cache_keys = cache, (r.keys + r.tokens)[: cache.get_seq_length()]
-            session.engine.remember(session)
+            self.engine.keep_cache(r.session, cache, (r.keys + r.tokens)[: cache.get_seq_length()])
         if r.streamer is not None:
             r.streamer.end()
         self._done(r)
 
     def _fail(self, requests: list[Request], exc: BaseException) -> None:
-        exc.__traceback__ = None  # its frames hold the batch's tensors (for an out-of-memory error, the memory)
+        if isinstance(exc, torch.OutOfMemoryError):  # its frames hold the batch's tensors, the memory it wants
+            exc.__traceback__ = None
         for r in list(requests):
             r.error = exc
             self._done(r)
