@@ -18,11 +18,20 @@ cannot end early (EOS and pieces with `#` are suppressed, as the byte-fallback p
 tokens.
 "Alone": each request sent by itself to the batching server, after the timed rounds.
 
-Run:  python bench/bench_concurrency.py      (about 2-3 minutes on 2 CPU cores)
+Second claim (issue 26): photos of concurrent requests do not wait on each other. Tiny model (tests' size), the same
+server (`--max-batch 8`, the sandboxed decoder pool, `skingpt4 serve` as shipped): 8 clients at once against the
+same 8 requests one after another, with a photo each (1024 px JPEG) and without, greedy, 96 tokens each (EOS and
+`#` suppressed, so each answer is 96 tokens). Targets: with a photo each, at once >= 2x the tokens/s of one after
+another (1.28x before the decoder pool; 2.40x without photos). On the tiny model the model's own work is small,
+so whatever serializes the photo path shows, as it would on a GPU.
+
+Run:  python bench/bench_concurrency.py            (about 3-4 minutes on 2 CPU cores)
+      python bench/bench_concurrency.py --part tiny (the second claim alone, under a minute)
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import socket
@@ -38,7 +47,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
 import uvicorn
-from common import build_bench_model, jpeg_bytes, load_bench_engine, median, print_table, sample_images, suppress_ids
+from common import (
+    build_bench_model,
+    jpeg_bytes,
+    load_bench_engine,
+    median,
+    print_table,
+    sample_images,
+    suppress_ids,
+)
 
 from skingpt4.engine.chat import ChatEngine
 from skingpt4.engine.settings import EngineSettings
@@ -58,12 +75,12 @@ QUESTIONS = [
 
 
 @contextmanager
-def serving(engine: ChatEngine):
+def serving(engine: ChatEngine, max_tokens: int = NEW_TOKENS):
     """The API on `engine`, in a uvicorn thread on a free local port; yields its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(engine, ServeConfig(warmup=False, max_tokens=NEW_TOKENS))
+    app = create_app(engine, ServeConfig(warmup=False, max_tokens=max_tokens))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -110,12 +127,15 @@ class _Timed:
         return getattr(self.streamer, name)
 
 
-def ask(url: str, photo: bytes, question: str) -> dict:
+def ask(url: str, photo: bytes | None, question: str, tokens: int = NEW_TOKENS) -> dict:
     """One streamed consultation turn: its text, completion tokens, and when it was sent and ended."""
-    image = {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(photo).decode()}}
+    content = [{"type": "text", "text": question}]
+    if photo is not None:
+        url_ = "data:image/jpeg;base64," + base64.b64encode(photo).decode()
+        content.insert(0, {"type": "image_url", "image_url": {"url": url_}})
     body = {
-        "messages": [{"role": "user", "content": [image, {"type": "text", "text": question}]}],
-        "max_tokens": NEW_TOKENS,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": tokens,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -155,6 +175,16 @@ def p95(values: list[float]) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["all", "bench", "tiny"], default="all")
+    part = parser.parse_args().part
+    if part in ("all", "bench"):
+        bench_model()
+    if part in ("all", "tiny"):
+        photo_path()
+
+
+def bench_model() -> None:
     with tempfile.TemporaryDirectory(prefix="skingpt4-bench-") as tmp:
         batched, notes = load_bench_engine(build_bench_model(Path(tmp) / "model"))
         vocab = batched.tokenizer.convert_ids_to_tokens(list(range(len(batched.tokenizer))))
@@ -213,6 +243,89 @@ def report(runs, paths, patterns, alone: list[str], peak: int) -> None:
         f"{CLIENTS} API clients, greedy, {NEW_TOKENS} new tokens, {ROUNDS} rounds (CPU float32)", headers, rows
     )
     print(f"largest batch decoded: {peak}")
+
+
+TINY_TOKENS, TINY_ROUNDS, TINY_PHOTO_PX = 96, 5, 1024  # 1024 px JPEGs: 16 KB (plain) and 572 KB (noisy)
+
+
+def photo_path() -> None:
+    """8 clients at once vs one after another on the tiny model, with a photo each and without (the docstring):
+    `skingpt4 serve` in a process of its own, so that the clients (here) share nothing with it."""
+    with tempfile.TemporaryDirectory(prefix="skingpt4-bench-") as tmp, tiny_server(Path(tmp)) as url:
+        photos = [jpeg_bytes(image) for image in sample_images(CLIENTS, size=TINY_PHOTO_PX)]
+        runs = {(p, a): [] for p in ("a photo each", "no photo") for a in ("one after another", "at once")}
+        for photo in (photos[0], None):  # warm-up: the decoder pool and the model
+            ask(url, photo, QUESTIONS[0], TINY_TOKENS)
+        for _ in range(TINY_ROUNDS):
+            for kind in ("a photo each", "no photo"):
+                sent = photos if kind == "a photo each" else [None] * CLIENTS
+                runs[kind, "one after another"].append(tiny_round(url, sent, parallel=False))
+                runs[kind, "at once"].append(tiny_round(url, sent, parallel=True))
+    rows = []
+    for kind in ("a photo each", "no photo"):
+        base = median(runs[kind, "one after another"])
+        for arrival in ("one after another", "at once"):
+            rates = runs[kind, arrival]
+            spread_ = f"{min(rates):.0f}..{max(rates):.0f}"
+            rows.append([kind, arrival, f"{median(rates):.0f}", f"{median(rates) / base:.2f}x", spread_])
+    print_table(
+        f"tiny model: {CLIENTS} API clients, greedy, {TINY_TOKENS} tokens each, {TINY_ROUNDS} rounds (median)",
+        ["requests", "sent", "tokens/s", "vs one after another", "tokens/s min..max"],
+        rows,
+    )
+
+
+@contextmanager
+def tiny_server(tmp: Path):
+    """`skingpt4 serve --model TINY` in a child process, on a free port; the tiny folder never ends an answer
+    early (EOS and the pieces with `#` in its generation_config.json's suppress_tokens), so every answer is 96."""
+    import json as json_
+    import subprocess
+
+    from transformers import AutoTokenizer
+
+    from skingpt4.folder.tiny import create_tiny_model
+
+    folder = create_tiny_model(tmp / "tiny")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    config = json_.loads((folder / "generation_config.json").read_text())
+    ends = [i for i, piece in enumerate(vocab) if "#" in piece] + [tokenizer.eos_token_id]
+    config["suppress_tokens"] = sorted({*config.get("suppress_tokens", []), *ends})
+    (folder / "generation_config.json").write_text(json_.dumps(config))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "skingpt4", "serve", "--model", str(folder), "--port", str(port)]
+    server = subprocess.Popen([*argv, "--max-tokens", str(TINY_TOKENS)], stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).json().get("status") == "ok":
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def tiny_round(url: str, photos: list, parallel: bool) -> float:
+    """Tokens/s of the 8 requests, sent at once or one after another."""
+
+    def one(i: int) -> dict:
+        return ask(url, photos[i], QUESTIONS[i], TINY_TOKENS)
+
+    start = time.perf_counter()
+    if parallel:
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            answers = list(pool.map(one, range(CLIENTS)))
+    else:
+        answers = [one(i) for i in range(CLIENTS)]
+    return sum(a["tokens"] for a in answers) / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":

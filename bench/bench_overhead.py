@@ -193,7 +193,7 @@ def chat_rows(engine, image: bytes) -> tuple[list[list[str]], str]:
     """Two identical histories of 4 turns; one settles its cache after each answer, as the chat and the web app
     do while the person types (`ChatEngine.settle`). The 5th turn is timed on clones: recomputed (the baseline),
     with the cache as generation left it, and settled."""
-    engine.cached_sessions = 10**6  # every clone answers as a new session: keep the histories' caches regardless
+    engine.caches.limit = 10**6  # every clone answers as a new session: keep the histories' caches regardless
     histories = {"cached": engine.session(), "settled": engine.session()}
     reuse = {name: [] for name in histories}
     for name, history in histories.items():

@@ -50,7 +50,7 @@ def clone(session):
     """A second, identical session at the same point (Session's documented per-consultation state)."""
     twin = session.engine.session()
     twin.conversation = copy.deepcopy(session.conversation)
-    twin.features, twin.image_hashes = list(session.photos), list(session.image_hashes)
+    twin.photos, twin.image_hashes = list(session.photos), list(session.image_hashes)
     twin.cache, twin.cache_keys = copy.deepcopy(session.cache), list(session.cache_keys)
     return twin
 
@@ -61,7 +61,7 @@ def main() -> None:
 
 
 def run(engine, notes: list[str]) -> None:
-    engine.cached_sessions = 10**6  # every clone answers as a new session: keep the history's cache regardless
+    engine.caches.limit = 10**6  # every clone answers as a new session: keep the history's cache regardless
     history = engine.session()
     history.add_image(jpeg_bytes(sample_images(1)[0]))
     for question in QUESTIONS:

@@ -129,18 +129,21 @@ def decode(engine, ids, features, tokens: int, forced: list[int] | None = None):
             token = forced[n] if forced is not None else chosen[-1]
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
             start = time.perf_counter()
-            logits = engine.step(torch.tensor([token]), mask, mask.sum(-1) - 1, cache)
+            logits = engine.llm.step(torch.tensor([token]), mask, mask.sum(-1) - 1, cache)
             stepping += time.perf_counter() - start
     return chosen, torch.stack(seen), prefill_s, stepping
 
 
 def measure(folder: Path, kind: str, dtype: str, out: Path, prompts: int, tokens: int, reference: Path | None):
+    from skingpt4.backends.llamacpp import load_quantized
     from skingpt4.backends.transformers_llm import load_model
     from skingpt4.engine.chat import ChatEngine
     from skingpt4.engine.settings import EngineSettings, GenerationSettings
 
     start = time.perf_counter()
-    loaded = load_model(folder, device="cpu", dtype=dtype, quantize=None if kind == "float32" else kind)
+    loaded = (
+        load_model(folder, device="cpu", dtype=dtype) if kind == "float32" else load_quantized(folder, kind, dtype)
+    )
     engine = ChatEngine(loaded, settings=EngineSettings(max_batch=1))
     engine.suppress_tokens = never(engine)
     load_s = time.perf_counter() - start

@@ -237,7 +237,7 @@ def test_no_child_outlives_the_parent(ending):
         import os, signal, sys
         from skingpt4.serve import sandbox
         sandbox.load_image_isolated({SMALL!r})
-        print(sandbox._shared.pid, flush=True)
+        print(*sandbox._shared.pids, flush=True)
         if {ending == "parent-killed"!r}:
             os.kill(os.getpid(), signal.SIGKILL)
         """
@@ -247,14 +247,37 @@ def test_no_child_outlives_the_parent(ending):
     assert wait_gone(child), f"decoder child {child} outlived its parent ({ending})"
 
 
-def test_load_image_isolated_shares_one_child():
-    first = load_image_isolated(SMALL)
-    from skingpt4.serve import sandbox
+def test_photos_one_after_another_reuse_one_child():
+    from skingpt4.serve.sandbox import DecoderPool
 
-    pid = sandbox._shared.pid
-    assert np.array_equal(np.asarray(first), np.asarray(load_image(SMALL)))
-    load_image_isolated(SMALL)
-    assert sandbox._shared.pid == pid
+    assert np.array_equal(np.asarray(load_image_isolated(SMALL)), np.asarray(load_image(SMALL)))  # the shared pool
+    with DecoderPool(size=3) as pool:
+        for _ in range(5):
+            pool.load(SMALL)
+        assert len(pool.pids) == 1  # a second child starts only when two photos are decoded at once
+
+
+@posix_only
+def test_a_photo_that_hangs_its_decoder_stalls_only_its_own_request():
+    """In a pool, a hostile photo (here: a child that cannot answer) holds one child until its timeout; the next
+    photo is decoded by another child meanwhile, at once."""
+    from skingpt4.serve.sandbox import DecoderPool
+
+    with DecoderPool(size=2, timeout=HANG_GUARD_S) as pool:
+        pool.load(SMALL)
+        (stuck_pid,) = pool.pids
+        os.kill(stuck_pid, signal.SIGSTOP)  # the next photo goes to this child (the most recently used)
+        stuck = Background(pool.load, SMALL)
+        deadline = time.monotonic() + HANG_GUARD_S
+        while pool.idle.qsize() > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        other = pool.load(encode(noise((40, 30), seed=8), "PNG"))  # while the first is still stuck
+        assert other.size == (40, 30) and time.monotonic() - started < HANG_GUARD_S / 2
+        assert stuck_pid in pool.pids and len(pool.pids) == 2  # two children: the stuck one is still waited on
+        os.kill(stuck_pid, signal.SIGKILL)
+        with pytest.raises(ImageRejected):
+            stuck.result()
 
 
 def test_importing_the_sandbox_does_not_import_torch():

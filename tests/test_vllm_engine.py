@@ -454,5 +454,6 @@ def test_a_request_slow_to_end_in_vllm_never_hides_the_answers_outcome(tiny_dir,
             within(10, session.answer, GenerationSettings.greedy(max_new_tokens=1500), cancel)
         assert not session.conversation.awaiting_answer  # the question was withdrawn
         assert any("had not ended after" in r.getMessage() for r in caplog.records)
+        threading.Event().wait(1.0)  # let the request end in vLLM's loop before the loop stops
     finally:
         engine.close()

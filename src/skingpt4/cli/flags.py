@@ -13,6 +13,7 @@ from skingpt4.engine.settings import EngineSettings, GenerationSettings
 from skingpt4.errors import InputError
 
 GENERATION_FLAGS = ("max_new_tokens", "temperature", "top_p", "num_beams", "repetition_penalty", "seed")
+MODEL_FLAGS = ("model", "device", "dtype", "device_map", "load_in_8bit", "load_in_4bit", "quantize", "template")
 
 
 def model_flags(parser: argparse.ArgumentParser) -> None:
@@ -93,18 +94,8 @@ def engine_options(args, max_images: int | None = None):
 
     queue = getattr(args, "queue_size", EngineSettings.queue_size)
     settings = EngineSettings(args.max_batch, args.cached_sessions, queue)
-    options = EngineOptions(
-        model=args.model,
-        engine=getattr(args, "engine", "skingpt4"),
-        device=args.device,
-        dtype=args.dtype,
-        device_map=args.device_map,
-        load_in_8bit=args.load_in_8bit,
-        load_in_4bit=args.load_in_4bit,
-        quantize=args.quantize,
-        template=args.template,
-        settings=settings,
-    )
+    given = {name: getattr(args, name) for name in MODEL_FLAGS}
+    options = EngineOptions(**given, engine=getattr(args, "engine", "skingpt4"), settings=settings)
     if options.engine == "vllm":
         options.vllm = VllmOptions(
             tensor_parallel_size=args.tensor_parallel_size,

@@ -8,7 +8,6 @@ and `stop_strings` preprocesses the whole vocabulary on every call; these do nei
 
 from __future__ import annotations
 
-import queue
 import re
 import threading
 from collections.abc import Iterator
@@ -147,30 +146,62 @@ class Forbid:
 class TextPieces:
     """A streamer that yields the answer's text as it grows, through the answer's clean-up.
 
-    Each step decodes all new ids (cheap at these lengths) and feeds what was added to `answer` (an `AnswerText`),
-    which releases what is final. A trailing run of SentencePiece byte tokens (`<0xNN>`) is held back until it ends:
-    the decoder turns the whole run into replacement characters if any byte is invalid, so only complete runs are
-    final. The decoded text is therefore fed exactly once, and the pieces join to `answer.text`.
+    `put` and `end` come from the decode loop and only hand ids over (the loop holds the model meanwhile); the text
+    work is done by whoever reads: the consumer iterating over the pieces, or `text()` once the answer is done. That
+    work decodes all ids so far (cheap at these lengths) and feeds what was added to `answer` (an `AnswerText`), which
+    releases what is final. A trailing run of SentencePiece byte tokens (`<0xNN>`) is held back until it ends: the
+    decoder turns the whole run into replacement characters if any byte is invalid, so only complete runs are final.
+    The decoded text is therefore fed exactly once, and the pieces join to `answer.text`.
     """
 
     def __init__(self, tokenizer, answer: AnswerText):
         self.tokenizer, self.answer, self.ids, self.fed = tokenizer, answer, [], 0
-        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.changed = threading.Condition()
+        self.seen = 0  # ids already turned into text
+        self.ended = self.finished = False
+        self.pieces: list[str] = []  # released, not yet taken by the consumer
 
     def put(self, value: torch.Tensor) -> None:
         """The answer's next ids (any shape)."""
-        self.ids.extend(value.flatten().tolist())
-        done = len(self.ids)  # the trailing run of byte pieces, looked at from the end only
-        while done and BYTE_PIECE.fullmatch(self.tokenizer.convert_ids_to_tokens(self.ids[done - 1]) or ""):
-            done -= 1
-        self._feed(self.text(done))
+        with self.changed:
+            self.ids.extend(value.flatten().tolist())
+            self.changed.notify_all()
 
     def end(self) -> None:
-        self._feed(self.text())
-        self._send(self.answer.finish())
-        self.queue.put(None)
+        with self.changed:
+            self.ended = True
+            self.changed.notify_all()
 
-    def text(self, upto: int | None = None) -> str:
+    def text(self) -> str:
+        """The whole answer once generation has ended (`end`), as the pieces join to."""
+        with self.changed:
+            self._advance()
+            return self.answer.text
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            with self.changed:
+                self.changed.wait_for(lambda: len(self.ids) > self.seen or self.ended or self.pieces)
+                self._advance()
+                pieces, self.pieces = self.pieces, []
+                over = self.finished
+            yield from pieces
+            if over:
+                return
+
+    def _advance(self) -> None:
+        """Turn the ids not yet seen into released pieces; once ended, the rest too. Holds `changed`."""
+        if len(self.ids) > self.seen:
+            self.seen = done = len(self.ids)  # the trailing run of byte pieces, looked at from the end only
+            while done and BYTE_PIECE.fullmatch(self.tokenizer.convert_ids_to_tokens(self.ids[done - 1]) or ""):
+                done -= 1
+            self._feed(self._decoded(done))
+        if self.ended and not self.finished:
+            self._feed(self._decoded())
+            self._send(self.answer.finish())
+            self.finished = True
+
+    def _decoded(self, upto: int | None = None) -> str:
         return self.tokenizer.decode(self.ids[:upto], skip_special_tokens=True)
 
     def _feed(self, text: str) -> None:
@@ -180,16 +211,4 @@ class TextPieces:
 
     def _send(self, piece: str) -> None:
         if piece:
-            self.queue.put(piece)
-
-    def __iter__(self) -> Iterator[str]:
-        while (piece := self.queue.get()) is not None:
-            yield piece
-
-    def ready(self) -> list[str]:
-        """The pieces released so far and not yet taken, without waiting (for a caller that feeds `put` itself)."""
-        pieces = []
-        while not self.queue.empty():
-            if (piece := self.queue.get()) is not None:
-                pieces.append(piece)
-        return pieces
+            self.pieces.append(piece)

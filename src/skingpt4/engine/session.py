@@ -73,8 +73,9 @@ def answered(sessions: list[ChatSession], settings, chat: ChatFormat, streamer, 
         raise
     answers = []
     for session, ids in zip(sessions, new_ids):
-        text = streamer.answer.text if streamer is not None else chat.answer(list(ids), settings)
-        session.completion_tokens = len(ids)  # what was streamed is the answer, to the character
+        # what was streamed is the answer, to the character
+        text = streamer.text() if streamer is not None else chat.answer(list(ids), settings)
+        session.completion_tokens = len(ids)
         answers.append(session.conversation.add_answer(text))
     return answers
 

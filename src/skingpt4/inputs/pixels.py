@@ -149,9 +149,14 @@ def _require_rgb(img: Image.Image) -> None:
 
 
 def _to_normalised_tensor(img: Image.Image, mean: Triple, std: Triple) -> torch.Tensor:
-    """torchvision ``ToTensor`` then ``Normalize``, same float32 operations in the same order."""
+    """torchvision ``ToTensor`` then ``Normalize``: the same float32 operations in the same order (each one IEEE
+    rounded, so the values are torchvision's to the bit), computed with NumPy: on a server the transform runs on
+    each request's own thread, where a torch op would start a pool of OpenMP threads of its own (tested against
+    torch's own operations in tests/test_pixels.py)."""
     import torch
 
-    array = np.array(img, dtype=np.uint8, copy=True)  # [H, W, 3]
-    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
-    return tensor.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
+    chw = np.array(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)  # [3, H, W]
+    chw /= np.float32(255)
+    chw -= np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    chw /= np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    return torch.from_numpy(np.ascontiguousarray(chw))

@@ -210,7 +210,8 @@ class Job:
     def _run(self) -> None:
         try:
             for piece in self.work(self.cancel):
-                self._put(("ready", None) if piece is None else ("piece", piece))
+                if piece != "":  # text held back by the rails: nothing to send, no need to wake the event loop
+                    self._put(("ready", None) if piece is None else ("piece", piece))
             self._put(("done", None))
         except BaseException as exc:  # handed to the request; the worker thread never dies noisily
             self._put(("error", exc))

@@ -17,6 +17,10 @@ with the same limits but without the child's isolation.
 
 The child sends back only raw RGB bytes with a small fixed header, never a pickle, so a compromised child cannot
 run code in the parent through the reply; the parent checks the reply's size against the limits before trusting it.
+
+A `Decoder` is one child, one image at a time. Servers decode through a `DecoderPool` (`load_image_isolated`): up
+to `POOL_SIZE` children (bounded by the cores), so photos sent at once decode in parallel, and a photo that hangs or
+crashes its child stalls only its own request, up to the timeout.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import signal
 import socket
 import struct
@@ -41,7 +46,7 @@ from PIL import Image
 from skingpt4.inputs import images
 from skingpt4.inputs.images import DEFAULT_LIMITS, ImageLimits, ImageRejected
 
-__all__ = ["Decoder", "load_image_isolated"]
+__all__ = ["Decoder", "DecoderPool", "load_image_isolated"]
 
 _STARTUP_TIMEOUT = 60.0  # first import of NumPy/Pillow on a cold disk can be slow; not counted in `timeout`
 _TOO_SLOW = "image took too long to decode"
@@ -220,17 +225,55 @@ class Decoder:
         self.close()
 
 
-_shared: Decoder | None = None
+POOL_SIZE = max(1, min(4, os.cpu_count() or 1))  # decoder children at most: one per core, four at most
+
+
+class DecoderPool:
+    """Up to `size` decoders, each one child decoding one image at a time; thread-safe. A request takes the most
+    recently used idle decoder (so a second child starts only when two photos arrive at once) and waits only when
+    all are busy."""
+
+    def __init__(self, size: int = POOL_SIZE, limits: ImageLimits = DEFAULT_LIMITS, timeout: float = 5.0, **kw):
+        self.decoders = [Decoder(limits, timeout, **kw) for _ in range(size)]
+        self.idle: queue.LifoQueue[Decoder] = queue.LifoQueue()
+        for decoder in reversed(self.decoders):
+            self.idle.put(decoder)
+
+    @property
+    def pids(self) -> list[int]:
+        """The running children's process ids."""
+        return [d.pid for d in self.decoders if d.pid is not None]
+
+    def load(self, data: bytes) -> Image.Image:
+        """`Decoder.load` on an idle decoder."""
+        decoder = self.idle.get()
+        try:
+            return decoder.load(data)
+        finally:
+            self.idle.put(decoder)
+
+    def close(self) -> None:
+        for decoder in self.decoders:
+            decoder.close()
+
+    def __enter__(self) -> DecoderPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_shared: DecoderPool | None = None
 _shared_lock = threading.Lock()
 
 
 def load_image_isolated(data: bytes) -> Image.Image:
-    """:func:`skingpt4.inputs.images.load_image` with the default limits, in a shared child process started on first
-    use."""
+    """:func:`skingpt4.inputs.images.load_image` with the default limits, in a shared pool of child processes started
+    on first use."""
     global _shared
     if not hasattr(socket, "AF_UNIX"):  # Windows: no socket pair to hand down; same limits, in this process
         return images.load_image(data)
     with _shared_lock:
         if _shared is None:
-            _shared = Decoder()
+            _shared = DecoderPool()
     return _shared.load(data)
