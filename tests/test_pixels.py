@@ -88,6 +88,16 @@ def test_eval_matches_independent_bicubic_squash():
     np.testing.assert_allclose(out.numpy(), expected, atol=1e-6, rtol=0)
 
 
+def test_eval_values_are_torchvisions_to_the_bit():
+    """ToTensor then Normalize as torchvision computes them, with torch's own float32 operations: the transform's
+    NumPy arithmetic (which keeps torch off each request's thread) gives the same bits."""
+    for seed in range(5):
+        img = noise(200 + 37 * seed, 120 + 11 * seed, seed=seed).resize((224, 224), Image.Resampling.BICUBIC)
+        tensor = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+        expected = tensor.sub_(torch.tensor(CLIP_MEAN).view(3, 1, 1)).div_(torch.tensor(CLIP_STD).view(3, 1, 1))
+        assert torch.equal(eval_transform(img), expected)
+
+
 def test_eval_squashes_instead_of_cropping():
     img = Image.new("RGB", (400, 100), (255, 0, 0))
     img.paste((0, 0, 255), (300, 0, 400, 100))  # the rightmost quarter is blue
