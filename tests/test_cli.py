@@ -317,6 +317,17 @@ def test_serve_finishes_in_flight_work_on_sigterm_and_logs_no_patient_text(tiny_
 def test_small_cli_edges(tmp_path, capsys, monkeypatch):
     assert main(["create-tiny-model", "--out", str(tmp_path / "t")]) == 0 and (tmp_path / "t" / "config.json").exists()
     assert main(["create-tiny-model"]) == 2 and "give the folder to create once" in capsys.readouterr().err
+    folder = tmp_path / "converted-13b"  # a model folder, mistyped as the tiny model's destination
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "blip-2"}')
+    (folder / "model.safetensors.index.json").write_text("{}")
+    assert main(["create-tiny-model", str(folder)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: {folder} exists and is not an empty folder: give a new folder for the tiny model\n"
+    )
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors.index.json"]
+    assert (folder / "config.json").read_text() == '{"model_type": "blip-2"}'  # untouched
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -339,3 +350,123 @@ def test_a_busy_port_is_one_line_naming_the_flag(engine):
         port = busy.getsockname()[1]
         with pytest.raises(SkinGPT4Error, match=f"port {port} on 127.0.0.1 is in use; choose another with --port"):
             launch(engine, WebConfig(port=port), block=False)
+
+
+def endless_folder(tiny_dir: Path, folder: Path) -> Path:
+    """A copy of the tiny model folder that never ends an answer early: EOS and every piece with `#` in its
+    generation_config.json's suppress_tokens (which the engine honours)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny_dir, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    config = json.loads((folder / "generation_config.json").read_text())
+    ends = [i for i, piece in enumerate(vocab) if "#" in piece] + [tokenizer.eos_token_id]
+    config["suppress_tokens"] = sorted({*config.get("suppress_tokens", []), *ends})
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a real SIGINT")
+def test_ctrl_c_during_a_streamed_answer_exits_130_with_the_question_withdrawn(tiny_dir, tmp_path):
+    """A real SIGINT while the chat streams a long answer: exit 130 (not an abort from a model thread killed at
+    exit), and the consultation's record holds the photo but not the interrupted question."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from skingpt4.serve.records import RecordStore
+
+    model = endless_folder(tiny_dir, tmp_path / "endless")
+    (tmp_path / "lesion.png").write_bytes(image_bytes(noise_seed=3))
+    records = tmp_path / "records.sqlite"
+    argv = [sys.executable, "-m", "skingpt4", "chat", "--model", str(model), "--greedy", "--max-new-tokens", "1500"]
+    argv += ["--image", str(tmp_path / "lesion.png"), "--record", "--records", str(records)]
+    chat = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen, answering = [], threading.Event()
+
+    def read():
+        while char := chat.stdout.read(1):
+            seen.append(char)
+            if "".join(seen[-10:]) == "skingpt4> ":
+                answering.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    chat.stdin.write("What is this rash on my arm?\n")
+    chat.stdin.flush()
+    assert answering.wait(120), "".join(seen)
+    time.sleep(1.0)  # well into the 1500-token answer
+    os.kill(chat.pid, signal.SIGINT)
+    try:
+        code = chat.wait(60)
+    finally:
+        chat.kill()
+    err = chat.stderr.read()
+    assert code == 130 and "terminate called" not in err and "Aborted" not in err, err
+    with RecordStore(records) as store:
+        (record,) = [store.get(r["id"]) for r in store.list()]
+    assert len(record["images"]) == 1 and record["turns"] == []  # the question was withdrawn, not half-kept
+
+
+@pytest.mark.parametrize("command", ["serve", "demo", "review"])
+def test_a_busy_port_is_refused_before_anything_loads(command, tmp_path, capsys, monkeypatch):
+    """One line, exit 2, and no model loaded (minutes for 13B) nor transcripts read first."""
+    import socket
+
+    def never(*args, **kwargs):
+        raise AssertionError("loaded before the port was checked")
+
+    monkeypatch.setattr("skingpt4.engine.factory.open_engine", never)
+    monkeypatch.setattr("skingpt4.review.page.serve_review", never)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        target = [str(tmp_path / "transcripts.jsonl")] if command == "review" else ["--model", "tiny"]
+        assert main([command, *target, "--port", str(port)]) == 2
+    assert capsys.readouterr().err.endswith(f"error: port {port} on 127.0.0.1 is in use; choose another with --port\n")
+
+
+def test_a_folder_named_tiny_here_wins_over_the_built_in_tiny_model(tmp_path, monkeypatch, capsys):
+    """`create-tiny-model ./tiny` then `--model tiny` uses that folder (and says which model it uses)."""
+    from skingpt4.folder.meta import model_folder
+
+    monkeypatch.chdir(tmp_path)
+    assert model_folder("tiny") is None  # no such folder here: the built-in one
+    assert main(["create-tiny-model", "tiny", "--seed", "3"]) == 0
+    assert model_folder("tiny") == Path("tiny")
+    (tmp_path / "a.png").write_bytes(image_bytes())
+    argv = ["diagnose", "--model", "tiny", "a.png", "--out", "r.jsonl", "--greedy", "--max-new-tokens", "4"]
+    assert main([*argv, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"in {Path('tiny')}\n" in err and "model: " in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["diagnose", "x.png", "--out", "r.jsonl", "--num-beams", "3", "--quantize", "int4"],
+            "--num-beams: beam search",
+        ),
+        (["eval", "--data", "d.jsonl", "--out", "o", "--mode", "choice", "--quantize", "int8"], "--mode choice reads"),
+        (["chat", "--num-beams", "2", "--quantize", "int4"], "--num-beams: beam search"),
+        (["serve", "--quantize", "int4", "--device", "cuda"], "--quantize runs the LLM on the CPU"),
+        (["demo", "--max-batch", "0"], "--max-batch must be at least 1"),
+        (["serve", "--queue-size", "-1"], "--queue-size must be 0 or more"),
+    ],
+)
+def test_flag_conflicts_are_refused_before_any_loading_or_conversion(argv, message, tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("loaded or converted before the flags were checked")
+
+    monkeypatch.setattr("skingpt4.backends.llamacpp.load_quantized", never)
+    monkeypatch.setattr("skingpt4.backends.transformers_llm.load_model", never)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.png").write_bytes(image_bytes())
+    assert main([argv[0], "--model", "tiny", *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1

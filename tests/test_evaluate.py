@@ -276,7 +276,14 @@ def test_the_test_split_is_scored_by_default_and_training_rows_are_warned_about(
     assert "| split | test |" in report and "{" not in report.split("## Run")[1].split("##")[0]  # named settings
 
 
-def test_an_untrained_models_report_says_so(engine, tmp_path):
+def test_an_untrained_models_report_says_so_in_a_red_banner(engine, tmp_path):
+    import re
+
     run_eval(engine, write_set(tmp_path / "data", n=2), tmp_path / "out", labels=LABELS, **FAST)
     for name in ("report.md", "report.html"):
         assert "UNTRAINED random model: these numbers measure noise" in (tmp_path / "out" / name).read_text()
+    page = (tmp_path / "out" / "report.html").read_text()
+    banner = re.search(r'<p class="banner" id="untrained">UNTRAINED random model', page)
+    style = re.search(r"\.banner\{([^}]*)\}", page)
+    assert banner and banner.start() < page.index("<h2>") and "border:2px solid #c00" in style.group(1)
+    assert "> **UNTRAINED random model" in (tmp_path / "out" / "report.md").read_text()

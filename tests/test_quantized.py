@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+from contextlib import contextmanager
 
 import gguf  # the dev extra installs skingpt4[cpu] (pyproject.toml): these tests always run
 import numpy as np
@@ -141,11 +142,11 @@ def test_a_full_key_value_store_drops_the_idle_session_first(tiny_dir, loaded, f
     expected.ask("and the cause?")
     expected.cache = None
     assert answer == expected.answer(settings)
-    sessions = [asked(engine, n) for n in range(3)]  # 3 x 160 positions at once cannot fit: out of memory
-    results = together(engine, [lambda s=s: s.answer(settings) for s in sessions])
-    assert all(isinstance(r, torch.OutOfMemoryError) for r in results) and engine.status().limit == 1
-    assert all("rash" not in str(s.conversation.messages) for s in sessions)  # withdrawn, as on a GPU
-    assert asked(engine, 0).answer(settings) == asked(roomy, 0).answer(settings)  # and it goes on serving
+    sessions = [asked(engine, n) for n in range(3)]  # 3 x 160 positions do not fit at once: they take turns
+    with decode_batches_of(engine) as rows:
+        results = together(engine, [lambda s=s: s.answer(settings) for s in sessions])
+    assert results == [asked(roomy, n).answer(settings) for n in range(3)]
+    assert max(rows) == 1 and engine.status().limit == 8  # one row at a time fits; no out-of-memory error
 
 
 def test_beams_and_choice_scoring_need_the_unquantized_model(int4, tiny_dir, tmp_path, capsys):
@@ -206,29 +207,106 @@ def test_serve_with_quantize_answers_through_the_openai_client(int4):
 
 
 def test_a_newcomer_that_does_not_fit_fails_alone_and_the_running_answer_goes_on(tiny_dir, loaded, float32):
-    """A full store never drops a row that is decoding: the newcomer's prefill fails as out of memory (503 for it
-    alone) and the running answer ends as it would have alone."""
+    """A full store never drops a row that is decoding: with admission by free positions turned off, the
+    newcomer's prefill fails as out of memory (503 for it alone) and the running answer ends as it would alone."""
     engine, roomy = small_store(tiny_dir, loaded, float32), ChatEngine(float32)
-    for e in (engine, roomy):
-        endless(e)
-    long = GenerationSettings.greedy(max_new_tokens=120)  # about 100 + 120 positions: fits the 256 alone
-    steps, reached, real_step = [], threading.Event(), engine.llm.step
-
-    def step(*args):
-        steps.append(1)
-        if len(steps) == 60:
-            reached.set()
-        return real_step(*args)
-
-    engine.llm.step = step
-    running, answers = asked(engine, 0), []
-    thread = threading.Thread(target=lambda: answers.append(running.answer(long)))
+    engine.llm.capacity = None  # what admission by free positions (the next test) prevents from happening
+    running, reached, answers = asked(engine, 0), stepping(engine, 60), []
+    thread = threading.Thread(target=lambda: answers.append(running.answer(LONG_120)))
     thread.start()
     assert reached.wait(60)
     newcomer = asked(engine, 1)  # about 100 more positions beside the running 160: they do not fit
     with pytest.raises(torch.OutOfMemoryError):
         newcomer.answer(GenerationSettings.greedy(max_new_tokens=8))
     thread.join(120)
-    assert answers == [asked(roomy, 0).answer(long)]
+    assert answers == [asked(roomy, 0).answer(LONG_120)]
     assert "rash" not in str(newcomer.conversation.messages)  # withdrawn: a retry is clean
-    assert asked(engine, 1).answer(long) == asked(roomy, 1).answer(long)  # once the store has room, it is served
+    assert asked(engine, 1).answer(LONG_120) == asked(roomy, 1).answer(LONG_120)  # with room again, it is served
+
+
+def test_a_newcomer_that_does_not_fit_yet_waits_its_turn_and_is_answered(tiny_dir, loaded, float32):
+    """Admission by free positions: a request joins only when every row fits the store at its longest; until
+    then it waits in the queue (not refused), and is answered as it would be alone."""
+    engine, roomy = small_store(tiny_dir, loaded, float32), ChatEngine(float32)
+    running, reached, answers = asked(engine, 0), stepping(engine, 60), []
+    thread = threading.Thread(target=lambda: answers.append(running.answer(LONG_120)))
+    thread.start()
+    assert reached.wait(60)
+    assert asked(engine, 1).answer(LONG_120) == asked(roomy, 1).answer(LONG_120)
+    thread.join(120)
+    assert answers == [asked(roomy, 0).answer(LONG_120)]
+
+
+LONG_120 = GenerationSettings.greedy(max_new_tokens=120)  # about 100 + 120 positions: fits the 256 alone
+
+
+def stepping(engine: ChatEngine, n: int) -> threading.Event:
+    """Made unable to end early; the event is set at the engine's `n`-th token step."""
+    endless(engine)
+    steps, reached, real_step = [], threading.Event(), engine.llm.step
+
+    def step(*args):
+        steps.append(1)
+        if len(steps) == n:
+            reached.set()
+        return real_step(*args)
+
+    engine.llm.step = step
+    return reached
+
+
+@contextmanager
+def decode_batches_of(engine: ChatEngine):
+    """The rows of each token step of an engine on llama.cpp."""
+    rows, real_step = [], engine.llm.step
+
+    def step(tokens, *args):
+        rows.append(tokens.shape[0])
+        return real_step(tokens, *args)
+
+    engine.llm.step = step
+    try:
+        yield rows
+    finally:
+        engine.llm.step = real_step
+
+
+def test_diagnose_with_quantize_int4_at_its_defaults_answers_every_photo(tiny_dir, tmp_path, int4):
+    """8 photos, the default batch of 8 and 300 new tokens: 8 x (about 100 + 300) positions do not fit llama.cpp's
+    2048 at once, so the rows take turns in the store; none fails."""
+    (tmp_path / "in").mkdir()
+    for n in range(8):
+        (tmp_path / "in" / f"{n}.png").write_bytes(image_bytes(noise_seed=n))
+    records = tmp_path / "r.jsonl"
+    argv = ["diagnose", "--model", str(tiny_dir), "--quantize", "int4", "--greedy", str(tmp_path / "in")]
+    assert main([*argv, "--out", str(records), "--no-progress"]) == 0
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    assert len(lines) == 8 and all(line["error"] is None and line["answer"] for line in lines)
+
+
+def test_eight_api_clients_at_once_against_int4_are_all_answered(int4):
+    """8 clients with a photo each and max_tokens 300, at once: 8 x (about 100 + 300) positions exceed llama.cpp's
+    store, so some wait in the queue for room; every one is answered (none 503), in full."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    from test_api import Server, user
+
+    from skingpt4.serve.api import ServeConfig, create_app
+
+    engine = ChatEngine(int4)
+    endless(engine)  # every answer runs its 300 tokens
+    server = Server(create_app(engine, ServeConfig(max_tokens=300, warmup=False)))
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0, timeout=300)
+
+    def ask(n: int):
+        messages = [user(f"case {n}: what is this?", image_bytes(noise_seed=n))]
+        return client.chat.completions.create(model="skingpt4", messages=messages, max_tokens=300, temperature=0)
+
+    try:
+        with ThreadPoolExecutor(8) as pool, decode_batches_of(engine) as rows:
+            replies = list(pool.map(ask, range(8)))
+    finally:
+        server.stop()
+    assert [r.usage.completion_tokens for r in replies] == [300] * 8
+    assert 1 < max(rows) < 8  # rows shared the store, as many as fit at once

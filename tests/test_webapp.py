@@ -405,6 +405,44 @@ def test_browser_flow(web, tmp_path):
     assert cached_files(web) == []  # after a download and a Restart nothing of the consultation is on disk
 
 
+def test_the_chat_panels_own_icons_share_nothing_and_clear_the_consultation(web, tmp_path):
+    """No share icon (no share link is promised); the trash icon starts a new consultation, as Restart does, so
+    the cleared turns do not come back in the next answer or in the summary."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(web.url)
+            page.locator("input[type=file]").set_input_files(write(tmp_path, "lesion.jpg", gps_jpeg()))
+            expect(page.locator("#photo-strip img")).to_have_count(1, timeout=30_000)
+            page.locator("#start").click()
+            page.locator("#question textarea").fill("zebra canary question?")
+            page.locator("#question textarea").press("Enter")
+            bot = page.locator("#chat [data-testid=bot]")
+            expect(bot.first).to_contain_text(NOTICE, timeout=30_000)
+            icons = page.locator("#chat button[aria-label]")
+            labels = [icons.nth(i).get_attribute("aria-label") for i in range(icons.count())]
+            assert labels == ["Clear"]  # no share icon (one without a label), no copy-all
+            page.locator("#chat button[aria-label='Clear']").click()
+            expect(bot).to_have_count(0, timeout=30_000)
+            expect(page.locator("#photo-strip img")).to_have_count(0)  # a new consultation: its photo went too
+            expect(page.locator("#question textarea")).to_have_attribute("placeholder", ADD_PHOTO)
+            page.locator("input[type=file]").set_input_files(write(tmp_path, "other.jpg", gps_jpeg()))
+            expect(page.locator("#photo-strip img")).to_have_count(1, timeout=30_000)
+            page.locator("#start").click()
+            page.locator("#question textarea").fill("second question?")
+            page.locator("#question textarea").press("Enter")
+            expect(bot.first).to_contain_text(NOTICE, timeout=30_000)
+            with page.expect_download() as download:
+                page.locator("#download").click()
+            summary = Path(download.value.path()).read_text()
+            assert "second question?" in summary and "zebra canary" not in summary
+        finally:
+            browser.close()
+
+
 def test_two_tabs_add_the_same_photo_at_once(web, tmp_path):
     """Gradio stores identical uploads at one path: both events must still get the photo."""
     from playwright.sync_api import expect, sync_playwright

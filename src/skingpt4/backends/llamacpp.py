@@ -105,6 +105,7 @@ class LlamaCppLLM:
         weakref.finalize(self, _close, lc, self.ctx, self.model)
         self.memory = lc.llama_get_memory(self.ctx)
         self.embed_tokens, self.vocab, self.kv_cells = embed_tokens, vocab, kv_cells
+        self.capacity = kv_cells  # the scheduler admits only rows that fit it at their longest
         self.width = lc.llama_model_n_embd(self.model)
         self.free_ids = list(range(MAX_SEQUENCES - 1, -1, -1))
         self.freed: list[int] = []  # ids of sequences dropped by their owners, not yet cleared

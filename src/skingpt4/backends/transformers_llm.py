@@ -32,6 +32,8 @@ CACHE_ARGUMENT = _cache_argument()
 class TransformersLLM:
     """The transformers language model (`Blip2ForConditionalGeneration.language_model`)."""
 
+    capacity = None  # caches grow as needed, as far as the device's memory goes (then out of memory: 503)
+
     def __init__(self, language_model: torch.nn.Module):
         self.model = language_model
 

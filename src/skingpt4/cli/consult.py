@@ -7,7 +7,7 @@ from pathlib import Path
 
 from skingpt4.cli import flags
 from skingpt4.errors import InputError
-from skingpt4.net import exposure_warning
+from skingpt4.net import check_port, exposure_warning
 
 
 def add_commands(command) -> None:
@@ -124,6 +124,7 @@ def cmd_demo(args) -> int:
         settings=flags.settings(args),
         **{k: getattr(args, k) for k in ("request_timeout_s", "max_connections") if getattr(args, k) is not None},
     )
+    check_port(config.host, config.port)  # before the model loads
     engine = flags.engine(args)
     flags.announce(engine)
     with flags.records_store(args, engine) as store:
@@ -156,6 +157,7 @@ def cmd_serve(args) -> int:
         image_root=args.image_root,
         **{k: v for k, v in options.items() if v is not None},
     )
+    check_port(config.host, config.port)  # before the model loads
     engine = flags.engine(args, max_images=config.max_images)
     flags.announce(engine)
     if warning := exposure_warning(config.host, "" if config.api_key else "an API key", "use the model"):

@@ -161,10 +161,11 @@ def engine_loading(args) -> Future:
 
 
 def announce(engine) -> None:
-    """The intended-use notice, and the model's own warning (an untrained model), on stderr."""
+    """The intended-use notice, the model's id and folder, and its own warning (an untrained model), on stderr."""
     from skingpt4.serve.safety import INTENDED_USE
 
     print(INTENDED_USE, file=sys.stderr)
+    print(f"model: {engine.info.model_id} in {engine.info.path}", file=sys.stderr)  # which one `tiny` named
     if engine.info.warning:
         print(f"WARNING: {engine.info.warning}", file=sys.stderr)
 

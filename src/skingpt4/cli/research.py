@@ -253,8 +253,10 @@ def cmd_review(args) -> int:
             raise InputError("review summary needs --store (the ratings database)")
         print(format_summary(summary(Path(args.store), flags.optional_path(args.out))))
         return 0
+    from skingpt4.net import check_port
     from skingpt4.review.page import serve_review
 
+    check_port(args.host, args.port)  # before the transcripts and the store are read
     raters = [name.strip() for name in args.raters.split(",") if name.strip()] if args.raters else None
     transcripts = Path(args.transcripts)
     store = Path(args.store) if args.store else transcripts.parent / "ratings.sqlite"

@@ -121,6 +121,8 @@ class Cache(Protocol):
 class LanguageModel(Protocol):
     """The transformer layers, as our engine's decode loop uses them."""
 
+    capacity: int | None  # positions its key/value store holds for all rows together (None: bounded by memory)
+
     def new_cache(self) -> Cache:
         """An empty cache."""
 

@@ -12,9 +12,11 @@ cache's rows; on llama.cpp each row is a sequence of its own and the padding is 
 is chosen by its own `sampler.Sampler`. Beam search does not come here: it runs alone, on transformers' `generate`,
 between token steps (`ChatEngine`).
 
-An out-of-memory error in a token step (or in prefilling new prompts together) fails the requests in the batch
-(the API answers them 503) and halves the batch the scheduler admits next; it grows back by one every
-`REGROW_STEPS` clean steps.
+A back end with a fixed key/value store (llama.cpp: `LanguageModel.capacity` positions) admits a request only when
+every row fits it at its longest (prompt and all its new tokens); the others wait their turn in the queue, so the
+store never runs out mid-answer. An out-of-memory error in a token step (or in prefilling new prompts together)
+fails the requests in the batch (the API answers them 503) and halves the batch the scheduler admits next; it grows
+back by one every `REGROW_STEPS` clean steps.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ class Request:
 
     def __post_init__(self):
         self.sampler = sampler.Sampler(self.settings)
+
+
+def _longest(r: Request) -> int:
+    """The positions a request's row holds at most: its prompt and every new token it may ask for."""
+    return len(r.ids) + r.settings.max_new_tokens
 
 
 class Batch:
@@ -164,20 +171,30 @@ class Scheduler:
         joining = []
         try:
             with self.engine.lock, torch.no_grad():
-                with self.wake:  # whoever came while the lock was busy joins now
+                with self.wake:  # whoever came while the lock was busy joins now, in order, as far as rows fit
                     self._drop_cancelled()
-                    while self.waiting and len(self.active) + len(joining) < self.limit:
+                    while self.waiting and self._fits(self.waiting[0], joining):
                         joining.append(self.waiting.popleft())
                 self._admit(joining)
                 if self.active:
                     self._step()
         except BaseException as exc:  # never leave a request waiting: fail those the broken step held
-            unexpected = isinstance(exc, Exception) and not isinstance(exc, torch.OutOfMemoryError)
-            log.error("token step failed: %s", type(exc).__name__, exc_info=exc if unexpected else None)
+            if isinstance(exc, Exception):  # not Ctrl+C: that is no failure to report
+                unexpected = not isinstance(exc, torch.OutOfMemoryError)
+                log.error("token step failed: %s", type(exc).__name__, exc_info=exc if unexpected else None)
             self._fail([r for r in joining if not r.done.is_set() and r not in self.active], exc)
             self._fail(self.active, exc)
             if not isinstance(exc, Exception):  # Ctrl+C and the like reach the caller
                 raise
+
+    def _fits(self, r: Request, joining: list[Request]) -> bool:
+        """Whether `r` may join now: a row is free, and the back end can hold every row at its longest (its prompt
+        and all the new tokens it may ask for) beside the others'. A request that waits keeps its place in line."""
+        rows = [*self.active, *joining]
+        if len(rows) >= self.limit:
+            return False
+        capacity = self.engine.llm.capacity
+        return capacity is None or not rows or sum(map(_longest, [*rows, r])) <= capacity
 
     def _admit(self, joining: list[Request]) -> None:
         """Prefill the joining requests and add them to the batch: new prompts together, in one left-padded batch;

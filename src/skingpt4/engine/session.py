@@ -146,9 +146,9 @@ class ChatSession:
         thread.start()
         try:
             yield from streamer
-        except GeneratorExit:  # the consumer stopped reading: stop after the current token step
+        except BaseException:  # the consumer stopped reading, or Ctrl+C: stop after the current token step
             cancel.set()
-            _join(thread)
+            _join(thread)  # never leave the model running in a thread the interpreter may kill on its way out
             raise
         _join(thread)
         if failure:

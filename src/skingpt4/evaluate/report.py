@@ -55,7 +55,8 @@ def fmt_ci(m: dict | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The document: blocks are ("h1"|"h2"|"p", text), ("table", header, rows) or ("img", file name, alt text)
+# The document: blocks are ("h1"|"h2"|"p"|"banner", text), ("table", header, rows) or ("img", file name, alt text);
+# a banner is the red notice an untrained model's report opens with, as its web app and review page do
 
 
 def build_blocks(metrics: dict, title: str, consistency, latency, calib, images: dict[str, str]) -> list[tuple]:
@@ -63,7 +64,7 @@ def build_blocks(metrics: dict, title: str, consistency, latency, calib, images:
     run = metrics.get("run") or {}
     blocks = [("h1", title)]
     if run.get("untrained"):
-        blocks.append(("p", UNTRAINED_NOTICE))
+        blocks.append(("banner", UNTRAINED_NOTICE))
     blocks += [("p", f"Warning: {warning}.") for warning in metrics.get("warnings", ())]
     blocks.append(("p", _summary(metrics)))
     if run:
@@ -203,6 +204,8 @@ def render_markdown(blocks: list[tuple]) -> str:
             out.append(f"{'#' * int(kind[1])} {_md(rest[0])}")
         elif kind == "p":
             out.append(_md(rest[0]))
+        elif kind == "banner":
+            out.append(f"> **{_md(rest[0])}**")
         elif kind == "img":
             out.append(f"![{_md(rest[1])}]({rest[0]})")
         else:
@@ -229,6 +232,8 @@ def render_html(blocks: list[tuple], title: str, png: dict[str, bytes]) -> str:
     for kind, *rest in blocks:
         if kind in ("h1", "h2", "p"):
             body.append(f"<{kind}>{e(rest[0])}</{kind}>")
+        elif kind == "banner":
+            body.append(f'<p class="banner" id="untrained">{e(rest[0])}</p>')
         elif kind == "img":
             data = base64.b64encode(png[rest[0]]).decode("ascii")
             body.append(f'<img src="data:image/png;base64,{data}" alt="{e(rest[1])}">')
@@ -241,6 +246,7 @@ def render_html(blocks: list[tuple], title: str, png: dict[str, bytes]) -> str:
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}"
         "th{background:#f3f3f3}img{max-width:100%;display:block;margin:1em 0}"
+        ".banner{background:#fee;border:2px solid #c00;padding:8px;font-weight:bold}"
     )
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{e(title)}</title>\n'

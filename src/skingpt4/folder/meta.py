@@ -124,8 +124,9 @@ def add_image_token(tokenizer) -> int:
 
 
 def model_folder(model: str | Path) -> Path | None:
-    """The folder `model` names, checked to be a model folder (None for `tiny`); cheap, without loading anything."""
-    if str(model) == TINY:
+    """The folder `model` names, checked to be a model folder (None for the built-in tiny model: `tiny`, unless a
+    folder of that name is here, which wins); cheap, without loading anything."""
+    if str(model) == TINY and not Path(TINY).exists():
         return None
     path = Path(model).expanduser()
     if not path.is_dir():

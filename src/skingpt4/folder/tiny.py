@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from skingpt4.engine.sampler import folder_generation_config
+from skingpt4.errors import InputError
 from skingpt4.folder.meta import (
     IMAGE_TOKEN,
     META_FILE,
@@ -107,6 +108,8 @@ def create_random_model(
     from transformers import Blip2ForConditionalGeneration, LlamaConfig
 
     out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # never mix random weights into a model folder
+        raise InputError(f"{out} exists and is not an empty folder: give a new folder for the tiny model")
     tokenizer = tokenizer or build_tiny_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     text = {**text, "vocab_size": max(text.get("vocab_size", 0), len(tokenizer))}

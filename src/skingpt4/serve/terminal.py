@@ -83,6 +83,7 @@ class _Session:
             from skingpt4.serve.consult import Consultation
 
             engine = self.engine.result() if isinstance(self.engine, Future) else self.engine
+            self.say(f"model: {engine.info.model_id} in {engine.info.path}")
             if engine.info.warning:
                 self.say(f"WARNING: {engine.info.warning}")
             self.consultation = Consultation(engine, "chat", store=self.store, decode=load_image, settle=True)

@@ -307,6 +307,7 @@ class WebApp:
                     sanitize_html=True,
                     allow_tags=False,
                     feedback_options=None,
+                    buttons=[],  # no share icon (the page promises no share link), no copy-all
                 )
                 ui.question = gr.Textbox(
                     placeholder=ADD_PHOTO,
@@ -360,6 +361,11 @@ class WebApp:
         cleared = [ui.state, ui.chat, ui.photos, ui.question, ui.send, *ui.clinical, ui.download, ui.status]
         # a photo still being added would otherwise bring the old consultation back as this session's state
         ui.restart.click(self.restart, [ui.state], cleared, cancels=[*asks, adding], api_name="restart", **cheap)
+        # the chat panel's own trash icon: emptying the display alone would let the cleared turns come back in the
+        # next answer and in the summary, so it starts a new consultation, as Restart does
+        ui.chat.clear(
+            self.restart, [ui.state], cleared, cancels=[*asks, adding], **{**cheap, "api_visibility": "private"}
+        )
 
 
 def _message(role: str, text: str) -> dict:
