@@ -190,6 +190,22 @@ def test_convert_command(tmp_path, lavis_files, llm_dir, dims, capsys):
     assert "unknown template 'alpaca'" in capsys.readouterr().err
 
 
+def test_records_export_into_a_closed_pipe_stops_quietly(tmp_path):
+    """`skingpt4 records export | head -1`: the reader stops early; no 'Broken pipe' error, the status of a pipe's
+    writer whose reader left (141, as `cat` gives)."""
+    from skingpt4.serve.records import RecordStore
+
+    db = tmp_path / "records.sqlite"
+    with RecordStore(db) as store:
+        for _ in range(400):
+            store.save({"surface": "chat", "model_id": "m", "turns": [{"role": "user", "text": "q" * 500}]})
+    script = (
+        f"{sys.executable} -m skingpt4 records export --records {db} | head -c 10 > /dev/null; echo ${{PIPESTATUS[0]}}"
+    )
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "141" and "Broken pipe" not in done.stderr and "Exception" not in done.stderr
+
+
 def test_records_commands(tmp_path, capsys):
     from skingpt4.serve.records import RecordStore
 
@@ -204,6 +220,10 @@ def test_records_commands(tmp_path, capsys):
     assert all(i in listed for i in ids) and "1 turns" in listed
     assert main(["records", "export", "--records", str(db), "--out", str(tmp_path / "all.jsonl")]) == 0
     assert len((tmp_path / "all.jsonl").read_text().splitlines()) == 3
+    assert main(["records", "list", "--records", str(db), "--id", ids[1]]) == 0
+    assert capsys.readouterr().out.splitlines() == [line for line in listed.splitlines() if ids[1] in line]
+    assert main(["records", "delete", "--records", str(db), "--id", "nope"]) == 2  # names nothing: not a no-op
+    assert capsys.readouterr().err.startswith("error: no record with id nope in ")
     assert main(["records", "delete", "--records", str(db), "--id", ids[0]]) == 0
     assert main(["records", "delete", "--records", str(db)]) == 2  # says which selection is missing
     assert "exactly one of --id, --all" in capsys.readouterr().err
@@ -470,3 +490,38 @@ def test_flag_conflicts_are_refused_before_any_loading_or_conversion(argv, messa
     assert main([argv[0], "--model", "tiny", *argv[1:]]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_diagnose_edges_say_what_they_did(tmp_path, capsys):
+    """Files that are not images are counted, a rejected image has no answering time, an --out folder that does
+    not exist and an empty --prompt are refused before anything loads."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.png").write_bytes(image_bytes())
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    (photos / "notes.txt").write_text("patient notes")
+    (photos / "scan.pdf").write_bytes(b"%PDF-1.4")
+    base = ["diagnose", "--model", "tiny", str(photos), "--greedy", "--max-new-tokens", "4", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "missing" / "r.jsonl")]) == 2
+    assert capsys.readouterr().err == f"error: --out: no such folder {tmp_path / 'missing'} (create it first)\n"
+    assert not (tmp_path / "missing").exists()
+    assert main([*base, "--out", str(tmp_path / "r.jsonl"), "--prompt", " "]) == 2
+    assert capsys.readouterr().err == "error: --prompt is empty: give the question to ask\n"
+    assert main([*base, "--out", str(tmp_path / "r.jsonl")]) == 1  # one image failed
+    assert "skipped 2 files in the folders that are not images" in capsys.readouterr().err
+    records = {Path(r["image"]).name: r for r in map(json.loads, (tmp_path / "r.jsonl").read_text().splitlines())}
+    assert records["a.png"]["seconds"] > 0 and records["broken.jpg"]["seconds"] is None
+    assert records["broken.jpg"]["error"] and records["a.png"]["error"] is None
+
+
+def test_terminal_chat_shows_the_disclaimer_in_full_once_and_says_when_no_photo_was_added(engine, tmp_path):
+    from skingpt4.serve.terminal import NO_PHOTO, NOTICE
+
+    script = "What is it?\nAnd the cause?\n/save " + str(tmp_path / "t.json") + "\n/quit\n"
+    out = io.StringIO()
+    assert run_chat(engine, GenerationSettings.greedy(max_new_tokens=4), stdin=io.StringIO(script), stdout=out) == 0
+    text = out.getvalue()
+    assert text.count(DISCLAIMER) == 1 and text.count(NOTICE) == 1  # full after the first answer, one line after
+    assert text.count(NO_PHOTO) == 1 and text.index(NO_PHOTO) < text.index("skingpt4> ")
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert all(t["text"].endswith(DISCLAIMER) for t in saved["turns"] if t["role"] == "assistant")  # kept in full

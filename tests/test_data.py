@@ -469,7 +469,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         (("ham10000", ham, tmp_path / "o.jsonl"), {}, "ham10000 CSV ham.csv: missing column(s) image_id, dx"),
         (("skincon", ham, tmp_path / "o.jsonl"), {}, "skincon CSV ham.csv: missing column ImageID (or DDI_file)"),
         (("fitzpatrick17k", fitz, tmp_path / "o.jsonl"), {"images": tmp_path / "images"}, "no usable images from "),
-        (("folder", tmp_path / "images", tmp_path / "o.jsonl"), {}, "no usable images from "),
+        (("folder", tmp_path / "images", tmp_path / "o.jsonl"), {}, "outside any class folder (as "),
         (("folder", tmp_path / "absent", tmp_path / "o.jsonl"), {}, "folder: not a folder: "),
         (("folder", tmp_path, tmp_path / "o.json"), {}, "a manifest must be a .jsonl file, got "),
         (
@@ -492,8 +492,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         prepare("ham10000", latin, tmp_path / "o.jsonl")
     bad_yaml = tmp_path / "map.yaml"
     bad_yaml.write_text("- just\n- a list\n")
+    picture(tmp_path / "classes" / "red" / "a.jpg", 1)
     with pytest.raises(InputError, match=r"^mapping file map.yaml: expected \{class: group\}"):
-        prepare("folder", tmp_path / "images", tmp_path / "o.jsonl", mapping=bad_yaml)
+        prepare("folder", tmp_path / "classes", tmp_path / "o.jsonl", mapping=bad_yaml)
 
 
 def test_minigpt4_layout_through_a_symlinked_folder_points_at_its_images(tmp_path):
@@ -537,3 +538,26 @@ def test_the_next_batch_decodes_while_this_one_is_answered(tmp_path):
             time.sleep(0.01)
         assert len(started) == min(n + 2, len(items))  # the next batch began before this one was let go
     assert seen == [(item.key, n < 3, int(n < 3)) for n, item in enumerate(items)]
+
+
+def test_a_class_folder_layout_is_explained_when_it_is_not_one(tmp_path):
+    flat = tmp_path / "flat"
+    picture(flat / "a.jpg", 1)
+    with pytest.raises(InputError, match=r"^folder: 1 photos lie in .*flat outside any class folder \(as "):
+        prepare("folder", flat, tmp_path / "o.jsonl")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match=r"^folder: .*empty has no class sub-folders: one per class, named for it"):
+        prepare("folder", empty, tmp_path / "o.jsonl")
+
+
+def test_an_empty_test_split_is_reported(tmp_path):
+    """A few photos at 0.8/0.1/0.1 can leave no test image: `eval` would then refuse by default, so prepare says
+    so (and says nothing where no test share was asked for)."""
+    for n in range(4):
+        picture(tmp_path / "set" / ("red" if n % 2 else "blue") / f"{n}.jpg", n)
+    report = prepare("folder", tmp_path / "set", tmp_path / "o.jsonl")
+    assert report.splits.get("test", 0) == 0
+    assert "warning: the test split is empty, so `skingpt4 eval` finds nothing to score by default" in report.text()
+    asked = prepare("folder", tmp_path / "set", tmp_path / "p.jsonl", fractions=(0.5, 0.5, 0.0))
+    assert "test split is empty" not in asked.text()

@@ -439,6 +439,7 @@ def test_the_chat_panels_own_icons_share_nothing_and_clear_the_consultation(web,
                 page.locator("#download").click()
             summary = Path(download.value.path()).read_text()
             assert "second question?" in summary and "zebra canary" not in summary
+            assert re.fullmatch(r"consultation-summary-\d{4}-\d\d-\d\d-\d{4}\.html", download.value.suggested_filename)
         finally:
             browser.close()
 

@@ -174,7 +174,9 @@ def cmd_serve(args) -> int:
 def cmd_records(args) -> int:
     """list, export or delete consultation records
 
-    skingpt4 records list | skingpt4 records export --out all.jsonl | skingpt4 records delete --all
+    skingpt4 records list
+      skingpt4 records export --out all.jsonl
+      skingpt4 records delete --older-than 30
     """
     from skingpt4.serve.records import RecordStore, default_records_path
 
@@ -182,21 +184,28 @@ def cmd_records(args) -> int:
     if not path.is_file():  # never create an empty database here: "deleted 0" would look like an erasure
         raise InputError(f"no records database at {path} (records are kept with --record)")
     with RecordStore(path) as store:
+        known = {row["id"] for row in store.list()}
+        if missing := [i for i in args.id if i not in known]:  # an id that names nothing is a mistake, not a no-op
+            raise InputError(f"no record with id {missing[0]} in {path} (`skingpt4 records list` shows them)")
         if args.action == "list":
-            rows = store.list()
-            for row in rows:
-                print(
-                    f"{row['id']}  {row['updated']}  {row['surface']:<8} {row['model_id']}  "
-                    f"{row['images']} images, {row['turns']} turns"
-                )
-            if not rows:
-                print(f"no records in {path}", file=sys.stderr)
+            _list(store, path, set(args.id))
         elif args.action == "export":
             count = store.export(args.out or sys.stdout, args.id or None)
             print(f"exported {count} records" + (f" to {args.out}" if args.out else ""), file=sys.stderr)
         else:
             print(f"deleted {_delete(store, args)} records")
     return 0
+
+
+def _list(store, path: Path, ids: set[str]) -> None:
+    rows = [row for row in store.list() if not ids or row["id"] in ids]
+    for row in rows:
+        print(
+            f"{row['id']}  {row['updated']}  {row['surface']:<8} {row['model_id']}  "
+            f"{row['images']} images, {row['turns']} turns"
+        )
+    if not rows:
+        print(f"no records in {path}", file=sys.stderr)
 
 
 def _delete(store, args) -> int:
@@ -228,7 +237,7 @@ def cmd_diagnose(args) -> int:
 
     skingpt4 diagnose --model ./skingpt4 photos/ manifest.jsonl --out results.jsonl --greedy
     """
-    from skingpt4.data.manifest import collect
+    from skingpt4.data.manifest import IMAGE_TYPES, collect, not_images
     from skingpt4.inputs.conversation import CLINICAL_PROMPTS
     from skingpt4.serve.diagnose import diagnose, results_file
 
@@ -236,8 +245,14 @@ def cmd_diagnose(args) -> int:
         raise InputError("--batch-size must be at least 1")
     if args.clinical and args.prompt:
         raise InputError("use either --clinical or --prompt, not both")
+    if any(not prompt.strip() for prompt in args.prompt or []):
+        raise InputError("--prompt is empty: give the question to ask")
+    if not Path(args.out).expanduser().parent.is_dir():  # a typo must not make folders
+        raise InputError(f"--out: no such folder {Path(args.out).expanduser().parent} (create it first)")
     settings = flags.settings(args)
     items = collect(args.inputs)
+    if others := not_images(args.inputs):
+        print(f"skipped {others} files in the folders that are not images ({IMAGE_TYPES})", file=sys.stderr)
     out = results_file(args.out)
     engine = flags.engine(args)
     flags.announce(engine)

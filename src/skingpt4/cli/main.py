@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SkinGPT4Error, ImageRejected) as exc:
         print(f"error: {readable(str(exc))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`records export | head`): stop quietly, as `cat` does
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE
     except OSError as exc:  # a path that cannot be created, read or written
         where = f": {exc.filename}" if exc.filename else ""
         print(readable(f"error: {exc.strerror or exc}{where}"), file=sys.stderr)
@@ -61,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     for family in (weights, consult, research):
         family.add_commands(command)
     return parser
+
+
+def _quiet_stdout() -> None:
+    """Point standard output at /dev/null, so that flushing it at exit does not raise again."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout without a file descriptor (a test's capture): nothing to flush there
+        pass
 
 
 def _quiet_libraries() -> None:

@@ -116,7 +116,7 @@ def review_flags(review) -> None:
 def cmd_prepare_data(args) -> int:
     """turn a public dermatology set or a class folder into a training manifest
 
-    skingpt4 prepare-data skincon annotations_fitzpatrick17k.csv --images fitzpatrick17k/ \
+    skingpt4 prepare-data skincon annotations_fitzpatrick17k.csv --images fitzpatrick17k/ \\
           --out data/skincon/manifest.jsonl
       skingpt4 prepare-data dermnet dermnet/ --mapping groups.yaml --out data/dermnet/manifest.jsonl
     """

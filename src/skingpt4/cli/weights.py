@@ -48,8 +48,8 @@ def cmd_create_tiny(args) -> int:
 def cmd_convert(args) -> int:
     """convert the original checkpoints into one model folder
 
-    skingpt4 convert --vit eva_vit_g.pth --qformer blip2_pretrained_flant5xxl.pth \
-        --llm ./Llama-2-13b-chat-hf --projection skingpt4_llama2_13bchat_base_pretrain_stage2.pth \
+    skingpt4 convert --vit eva_vit_g.pth --qformer blip2_pretrained_flant5xxl.pth \\
+        --llm ./Llama-2-13b-chat-hf --projection skingpt4_llama2_13bchat_base_pretrain_stage2.pth \\
         --out ./skingpt4
     """
     from skingpt4.folder.convert import ConvertOptions, convert

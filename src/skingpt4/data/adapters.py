@@ -273,7 +273,14 @@ def folder(root: Path, images: Path | None = None, *, source: str = "folder") ->
     tops = [h for h in halves if h.is_dir()] or [root]
     records = []
     for top in tops:
-        for class_dir in sorted(p for p in top.iterdir() if p.is_dir()):
+        loose = [p for p in top.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        classes = [p for p in top.iterdir() if p.is_dir()]
+        example, where = readable(str(top / "eczema" / "photo1.jpg")), readable(str(top))
+        if loose:  # a photo outside a class folder has no label: say so, never drop it silently
+            raise InputError(f"{source}: {len(loose)} photos lie in {where} outside any class folder (as {example})")
+        if not classes:
+            raise InputError(f"{source}: {where} has no class sub-folders: one per class, named for it (as {example})")
+        for class_dir in sorted(classes):
             label = _class_name(readable(class_dir.name), source)  # a folder name that is not UTF-8, shown
             if not label:
                 raise InputError(f"{source}: the class folder {readable(str(class_dir))!r} names no class")

@@ -57,6 +57,20 @@ def collect(inputs: list[str]) -> list[Item]:
     return list(items.values())
 
 
+IMAGE_TYPES = "JPEG, PNG, WebP, BMP and TIFF are read"
+
+
+def not_images(inputs: list[str]) -> int:
+    """Files in the given folders that `collect` passes over: not images by their suffix (hidden files aside)."""
+    count = 0
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            others = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES]
+            count += sum(not p.name.startswith(".") for p in others)
+    return count
+
+
 def walk_folder(root: Path) -> Iterator[Path]:
     """Image files under `root`, sorted; symlinks are followed only when they stay inside `root`."""
     top = root.resolve()

@@ -60,6 +60,7 @@ class Report:
     skin_types: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> I-II/III-IV/V-VI/unknown
     concepts_matched: int | None = None  # labelled images that got a concept sentence (with `concepts`)
     stratified: bool = False
+    test_share: float = 0.0  # asked for; a small set can still leave the test split empty
     notes: list[str] = field(default_factory=list)
 
     def absent_classes(self) -> dict[str, list[str]]:
@@ -101,6 +102,11 @@ class Report:
         for split, absent in self.absent_classes().items():
             hint = "" if self.stratified else " (--stratify balances classes across splits)"
             lines.append(f"warning: {len(absent)} classes have no image in {split}: {', '.join(absent[:5])}{hint}")
+        if self.written and self.test_share > 0 and not self.splits.get("test"):
+            lines.append(
+                "warning: the test split is empty, so `skingpt4 eval` finds nothing to score by default "
+                "(give it a larger share with --split, or more images)"
+            )
         return "\n".join(lines)
 
 
@@ -137,7 +143,7 @@ def prepare(
     if adapter_options and format != "fitzpatrick17k":
         raise InputError(f"--label-column and --skin-type-columns are fitzpatrick17k's options, not {format}'s")
     records = read_source_records(format, source, images, adapter_options or {})
-    report = Report(format, out, read=len(records))
+    report = Report(format, out, read=len(records), test_share=fractions[2])
     if source.is_file() and (separator := adapters.delimiter(source)) != ",":
         report.notes.append(f"{source.name} read as {adapters.SEPARATORS[separator]} (the separator its header uses)")
     report.excluded = dict(Counter(r["exclude"] for r in records if "exclude" in r))

@@ -107,7 +107,8 @@ def _stale(out: RecordFile, items: list[Item], model_id: str, prompts: list[str]
 
 def run_batch(engine: Engine, loaded, prompts: list[str], settings, store=None) -> list[dict]:
     """Encode and answer one batch, as `load_images` gave it; a bad image or a failed generation is an error
-    record. "seconds" is the answering time per image (the batch was decoded while the one before was answered)."""
+    record. "seconds" is the batch's answering time shared by the images it answered (they are answered together;
+    the batch was decoded while the one before was answered); a rejected image was not answered: None."""
     started = time.perf_counter()
     records, good, images = loaded
     if good:
@@ -116,9 +117,9 @@ def run_batch(engine: Engine, loaded, prompts: list[str], settings, store=None) 
         except (RuntimeError, ValueError) as exc:  # e.g. out of memory: record it, keep going
             for record in good:
                 record["error"] = f"{RETRY}: {first_line(exc)}"
-    seconds = round((time.perf_counter() - started) / len(records), 4)
+    seconds = round((time.perf_counter() - started) / max(len(good), 1), 4)
     for record in records:
-        record["seconds"] = seconds
+        record["seconds"] = seconds if any(record is g for g in good) else None
     if store is not None:
         _keep(engine, store, [(r, i) for r, i in zip(good, images) if r["error"] is None], settings)
     return records

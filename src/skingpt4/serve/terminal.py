@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, TextIO
 from skingpt4.engine.settings import GenerationSettings
 from skingpt4.errors import SkinGPT4Error, first_line
 from skingpt4.inputs.images import ImageRejected, load_image
-from skingpt4.serve.safety import INTENDED_USE
+from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
 
 if TYPE_CHECKING:
     from skingpt4.engine.protocol import Engine
     from skingpt4.serve.consult import Consultation
 
+NO_PHOTO = "(no photo in this consultation: the model answers from the text alone; add one with /image PATH)"
+NOTICE = "(Research tool, not a diagnosis: see the disclaimer after the first answer.)"
 HELP = "commands: /image PATH  add a photo | /reset  new consultation | /save FILE  save transcript | /quit"
 
 
@@ -62,10 +64,13 @@ def run_chat(
                 return 0
             continue
         consultation = session()  # a model still loading is waited for (and its warning shown) first
+        if not consultation.images and not session.hinted:
+            say(NO_PHOTO)
+            session.hinted = True
         stdout.write("skingpt4> ")
         try:
             for piece in consultation.reply(line, settings):
-                say(piece, end="")
+                say(session.shortened(piece), end="")
         except (SkinGPT4Error, RuntimeError, ValueError) as exc:  # e.g. out of memory: say so, keep the chat
             say(f"\nerror: {first_line(exc)}")
             continue
@@ -77,6 +82,15 @@ class _Session:
 
     def __init__(self, engine, store, say):
         self.engine, self.store, self.say, self.consultation = engine, store, say, None
+        self.disclaimed = self.hinted = False  # the full disclaimer shown; the no-photo hint given
+
+    def shortened(self, piece: str) -> str:
+        """The full disclaimer the first time an answer ends with it, one line after that (the saved transcript
+        and the records keep it in full)."""
+        if DISCLAIMER not in piece:
+            return piece
+        short, self.disclaimed = (NOTICE if self.disclaimed else DISCLAIMER), True
+        return piece.replace(DISCLAIMER, short)
 
     def __call__(self) -> Consultation:
         if self.consultation is None:
@@ -99,6 +113,7 @@ def _command(session: _Session, line: str, say) -> str | None:
         _add_image(session(), arg, say)
     elif name == "/reset":
         session().reset()
+        session.hinted = False
         say("(new consultation: images and history cleared)")
     elif name == "/save" and arg:
         try:

@@ -23,6 +23,7 @@ options, credentials, clean-up) is `web_launch.py`'s job.
 from __future__ import annotations
 
 import base64
+import datetime
 import html
 import logging
 import os
@@ -55,7 +56,7 @@ CLINICAL_LABELS = ("1. Describe it", "2. Other features", "3. Cause", "4. Treatm
 STOPPED = "Stopped; the question was withdrawn."
 ADD_PHOTO = "Add a photo and press Start chat"
 ASK = "Ask about the photo(s), or use a clinical question below"
-SUMMARY_NAME = "consultation-summary.html"
+SUMMARY_NAME = "consultation-summary-{:%Y-%m-%d-%H%M}.html"  # the time it was made: several do not collide
 DOWNLOAD = "Download summary"
 NOTICE = "(Research tool, not a diagnosis: see the notice below the chat.)"  # under each answer; the full text once
 _EXPECTED = (SkinGPT4Error, ImageRejected)  # one-line reasons meant for the user
@@ -261,8 +262,9 @@ class WebApp:
                 "<span id='download' aria-disabled='true' style='opacity:.5'>Download summary (after an answer)</span>"
             )
         page = base64.b64encode(visit.consultation.summary_html().encode("utf-8")).decode("ascii")
+        name = SUMMARY_NAME.format(datetime.datetime.now())
         return (
-            f"<a id='download' download='{SUMMARY_NAME}' href='data:text/html;charset=utf-8;base64,{page}' "
+            f"<a id='download' download='{name}' href='data:text/html;charset=utf-8;base64,{page}' "
             f"style='font-weight:600'>{DOWNLOAD}</a>"
         )
 
