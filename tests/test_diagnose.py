@@ -198,3 +198,35 @@ def test_answers_pass_the_safety_rails_and_records_keep_no_file_names(engine, ph
     assert {k["images"][0]["sha256"] for k in kept} == {r["image_sha256"] for r in records}
     raw = (tmp_path / "records.sqlite").read_bytes() + (tmp_path / "records.sqlite-wal").read_bytes()
     assert all(item.path.name.encode() not in raw for item in items)  # no file names in the store
+
+
+def test_a_batch_that_runs_out_of_memory_is_answered_again_in_halves(loaded, tmp_path, monkeypatch):
+    """Out of memory in a batch of 4 (the engine then admits 2): the 4 photos are answered in two halves, each as
+    it would be alone; none is left failed."""
+    import torch
+    from conftest import endless
+
+    from skingpt4.engine.chat import ChatEngine
+
+    engine = ChatEngine(loaded)
+    endless(engine)
+    real = engine.llm.step
+
+    def step(tokens, *args):
+        if tokens.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(tokens, *args)
+
+    for n in range(4):
+        (tmp_path / f"{n}.png").write_bytes(image_bytes(noise_seed=n))
+    settings = GenerationSettings.greedy(max_new_tokens=6)
+    out = results_file(tmp_path / "r.jsonl")
+    monkeypatch.setattr(engine.llm, "step", step)
+    summary = diagnose(engine, collect([str(tmp_path)]), out, settings=settings, batch_size=4, progress=False)
+    monkeypatch.undo()
+    assert (summary.done, summary.failed) == (4, 0)
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    alone = results_file(tmp_path / "alone.jsonl")
+    diagnose(engine, collect([str(tmp_path)]), alone, settings=settings, batch_size=1, progress=False)
+    expected = [json.loads(line) for line in (tmp_path / "alone.jsonl").read_text().splitlines()]
+    assert [r["answers"] for r in records] == [e["answers"] for e in expected] and all(r["answers"] for r in records)

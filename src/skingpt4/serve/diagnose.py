@@ -113,8 +113,8 @@ def run_batch(engine: Engine, loaded, prompts: list[str], settings, store=None) 
     records, good, images = loaded
     if good:
         try:
-            _answer(engine, good, images, prompts, settings)
-        except (RuntimeError, ValueError) as exc:  # e.g. out of memory: record it, keep going
+            _answer_in_halves(engine, good, images, prompts, settings)
+        except (RuntimeError, ValueError) as exc:  # e.g. out of memory alone: record it, keep going
             for record in good:
                 record["error"] = f"{RETRY}: {first_line(exc)}"
     seconds = round((time.perf_counter() - started) / max(len(good), 1), 4)
@@ -123,6 +123,24 @@ def run_batch(engine: Engine, loaded, prompts: list[str], settings, store=None) 
     if store is not None:
         _keep(engine, store, [(r, i) for r, i in zip(good, images) if r["error"] is None], settings)
     return records
+
+
+def _answer_in_halves(engine: Engine, records: list[dict], images: list, prompts: list[str], settings) -> None:
+    """`_answer`; a batch that runs out of memory is answered again in halves (the engine admits smaller batches
+    after an out-of-memory error), down to one image, which then fails alone (its record says so)."""
+    import torch
+
+    try:
+        _answer(engine, records, images, prompts, settings)
+    except torch.OutOfMemoryError as exc:
+        if len(records) == 1:
+            records[0]["error"] = f"{RETRY}: {first_line(exc)}"
+            return
+        half = len(records) // 2
+        for part in (slice(None, half), slice(half, None)):
+            for record in records[part]:  # what the failed try left in them goes
+                record.update(answers=[], referral="none", triggers=[])
+            _answer_in_halves(engine, records[part], images[part], prompts, settings)
 
 
 def _answer(engine: Engine, records: list[dict], images: list, prompts: list[str], settings) -> None:
