@@ -279,20 +279,11 @@ def photo_path() -> None:
 def tiny_server(tmp: Path):
     """`skingpt4 serve --model TINY` in a child process, on a free port; the tiny folder never ends an answer
     early (EOS and the pieces with `#` in its generation_config.json's suppress_tokens), so every answer is 96."""
-    import json as json_
     import subprocess
 
-    from transformers import AutoTokenizer
+    from skingpt4.folder.tiny import create_tiny_model, without_endings
 
-    from skingpt4.folder.tiny import create_tiny_model
-
-    folder = create_tiny_model(tmp / "tiny")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    config = json_.loads((folder / "generation_config.json").read_text())
-    ends = [i for i, piece in enumerate(vocab) if "#" in piece] + [tokenizer.eos_token_id]
-    config["suppress_tokens"] = sorted({*config.get("suppress_tokens", []), *ends})
-    (folder / "generation_config.json").write_text(json_.dumps(config))
+    folder = without_endings(create_tiny_model(tmp / "tiny"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

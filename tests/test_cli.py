@@ -373,20 +373,13 @@ def test_a_busy_port_is_one_line_naming_the_flag(engine):
 
 
 def endless_folder(tiny_dir: Path, folder: Path) -> Path:
-    """A copy of the tiny model folder that never ends an answer early: EOS and every piece with `#` in its
-    generation_config.json's suppress_tokens (which the engine honours)."""
+    """A copy of the tiny model folder that never ends an answer early (`folder.tiny.without_endings`)."""
     import shutil
 
-    from transformers import AutoTokenizer
+    from skingpt4.folder.tiny import without_endings
 
     shutil.copytree(tiny_dir, folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    config = json.loads((folder / "generation_config.json").read_text())
-    ends = [i for i, piece in enumerate(vocab) if "#" in piece] + [tokenizer.eos_token_id]
-    config["suppress_tokens"] = sorted({*config.get("suppress_tokens", []), *ends})
-    (folder / "generation_config.json").write_text(json.dumps(config))
-    return folder
+    return without_endings(folder)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="a real SIGINT")

@@ -6,6 +6,7 @@ Plumbing for tests and for trying the software offline (`--model tiny`); UNTRAIN
 from __future__ import annotations
 
 import io
+import json
 import tempfile
 from pathlib import Path
 
@@ -142,4 +143,19 @@ def tiny_model_dir() -> Path:
             tmp.rename(folder)  # atomic: a half-written cache never looks complete
         except OSError:  # another process won the race
             pass
+    return folder
+
+
+def without_endings(folder: Path) -> Path:
+    """Make a model folder's answers run to their token budget: EOS and every piece with `#` (the template's stop
+    string) go into its generation_config.json's suppress_tokens, which the engine honours. For benchmarks and
+    tests that must compare or time answers of a known length."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    config = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    ends = [i for i, piece in enumerate(vocab) if "#" in piece] + [tokenizer.eos_token_id]
+    config["suppress_tokens"] = sorted({*config.get("suppress_tokens", []), *ends})
+    (folder / "generation_config.json").write_text(json.dumps(config), encoding="utf-8")
     return folder
