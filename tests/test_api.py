@@ -155,8 +155,8 @@ BAD_REQUESTS = {
     "gif": (image_part(data_url(b"GIF89a" + b"\0" * 20)), "GIF"),
     "five-stops": ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     "logprobs": ({"logprobs": True, "top_logprobs": 2}, "logprobs: not supported by this server"),
-    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools: not supported by this server"),
-    "json-mode": ({"response_format": {"type": "json_object"}}, "response_format: not supported"),
+    "tool-required": ({"tools": [], "tool_choice": "required"}, "tool_choice: 'required' is not supported"),
+    "json-mode": ({"response_format": {"type": "json_object"}}, "response_format: only {'type': 'text'} is supported"),
     "penalty": ({"presence_penalty": 0.5}, "presence_penalty: not supported"),
 }
 

@@ -62,6 +62,9 @@ def serve_flags(serve) -> None:
     serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off: SSRF)")
     serve.add_argument("--image-root", help="allow file:// image paths under this folder")
     serve.add_argument(
+        "--served-model-name", help="the model id clients see (default: the folder's name and fingerprint)"
+    )
+    serve.add_argument(
         "--engine",
         choices=("skingpt4", "vllm"),
         default="skingpt4",
@@ -147,7 +150,7 @@ def cmd_serve(args) -> int:
         key = Path(args.api_key_file).read_text().strip()
         if not key:
             raise InputError(f"{args.api_key_file} is empty")
-    names = ("max_body_mb", "max_image_mb", "max_tokens", "request_timeout_s", "max_connections")
+    names = ("max_body_mb", "max_image_mb", "max_tokens", "request_timeout_s", "max_connections", "served_model_name")
     options = {name: getattr(args, name) for name in names}
     config = ServeConfig(
         host=args.host,

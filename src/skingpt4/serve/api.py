@@ -10,12 +10,9 @@ timings, never patient text, file names or pixels.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import threading
-import time
-import traceback
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,15 +20,17 @@ from typing import TYPE_CHECKING
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from skingpt4.connections import MAX_CONNECTIONS, REQUEST_TIMEOUT_S, install
 from skingpt4.engine.settings import GenerationSettings
-from skingpt4.errors import Cancelled, InputError, SkinGPT4Error, first_line
-from skingpt4.inputs.images import ImageRejected
-from skingpt4.serve.api_schema import ChatRequest, ImageFetcher, check_sizes, load_turns, settings_for
+from skingpt4.errors import InputError, SkinGPT4Error, first_line
+from skingpt4.serve.api_replies import Canned, Reply, error_response, failure
+from skingpt4.serve.api_schema import ChatRequest, ImageFetcher, check_sizes, last_text, load_turns, settings_for
+from skingpt4.serve.clients import task_reply
 from skingpt4.serve.consult import Consultation, check_question
-from skingpt4.serve.limits import Admission, BodyLimit, error_body
-from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
+from skingpt4.serve.limits import Admission, BodyLimit
+from skingpt4.serve.safety import INTENDED_USE
 
 if TYPE_CHECKING:
     from skingpt4.engine.protocol import Engine
@@ -60,6 +59,7 @@ class ServeConfig:
     warmup: bool = True
     request_timeout_s: float = REQUEST_TIMEOUT_S  # headers and body must arrive within this (slow clients)
     max_connections: int = MAX_CONNECTIONS  # open connections; past it 503 at once
+    served_model_name: str | None = None  # the id clients see (/v1/models, replies); records keep the model's own
 
     def __post_init__(self):
         """Limits that cannot work are refused at start-up, not on the first request that reaches them."""
@@ -102,7 +102,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, store=None, de
     config = config or ServeConfig()
     health, admission = Health(), Admission(engine.settings.queue_size, engine.settings.max_batch)
     fetch = ImageFetcher(int(config.max_image_mb * MB), config.image_root, config.allow_remote_images)
-    model_id = engine.info.model_id
+    model_id = config.served_model_name or engine.info.model_id
 
     async def lifespan(app):
         task = asyncio.create_task(asyncio.to_thread(health.warm_up, engine, decode)) if config.warmup else None
@@ -139,6 +139,10 @@ def create_app(engine: Engine, config: ServeConfig | None = None, store=None, de
     async def refused(request, exc: _Refused):
         return exc.response
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):  # 404, 405...: OpenAI's error body, not FastAPI's
+        return failure(exc.status_code, unrouted(request, exc), "invalid_request_error", exc.headers)
+
     @app.get("/health")
     async def get_health():
         body = {"status": health.status, "detail": health.detail, "model": model_id}
@@ -150,8 +154,10 @@ def create_app(engine: Engine, config: ServeConfig | None = None, store=None, de
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
     async def completions(body: ChatRequest, request: Request):
+        if (task := task_reply(last_text(body))) is not None:  # a client's title or tags: no model, no queue
+            return Canned(f"chatcmpl-{uuid.uuid4().hex}", model_id, task).response(body.stream)
         try:
-            check_sizes(body, config.max_text_chars, config.max_images)
+            accepted = check_sizes(body, config.max_text_chars, config.max_images)
             settings = settings_for(body, config.max_tokens)
         except SkinGPT4Error as exc:
             return failure(400, str(exc), "invalid_request_error")
@@ -164,7 +170,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, store=None, de
         first = await job.next_event()
         if first[0] == "error":
             return error_response(first[1])
-        reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", model_id, consultation, settings)
+        reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", model_id, consultation, settings, accepted)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(reply.events(job, include_usage), media_type="text/event-stream")
@@ -174,6 +180,18 @@ def create_app(engine: Engine, config: ServeConfig | None = None, store=None, de
         return reply.completion(text)
 
     return app
+
+
+def unrouted(request: Request, exc) -> str:
+    """The one line for a request no route takes."""
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404 and request.url.path.rstrip("/").endswith("/responses"):
+        return f"{where}: the Responses API is not offered here; use POST /v1/chat/completions"
+    if exc.status_code == 404:
+        return f"{where}: no such endpoint (this server offers POST /v1/chat/completions, GET /v1/models, GET /health)"
+    if exc.status_code == 405:
+        return f"{where}: method not allowed here"
+    return f"{where}: {exc.detail}"
 
 
 def turn(consultation: Consultation, body: ChatRequest, settings, fetch, cancel):
@@ -234,110 +252,9 @@ class Job:
         return "".join(pieces), event
 
 
-class Reply:
-    """OpenAI response bodies for one completion."""
-
-    def __init__(self, id: str, model: str, consultation: Consultation, settings):
-        self.id, self.model, self.consultation, self.settings = id, model, consultation, settings
-        self.created = int(time.time())
-
-    def usage(self) -> dict:
-        session = self.consultation.session
-        prompt, completion = session.prompt_tokens, session.completion_tokens
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def finish_reason(self) -> str:
-        return "length" if self.consultation.session.completion_tokens >= self.settings.max_new_tokens else "stop"
-
-    def safety(self) -> dict:
-        last = self.consultation.turns[-1] if self.consultation.turns else {}
-        return {"disclaimer": DISCLAIMER, "referral": last.get("level", "none"), "triggers": last.get("triggers", [])}
-
-    def completion(self, text: str) -> dict:
-        message = {"role": "assistant", "content": text}
-        return {
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason(), "logprobs": None}],
-            "usage": self.usage(),
-            "skingpt4": self.safety(),
-        }
-
-    def chunk(self, delta: dict, finish: str | None = None, usage: dict | None = None, choices=True) -> str:
-        body = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else [],
-        }
-        if usage is not None:
-            body["usage"] = usage
-        return f"data: {json.dumps(body)}\n\n"
-
-    async def events(self, job: Job, include_usage: bool):
-        try:
-            yield self.chunk({"role": "assistant", "content": ""})
-            while (event := await job.next_event())[0] == "piece":
-                if event[1]:
-                    yield self.chunk({"content": event[1]})
-            if event[0] == "error":  # headers are sent: report in-band, as OpenAI does
-                yield f"data: {json.dumps(error_body(*describe(event[1])[1:]))}\n\n"
-                return
-            yield self.chunk({}, finish=self.finish_reason())
-            if include_usage:
-                yield self.chunk({}, usage=self.usage(), choices=False)
-            yield "data: [DONE]\n\n"
-        finally:
-            if not job.done:  # the client went away mid-stream
-                job.cancel.set()
-
-
 class _Refused(Exception):
     def __init__(self, response: JSONResponse):
         self.response = response
-
-
-def failure(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, kind), status_code=status, headers=headers)
-
-
-def describe(exc: BaseException) -> tuple[int, str, str]:
-    """HTTP status, one-line message and error type for an exception raised while answering."""
-    import torch
-
-    if isinstance(exc, (ImageRejected, SkinGPT4Error)) and not isinstance(exc, Cancelled):
-        return 400, first_line(exc), "invalid_request_error"
-    if isinstance(exc, Cancelled):
-        return 499, "request cancelled", "cancelled"
-    if isinstance(exc, torch.OutOfMemoryError):
-        exc.__traceback__ = None  # its frames hold the tensors that filled the memory
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return 503, "out of memory on this request; retry with fewer tokens or images", "server_busy"
-    incident = uuid.uuid4().hex[:12]
-    log.error("generation failed (error %s): %s\n%s", incident, type(exc).__name__, stack(exc))
-    return 500, f"internal error while generating (error {incident} in the server's log)", "server_error"
-
-
-def stack(exc: BaseException) -> str:
-    """Where an exception was raised: its traceback's frames (file, line, function, source line), and those of
-    the exceptions it came from, without any message (messages may quote patient text)."""
-    frames, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        frames.append("".join(traceback.format_list(traceback.extract_tb(exc.__traceback__))).rstrip())
-        exc = exc.__cause__ or exc.__context__
-        if exc is not None:
-            frames.append(f"  from {type(exc).__name__}:")
-    return "\n".join(frames)
-
-
-def error_response(exc: BaseException) -> JSONResponse:
-    status, message, kind = describe(exc)
-    return failure(status, message, kind, {"Retry-After": "5"} if status == 503 else None)
 
 
 def serve(engine: Engine, config: ServeConfig, store=None) -> None:

@@ -11,19 +11,17 @@ from __future__ import annotations
 import base64
 import binascii
 from pathlib import Path
-from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from skingpt4.engine.settings import GenerationSettings
 from skingpt4.errors import InputError
 from skingpt4.inputs.conversation import DEFAULT_QUESTION
+from skingpt4.serve.clients import without_client_markup
 from skingpt4.text import check_text
 
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+ROLES = ("system", "developer", "user", "assistant")
+TEXT_PARTS, IMAGE_PARTS = ("text", "input_text"), ("image_url", "input_image")
 
 
 class ImageURL(BaseModel):
@@ -31,15 +29,21 @@ class ImageURL(BaseModel):
     detail: str | None = None
 
 
-class ImagePart(BaseModel):
-    type: Literal["image_url"]
-    image_url: ImageURL
+class Part(BaseModel):
+    """One part of a message's content, checked by `parts` (so that an error names the part and what is allowed,
+    not pydantic's first union branch): text (`text`, `input_text`) or an image (`image_url`, `input_image`), the
+    image given as `{"url": ...}` or as the URL itself."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(json_schema_extra={"enum": [*TEXT_PARTS, *IMAGE_PARTS]})  # checked by `parts`, by name
+    text: str | None = None
+    image_url: ImageURL | str | None = None
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    role: str = Field(json_schema_extra={"enum": list(ROLES)})  # checked by `check_role`: "tool" says why
+    content: str | list[Part] | None = None
 
 
 class StreamOptions(BaseModel):
@@ -80,33 +84,63 @@ def settings_for(request: ChatRequest, max_tokens_cap: int) -> GenerationSetting
     return GenerationSettings(**options)
 
 
-def parts(message: Message) -> tuple[list[str], list[str]]:
-    """A message's text pieces and image URLs, in order."""
+def parts(message: Message, number: int = 0) -> tuple[list[str], list[str]]:
+    """A message's text pieces and image URLs, in order; a part of another type is refused by its place."""
     if message.content is None or isinstance(message.content, str):
-        return [message.content or ""], []
-    texts = [p.text for p in message.content if isinstance(p, TextPart)]
-    images = [p.image_url.url for p in message.content if isinstance(p, ImagePart)]
+        return [without_client_markup(message.content or "")], []
+    texts, images = [], []
+    for index, part in enumerate(message.content):
+        where = f"messages[{number}].content[{index}]"
+        if part.type in TEXT_PARTS and isinstance(part.text, str):
+            texts.append(without_client_markup(part.text))
+        elif part.type in IMAGE_PARTS and part.image_url is not None:
+            images.append(part.image_url if isinstance(part.image_url, str) else part.image_url.url)
+        elif part.type in TEXT_PARTS + IMAGE_PARTS:
+            field = "text" if part.type in TEXT_PARTS else "image_url"
+            raise InputError(f"{where}: a '{part.type}' part needs its '{field}'")
+        else:
+            raise InputError(f"{where}: part type '{part.type}' is not supported (text, image_url)")
     return texts, images
 
 
 HARMLESS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}  # say nothing about the answer
 NEUTRAL = {"logprobs": (False,), "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0)}  # values that are ours
+TEXT_ANYWAY = {"tools", "functions"}  # offered tools: a text answer is a valid reply unless a call is required
+NO_CALL = (None, "auto", "none")
 
 
-def unsupported(request: ChatRequest) -> None:
-    """A one-line error naming the first field this server does not honour, if one is set."""
-    for name, value in (request.model_extra or {}).items():
-        if value is None or name in HARMLESS or value in NEUTRAL.get(name, ()):
-            continue
-        honoured = ", ".join(sorted(set(ChatRequest.model_fields) - {"n"}))
-        raise InputError(f"{name}: not supported by this server (it honours {honoured}, and n=1)")
+def unsupported(request: ChatRequest) -> list[str]:
+    """A one-line error naming the first field this server does not honour, if one is set; otherwise the fields
+    accepted but not acted on (offered tools: the answer is text), for the reply to say so."""
+    extra = {name: value for name, value in (request.model_extra or {}).items() if value is not None}
+    for name in ("tool_choice", "function_call"):
+        if (choice := extra.pop(name, None)) not in NO_CALL:
+            shown = repr(choice) if isinstance(choice, str) else "a named function"
+            raise InputError(f"{name}: {shown} is not supported: this server answers with text, never a call")
+    if extra.pop("response_format", {"type": "text"}) != {"type": "text"}:
+        raise InputError("response_format: only {'type': 'text'} is supported (no JSON mode)")
+    for name, value in extra.items():
+        if name not in TEXT_ANYWAY and name not in HARMLESS and value not in NEUTRAL.get(name, ()):
+            honoured = ", ".join(sorted(set(ChatRequest.model_fields) - {"n"}))
+            raise InputError(f"{name}: not supported by this server (it honours {honoured}, and n=1)")
+    return sorted(name for name in extra if name in TEXT_ANYWAY)
 
 
-def check_sizes(request: ChatRequest, max_text_chars: int, max_images: int) -> None:
-    unsupported(request)
+def last_text(request: ChatRequest) -> str:
+    """The last message's text as sent (parts that are not text left out), for recognising a client's task."""
+    content = request.messages[-1].content
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "\n".join(part.text for part in content if part.type in TEXT_PARTS and isinstance(part.text, str))
+
+
+def check_sizes(request: ChatRequest, max_text_chars: int, max_images: int) -> list[str]:
+    """Every request check that needs no model, in one line each; returns the fields accepted but not acted on."""
+    accepted = unsupported(request)
     texts, images = [], []
     for number, message in enumerate(request.messages):
-        t, i = parts(message)
+        check_role(message.role, number)
+        t, i = parts(message, number)
         for text in t:
             check_text(text, f"messages[{number}].content")
         texts += t
@@ -120,6 +154,14 @@ def check_sizes(request: ChatRequest, max_text_chars: int, max_images: int) -> N
         raise InputError(f"{len(images)} images given; this server takes at most {max_images} per request")
     if request.messages[-1].role != "user":
         raise InputError("the last message must be the user's")
+    return accepted
+
+
+def check_role(role: str, number: int) -> None:
+    if role == "tool":
+        raise InputError(f"messages[{number}]: role 'tool' (a tool's result) is not supported: no tool is ever called")
+    if role not in ROLES:
+        raise InputError(f"messages[{number}].role: '{role[:40]}' is not one of {', '.join(ROLES)}")
 
 
 def load_turns(consultation, request: ChatRequest, fetch) -> str:
