@@ -75,12 +75,21 @@ QUESTIONS = [
 
 
 @contextmanager
-def serving(engine: ChatEngine, max_tokens: int = NEW_TOKENS):
-    """The API on `engine`, in a uvicorn thread on a free local port; yields its URL."""
+def serving(engine: ChatEngine, max_tokens: int = NEW_TOKENS, store=None, capture=None):
+    """The API on `engine`, in a uvicorn thread on a free local port; yields its URL. `capture(body)` sees the JSON
+    body of every POST."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(engine, ServeConfig(warmup=False, max_tokens=max_tokens))
+    app = create_app(engine, ServeConfig(warmup=False, max_tokens=max_tokens), store)
+    if capture is not None:
+
+        @app.middleware("http")
+        async def keep(request, call_next):
+            if request.method == "POST":
+                capture(json.loads(await request.body()))
+            return await call_next(request)
+
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -5,6 +5,7 @@ housekeeping tasks, unknown endpoints, a served model name; every refusal names 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -28,6 +29,7 @@ USER: Is this mole on Anna's back changing?
 ASSISTANT: It may be a naevus.
 </chat_history>"""
 TAGS_TASK = TITLE_TASK.replace('JSON format: { "title": "your concise title here" }', 'JSON format: { "tags": [] }')
+FIXTURES = Path(__file__).parent / "fixtures" / "open_webui"  # captured by bench/open_webui_check.py --capture
 ATTACHED = (
     '<attached_files>\n<file type="file" id="6f1c" url="/api/v1/files/6f1c" content_type="image/jpeg" '
     'name="anna-smith-back.jpg"/>\n</attached_files>\n'
@@ -184,3 +186,28 @@ def test_langchain_text_photo_and_stream(url):
     assert text.endswith(DISCLAIMER) and photo.endswith(DISCLAIMER) and joined == photo
     plain = post(url, messages=[user("What is this?", image_bytes())]).json()["choices"][0]["message"]["content"]
     assert photo == plain  # the same request as the OpenAI SDK's, the same answer
+
+
+def test_open_webuis_own_requests_replayed(url, store):
+    """The bodies Open WebUI 0.12.4's chat page sent for one question with a photo named like a patient's file
+    (captured from a real run by bench/open_webui_check.py): the question, with its 36 built-in tools and its
+    attached-files markup, is answered and recorded without the file name; its title, follow-up and tags requests
+    are answered without the model and recorded nowhere."""
+    before = {r["id"] for r in store.list()}
+    chat = json.loads((FIXTURES / "chat.json").read_text())
+    assert len(chat["tools"]) == 36 and "anna-smith-back.jpg" in json.dumps(chat)  # as it was sent
+    reply = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60)
+    chunks = [json.loads(line[6:]) for line in reply.text.splitlines() if line.startswith("data: {")]
+    assert reply.status_code == 200 and "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    (record,) = [store.get(r["id"]) for r in store.list() if r["id"] not in before]
+    assert record["turns"][0]["text"] == "What is this spot on my back?" and len(record["images"]) == 1
+    assert "anna" not in json.dumps(record, default=str).lower()
+    expected = {
+        "title": {"title": "Skin consultation"},
+        "follow_ups": {"follow_ups": []},
+        "tags": {"tags": ["Health"]},
+    }
+    for name, answer in expected.items():
+        task = httpx.post(f"{url}/v1/chat/completions", json=json.loads((FIXTURES / f"{name}.json").read_text()))
+        assert task.status_code == 200 and json.loads(task.json()["choices"][0]["message"]["content"]) == answer
+    assert len(store.list()) == len(before) + 1  # the consultation alone
