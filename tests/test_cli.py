@@ -518,3 +518,14 @@ def test_terminal_chat_shows_the_disclaimer_in_full_once_and_says_when_no_photo_
     assert text.count(NO_PHOTO) == 1 and text.index(NO_PHOTO) < text.index("skingpt4> ")
     saved = json.loads((tmp_path / "t.json").read_text())
     assert all(t["text"].endswith(DISCLAIMER) for t in saved["turns"] if t["role"] == "assistant")  # kept in full
+
+
+def test_demo_upload_cap_is_a_flag_within_what_the_loader_reads(capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("loaded before the flag was checked")
+
+    monkeypatch.setattr("skingpt4.engine.factory.open_engine", never)
+    assert main(["demo", "--model", "tiny", "--max-image-mb", "80"]) == 2
+    assert (
+        capsys.readouterr().err == "error: --max-image-mb must be in (0, 50] (the image loader reads 50 MiB at most)\n"
+    )

@@ -126,6 +126,7 @@ def test_defaults_are_private():
     options = launch_options(WebConfig())
     assert options["server_name"] == "127.0.0.1" and options["share"] is False and options["auth"] is None
     assert options["max_file_size"] == "10mb" and options["show_error"] is False and options["ssr_mode"] is False
+    assert launch_options(WebConfig(max_image_mb=25))["max_file_size"] == "25mb"  # demo --max-image-mb 25
     assert options["mcp_server"] is False and options["allowed_paths"] == [] and options["run_history"] is False
     assert options["enable_monitoring"] is False and options["strict_cors"] is True
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"  # set before Gradio was imported

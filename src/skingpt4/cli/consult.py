@@ -38,6 +38,18 @@ def diagnose_flags(diag) -> None:
     flags.record_flags(diag)
 
 
+def check_image_mb(mb: float) -> float:
+    """An upload cap the image loader can honour (it reads 50 MiB at most)."""
+    from skingpt4.inputs.images import DEFAULT_LIMITS
+
+    largest = DEFAULT_LIMITS.max_bytes / 2**20
+    if not 0 < mb <= largest:
+        raise InputError(
+            f"--max-image-mb must be in (0, {largest:g}] (the image loader reads {largest:g} MiB at most)"
+        )
+    return mb
+
+
 def demo_flags(demo) -> None:
     flags.model_flags(demo)
     flags.generation_flags(demo)
@@ -45,6 +57,7 @@ def demo_flags(demo) -> None:
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument("--auth-file", help="file of user:password lines required to open the app (recommended)")
     demo.add_argument("--auth", help="user:password (visible in the process list: prefer --auth-file)")
+    demo.add_argument("--max-image-mb", type=float, default=10.0, help="largest photo upload (default 10)")
     flags.queue_flag(demo)
     flags.connection_flags(demo)
     flags.record_flags(demo)
@@ -126,6 +139,7 @@ def cmd_demo(args) -> int:
         auth=auth or None,
         settings=flags.settings(args),
         **{k: getattr(args, k) for k in ("request_timeout_s", "max_connections") if getattr(args, k) is not None},
+        max_image_mb=check_image_mb(args.max_image_mb),
     )
     check_port(config.host, config.port)  # before the model loads
     engine = flags.engine(args)

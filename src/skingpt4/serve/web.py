@@ -69,7 +69,7 @@ class WebConfig:
     host: str = "127.0.0.1"  # anything else must be asked for (`--host`), and warns without auth
     port: int = 7860
     auth: list[tuple[str, str]] | None = None  # user/password pairs (`--auth`, `--auth-file`)
-    max_file_size: str = "10mb"  # per upload; Gradio answers 413 above it, before anything is decoded
+    max_image_mb: float = 10.0  # per upload (`--max-image-mb`); Gradio answers 413 above it, before any decoding
     max_question_chars: int = 2000
     max_images: int = 4  # photos per consultation (e.g. clinical and dermoscopic views)
     max_sessions: int = 64  # browser sessions whose state is kept; the least recently used is dropped beyond

@@ -88,7 +88,7 @@ def launch_options(config: WebConfig) -> dict:
         server_port=config.port,
         share=False,
         auth=login_check(config.auth, config.login_delay) if config.auth else None,
-        max_file_size=config.max_file_size,
+        max_file_size=f"{config.max_image_mb:g}mb",
         show_error=False,
         ssr_mode=False,
         mcp_server=False,
