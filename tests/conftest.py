@@ -125,6 +125,15 @@ def engine(loaded) -> ChatEngine:
     return ChatEngine(loaded)
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A consultation record store of the module's own (the servers under test keep their records in it)."""
+    from skingpt4.serve.records import RecordStore
+
+    with RecordStore(tmp_path_factory.mktemp("records") / "records.sqlite") as s:
+        yield s
+
+
 @pytest.fixture(scope="session")
 def dims() -> TinyDims:
     return TinyDims()

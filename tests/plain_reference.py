@@ -49,19 +49,25 @@ def pixels(data: bytes, size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_embeds(model, sp, prompt: str, photos: list[bytes], size: int) -> torch.Tensor:
-    """`Chat.get_context_emb` of the released code: per-segment SentencePiece ids (BOS on segment 0 only),
-    embedded, with each image's 32 projected Q-Former outputs concatenated between the segments."""
-    segments = prompt.split(PLACEHOLDER)
-    assert len(segments) == len(photos) + 1
-    embed = model.language_model.get_input_embeddings()
+    """`Chat.get_context_emb` of the released code on photos given as files: their pixels by the transform written
+    out above, their projected Q-Former outputs by the model, then `splice`."""
     features = None
     if photos:
         features = model.get_image_features(pixel_values=torch.stack([pixels(p, size) for p in photos])).pooler_output
+    return splice(model.language_model.get_input_embeddings(), sp, prompt, features)
+
+
+@torch.no_grad()
+def splice(embed, sp, prompt: str, features: torch.Tensor | None) -> torch.Tensor:
+    """The released code's splice, by hand: the prompt split at `<ImageHere>`, per-segment SentencePiece ids (BOS
+    on segment 0 only) embedded by `embed`, each image's 32 features (`features[i]`) between the segments."""
+    segments = prompt.split(PLACEHOLDER)
+    assert len(segments) == (0 if features is None else len(features)) + 1
     pieces = []
     for i, segment in enumerate(segments):
         ids = ([sp.bos_id()] if i == 0 else []) + sp.encode(segment)
         pieces.append(embed(torch.tensor([ids])))
-        if i < len(photos):
+        if i < len(segments) - 1:
             pieces.append(features[i : i + 1])
     return torch.cat(pieces, dim=1)
 

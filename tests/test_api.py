@@ -22,7 +22,6 @@ from conftest import decode_batches, endless, image_bytes
 from skingpt4.engine.settings import EngineSettings
 from skingpt4.inputs.images import load_image
 from skingpt4.serve.api import ServeConfig, create_app
-from skingpt4.serve.records import RecordStore
 from skingpt4.serve.safety import DISCLAIMER
 
 KEY = "test-key-123"
@@ -63,12 +62,6 @@ class Server:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    with RecordStore(tmp_path_factory.mktemp("records") / "records.sqlite") as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from conftest import image_bytes
 from test_api import Server, data_url, user
 
 from skingpt4.serve.api import ServeConfig, create_app
-from skingpt4.serve.records import RecordStore
 from skingpt4.serve.safety import DISCLAIMER
 
 # Open WebUI 0.12's title instructions, as its chat page sends them after the first answer (abridged history)
@@ -34,12 +33,6 @@ ATTACHED = (
     '<attached_files>\n<file type="file" id="6f1c" url="/api/v1/files/6f1c" content_type="image/jpeg" '
     'name="anna-smith-back.jpg"/>\n</attached_files>\n'
 )
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    with RecordStore(tmp_path_factory.mktemp("records") / "records.sqlite") as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

@@ -382,7 +382,7 @@ def endless_folder(tiny_dir: Path, folder: Path) -> Path:
     return without_endings(folder)
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="a real SIGINT")
+@pytest.mark.skipif(sys.platform == "win32", reason="sends a real SIGINT to a child process: POSIX signals only")
 def test_ctrl_c_during_a_streamed_answer_exits_130_with_the_question_withdrawn(tiny_dir, tmp_path):
     """A real SIGINT while the chat streams a long answer: exit 130 (not an abort from a model thread killed at
     exit), and the consultation's record holds the photo but not the interrupted question."""

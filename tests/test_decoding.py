@@ -1,4 +1,4 @@
-"""The per-step stop check and never-generate mask (`decoding.py`) against independent references.
+"""The per-step stop check and never-generate mask (`engine/decoding.py`) against independent references.
 
 The stop check must stop at the first token after which the *decoded* text contains a stop string, the question
 answered here by decoding every prefix with the tokenizer (and, for ASCII stops, by transformers' own

@@ -11,17 +11,16 @@ from __future__ import annotations
 import io
 
 import pytest
-import sentencepiece as spm
 import torch
 from conftest import image_bytes
 from lavis_reference import encode_image_reference
 from PIL import Image
 from plain_reference import pixels as reference_pixels
+from plain_reference import splice, tiny_sentencepiece
 from transformers import Blip2ForConditionalGeneration, LlamaForCausalLM
 
 from skingpt4.backends.transformers_llm import load_model
 from skingpt4.engine.chat import ChatEngine
-from skingpt4.folder.tiny import train_tiny_sentencepiece
 from skingpt4.inputs.conversation import IMAGE_PLACEHOLDER
 from skingpt4.inputs.prompt import prompt_ids
 
@@ -66,19 +65,10 @@ def _encoded(img: Image.Image) -> bytes:
 
 
 def reference_logits(llm, prompt: str, features: torch.Tensor) -> torch.Tensor:
-    """The released code's splice, by hand: per-segment SentencePiece ids, BOS on segment 0 only."""
-    sp = spm.SentencePieceProcessor(model_proto=train_tiny_sentencepiece())
-    segments = prompt.split(IMAGE_PLACEHOLDER)
-    assert len(segments) == len(features) + 1
-    embed = llm.get_input_embeddings()
-    pieces = []
-    for i, segment in enumerate(segments):
-        ids = ([sp.bos_id()] if i == 0 else []) + sp.encode(segment)
-        pieces.append(embed(torch.tensor([ids])))
-        if i < len(features):
-            pieces.append(features[i : i + 1])
+    """The released code's splice (`plain_reference.splice`) into the reference Llama, read in one forward pass."""
+    embeds = splice(llm.get_input_embeddings(), tiny_sentencepiece(), prompt, features)
     with torch.no_grad():
-        return llm(inputs_embeds=torch.cat(pieces, dim=1)).logits[0]
+        return llm(inputs_embeds=embeds).logits[0]
 
 
 def our_logits(engine: ChatEngine, prompt: str, features: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""A model folder as other engines read it (`serving_files.py`): vLLM's config checks, `AutoProcessor`, the chat
+"""A model folder as other engines read it (`folder/serving.py`): vLLM's config checks, `AutoProcessor`, the chat
 template. vLLM itself cannot run here (its wheel is CUDA-only); what it reads from the folder is checked instead."""
 
 from __future__ import annotations

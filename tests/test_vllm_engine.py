@@ -13,6 +13,7 @@ multimodal processor, and the plugin's model class encoding photos.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import sys
 import threading
@@ -23,6 +24,7 @@ import openai
 import pytest
 import torch
 from conftest import image_bytes, within
+from PIL import Image
 from test_api import Server, user
 
 from skingpt4.engine.chat import ChatEngine
@@ -457,3 +459,22 @@ def test_a_request_slow_to_end_in_vllm_never_hides_the_answers_outcome(tiny_dir,
         threading.Event().wait(1.0)  # let the request end in vLLM's loop before the loop stops
     finally:
         engine.close()
+
+
+def test_several_sessions_are_answered_together_as_each_alone(tiny_dir, loaded):
+    """`generate` with several sessions (as `diagnose` hands them over): each answer is the one it gets alone."""
+    engine = vllm_engine(tiny_dir, FakeVllm(ChatEngine(loaded)))
+    settings = GenerationSettings.greedy(max_new_tokens=8)
+
+    def asked(n: int):
+        session = engine.session()
+        session.add_encoded(engine.encode_images([Image.open(io.BytesIO(image_bytes(noise_seed=n)))])[0])
+        session.ask(f"case {n}: what is it?")
+        return session
+
+    try:
+        together = engine.generate([asked(n) for n in range(3)], settings)
+        alone = [asked(n).answer(settings) for n in range(3)]
+    finally:
+        engine.close()
+    assert together == alone and len(set(alone)) > 1

@@ -1,4 +1,4 @@
-"""A folder's Llama as GGUF, the file format llama.cpp reads (`quantized.py` runs it).
+"""A folder's Llama as GGUF, the file format llama.cpp reads (`llamacpp.py` runs it).
 
 `gguf_file` writes it once, read tensor by tensor from the folder's safetensors (a 13B model is never in memory
 whole), under $SKINGPT4_HOME/quantized/: int8 is Q8_0; int4 is Q4_0 with the output head in Q8_0 (the head is one

@@ -12,9 +12,9 @@ prompt ids, the image slots, token choice and stop handling are the engine's one
 - `LlamaCppLLM` runs prefill and token steps on a llama.cpp context: each cache row is one llama.cpp sequence in
   one shared key/value store of `KV_CELLS` positions. When it is full, the least recently used *parked* sequence
   (one a session keeps between turns, `park`) is dropped, and that session recomputes its prefix next turn. A
-  sequence in use (a row of the running batch, or one being prefilled) is never dropped: when the store cannot
-  hold a newcomer's prompt, that prefill alone fails as out of memory does on a GPU (503 for that request), and
-  when the running batch itself does not fit, its step does (503 for its requests; the scheduler halves its batch).
+  sequence in use (a row of the running batch, or one being prefilled) is never dropped. The scheduler admits a
+  row only when every row fits the store at its longest (`capacity`), so it does not run out mid-answer; were it to
+  (a prefill or a step that does not fit), that call fails as out of memory does on a GPU (503 for its requests).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class LlamaCppLLM:
 
     def prefill(self, embeds: list[torch.Tensor], cache: Rows, reuse: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts' embeddings into new sequences, or a lone prompt after the first `reuse` positions of its
-        session's row; returns the padding mask (B, T), as `TorchLLM.prefill` does, and the logits (B, V)."""
+        session's row; returns the padding mask (B, T), as `TransformersLLM.prefill` does, and the logits (B, V)."""
         if cache.rows:
             work = [(cache.rows[0], embeds[0][reuse:])]
         else:

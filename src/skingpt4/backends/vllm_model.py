@@ -8,7 +8,7 @@ the plugin in `vllm_plugin.py`; it needs vLLM, whose wheel needs CUDA).
 2. Several photos per prompt (vLLM's BLIP-2 allows one); `--limit-mm-per-prompt` bounds them.
 3. The `<image>` id is never generated (logit -inf), as our engine and the folder's generation_config ban it:
    vLLM reads only sampling fields from generation_config.json.
-4. The photos' pixels by the original's transform (`pixels.py`), whatever image backend transformers picks.
+4. The photos' pixels by the original's transform (`inputs/pixels.py`), whatever image backend transformers picks.
 5. The original's `ln_vision` eps (1e-5; the ViT blocks use config.json's 1e-6, which vLLM would use for both),
    from the folder's `skingpt4.json`.
 """
@@ -61,9 +61,9 @@ class SkinGPT4MultiModalProcessor(Blip2MultiModalProcessor):
         return ModelMeta.load(Path(self.info.ctx.model_config.model)).pixels  # read once, not per request
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
-        """The photos' pixels by our eval transform (`pixels.py`, the original's), not the folder's HF processor:
-        with torchvision installed, as vLLM installs it, transformers picks its torchvision backend, whose resize
-        differs from the original's by up to 0.015 after normalisation (seen with transformers 5.20)."""
+        """The photos' pixels by our eval transform (`inputs/pixels.py`, the original's), not the folder's HF
+        processor: with torchvision installed, as vLLM installs it, transformers picks its torchvision backend, whose
+        resize differs from the original's by up to 0.015 after normalisation (seen with transformers 5.20)."""
         pixels = [self.pixel_spec.eval(_pil(image)) for image in hf_data.get("images", [])]
         return BatchFeature({"pixel_values": torch.stack(pixels)} if pixels else {})
 

@@ -254,7 +254,7 @@ def cmd_diagnose(args) -> int:
 
     skingpt4 diagnose --model ./skingpt4 photos/ manifest.jsonl --out results.jsonl --greedy
     """
-    from skingpt4.data.manifest import IMAGE_TYPES, collect, not_images
+    from skingpt4.data.manifest import IMAGE_TYPES, collect
     from skingpt4.inputs.conversation import CLINICAL_PROMPTS
     from skingpt4.serve.diagnose import diagnose, results_file
 
@@ -267,9 +267,10 @@ def cmd_diagnose(args) -> int:
     if not Path(args.out).expanduser().parent.is_dir():  # a typo must not make folders
         raise InputError(f"--out: no such folder {Path(args.out).expanduser().parent} (create it first)")
     settings = flags.settings(args)
-    items = collect(args.inputs)
-    if others := not_images(args.inputs):
-        print(f"skipped {others} files in the folders that are not images ({IMAGE_TYPES})", file=sys.stderr)
+    others: list[Path] = []
+    items = collect(args.inputs, others)
+    if others:
+        print(f"skipped {len(others)} files in the folders that are not images ({IMAGE_TYPES})", file=sys.stderr)
     out = results_file(args.out)
     engine = flags.engine(args)
     flags.announce(engine)

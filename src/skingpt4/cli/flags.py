@@ -124,16 +124,19 @@ def engine_argument(text: str) -> tuple[str, object]:
 def check_model_flags(args) -> None:
     """Every conflict among the model flags, and with the generation flags the command was given, before anything
     loads (no torch import)."""
-    scoring = getattr(args, "mode", None) == "choice"
-    engine_options(args).check(beams=(getattr(args, "num_beams", None) or 1) > 1, scoring=scoring)
+    engine_options(args).check(**asked(args))
+
+
+def asked(args) -> dict:
+    """What the command will ask of the engine, for the flag checks: beam search, choice scoring."""
+    return {"beams": (getattr(args, "num_beams", None) or 1) > 1, "scoring": getattr(args, "mode", None) == "choice"}
 
 
 def engine(args, max_images: int | None = None):
-    """Open the engine the model flags name (`engine/factory.py`), after checking them."""
+    """Open the engine the model flags name (`engine/factory.py`; it checks them first)."""
     from skingpt4.engine.factory import open_engine
 
-    check_model_flags(args)
-    return open_engine(engine_options(args, max_images))
+    return open_engine(engine_options(args, max_images), **asked(args))
 
 
 def engine_loading(args) -> Future:

@@ -39,13 +39,14 @@ class Item:
     manifest: dict = field(default_factory=dict)
 
 
-def collect(inputs: list[str]) -> list[Item]:
-    """Expand files, folders (recursively, sorted, no symlinks out of the folder) and manifests into items."""
+def collect(inputs: list[str], passed_over: list[Path] | None = None) -> list[Item]:
+    """Expand files, folders (recursively, sorted, no symlinks out of the folder) and manifests into items. The
+    files in the folders that are not images by their suffix (hidden ones aside) go into `passed_over`, if given."""
     items: dict[str, Item] = {}
     for raw in inputs:
         path = Path(raw).expanduser()
         if path.is_dir():
-            found = [Item(readable(str(p)), p) for p in walk_folder(path)]
+            found = [Item(readable(str(p)), p) for p in walk_folder(path, passed_over)]
         elif path.suffix.lower() in (".jsonl", ".csv") and path.is_file():
             found = list(read_manifest(path))
         elif path.is_file():
@@ -60,24 +61,16 @@ def collect(inputs: list[str]) -> list[Item]:
 IMAGE_TYPES = "JPEG, PNG, WebP, BMP and TIFF are read"
 
 
-def not_images(inputs: list[str]) -> int:
-    """Files in the given folders that `collect` passes over: not images by their suffix (hidden files aside)."""
-    count = 0
-    for raw in inputs:
-        path = Path(raw).expanduser()
-        if path.is_dir():
-            others = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES]
-            count += sum(not p.name.startswith(".") for p in others)
-    return count
-
-
-def walk_folder(root: Path) -> Iterator[Path]:
-    """Image files under `root`, sorted; symlinks are followed only when they stay inside `root`."""
+def walk_folder(root: Path, passed_over: list[Path] | None = None) -> Iterator[Path]:
+    """Image files under `root`, sorted; symlinks are followed only when they stay inside `root`. Other files (not
+    hidden) go into `passed_over`, if given."""
     top = root.resolve()
     for path in sorted(root.rglob("*")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            if passed_over is not None and not path.name.startswith(".") and path.is_file():
+                passed_over.append(path)
             continue
-        if not path.resolve().is_relative_to(top):
+        if not path.is_file() or not path.resolve().is_relative_to(top):
             continue  # through a link to another patient's folder or a system file
         yield path
 

@@ -11,9 +11,9 @@ transformers, or llama.cpp when quantized; the engine computes its input embeddi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 import weakref
-from collections import OrderedDict
 from contextlib import contextmanager
 
 import torch
@@ -216,31 +216,23 @@ class ChatEngine:
 
 class KeptCaches:
     """Which sessions keep a key/value cache between turns: the `limit` most recently answered. A session that is
-    gone frees its place at once (its cache goes with it), so only live sessions count."""
+    gone leaves at once (a weak reference: its cache goes with it), so only live sessions count."""
 
     def __init__(self, limit: int):
-        self.limit = limit
-        self.order: OrderedDict[int, weakref.ref] = OrderedDict()  # least recent first
-        self.gone: list[weakref.ref] = []  # filled by the weak references' callbacks, emptied in `keep`
+        self.limit, self.ticks = limit, itertools.count()
+        self.last_used: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> tick of its last turn
 
     def keep(self, session: ChatSession) -> None:
         """Mark `session` as the most recent holder; sessions past the limit let go of their caches. Called with
         the engine's lock held."""
-        while self.gone:
-            ref = self.gone.pop()
-            if any(r is ref for r in self.order.values()):
-                self.order = OrderedDict((k, r) for k, r in self.order.items() if r is not ref)
-        key = id(session)
-        if key not in self.order or self.order[key]() is not session:
-            self.order[key] = weakref.ref(session, self.gone.append)
-        self.order.move_to_end(key)
-        while len(self.order) > self.limit:
-            _, ref = self.order.popitem(last=False)
-            if (old := ref()) is not None:
-                old.cache, old.cache_keys = None, []
+        self.last_used[session] = next(self.ticks)
+        while len(self.last_used) > self.limit:
+            oldest = min(self.last_used, key=self.last_used.get)
+            del self.last_used[oldest]
+            oldest.cache, oldest.cache_keys = None, []
 
     def __len__(self) -> int:
-        return sum(ref() is not None for ref in self.order.values())
+        return len(self.last_used)
 
 
 def _stacked(photos: list) -> torch.Tensor | None:

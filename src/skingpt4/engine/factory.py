@@ -97,9 +97,10 @@ class EngineOptions:
         ]
 
 
-def open_engine(options: EngineOptions):
-    """Load the model and return the engine that runs it (a `protocol.Engine`)."""
-    options.check()
+def open_engine(options: EngineOptions, beams: bool = False, scoring: bool = False):
+    """Check the options against what will be asked (`EngineOptions.check`), load the model, and return the engine
+    that runs it (a `protocol.Engine`)."""
+    options.check(beams, scoring)
     if options.engine == "vllm":
         return open_vllm(options)
     from skingpt4.engine.chat import ChatEngine

@@ -26,7 +26,7 @@ def prompt_ids(tokenizer, prompt: str, image_token_id: int, num_query_tokens: in
 
 def one_slot_per_image(ids: list[int], image_token_id: int, num_query_tokens: int = NUM_QUERY_TOKENS) -> list[int]:
     """`ids` with each image block folded to one placeholder id: how vLLM takes a prompt (its skingpt4 plugin
-    unfolds every `<image>` back to `num_query_tokens` slots in place, `vllm_model.py`)."""
+    unfolds every `<image>` back to `num_query_tokens` slots in place, `backends/vllm_model.py`)."""
     return [t for t, offset in zip(ids, block_offsets(ids, image_token_id, num_query_tokens)) if offset <= 0]
 
 

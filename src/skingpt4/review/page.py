@@ -116,11 +116,19 @@ def create_app(
     cases: list[Case], store: ReviewStore, *, allowed_hosts: set[str] | None = None, raters: list[str] | None = None
 ) -> FastAPI:
     """The review app over loaded cases and an open store. `allowed_hosts`: accepted Host headers (None: any);
-    `raters`: the names allowed to rate, each signed in by a link of their own (`app.state.review.links`)."""
+    `raters`: the names allowed to rate, each signed in by a link of their own (`app.state.review.links`).
+
+    Its steps: what every response gets (the Host check, security headers, refusals as a page, the stylesheet),
+    signing in (a typed name, or a rater's own link) and out, and the cases (the next unrated, show, rate, photo)."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     review = app.state.review = Review(cases, store, raters)
-    rater_of = review.rater_of
+    every_response(app, allowed_hosts)
+    sign_in_routes(app, review)
+    case_routes(app, review)
+    return app
 
+
+def every_response(app: FastAPI, allowed_hosts: set[str] | None) -> None:
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if allowed_hosts is not None and request.headers.get("host", "") not in allowed_hosts:
@@ -138,14 +146,16 @@ def create_app(
     def style():
         return Response(STYLE, media_type="text/css")
 
+
+def sign_in_routes(app: FastAPI, review: Review) -> None:
     @app.get("/")
     def home(request: Request):
-        rater = rater_of(request)
+        rater = review.rater_of(request)
         if rater is None and review.links is not None:
             return HTMLResponse(page("Who is rating?", LINKS_ONLY), 403)
         if rater is None:
             return HTMLResponse(rater_page(review.token))
-        return next_redirect(rater, 0)
+        return next_redirect(review, rater, 0)
 
     @app.post("/rater")
     async def set_rater(request: Request):
@@ -157,20 +167,14 @@ def create_app(
             rater = clean_rater(name)
         except InputError as exc:
             return HTMLResponse(rater_page(review.token, name[:MAX_RATER], str(exc)), 400)
-        return signed_in(rater)
+        return signed_in(review, rater)
 
     @app.get("/as/{link}")
     def rater_link(link: str):
         rater = (review.links or {}).get(link)
         if rater is None:
             raise Refused(404, "this rater link is not valid for this run of the review page")
-        return signed_in(rater)
-
-    def signed_in(rater: str) -> Response:
-        response = RedirectResponse("/", 303)
-        cookie = review.cookie(rater)
-        response.set_cookie(COOKIE, cookie, max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="strict")
-        return response
+        return signed_in(review, rater)
 
     @app.post("/signout")
     async def sign_out(request: Request):
@@ -179,34 +183,29 @@ def create_app(
         response.delete_cookie(COOKIE, httponly=True, samesite="strict")
         return response
 
+
+def case_routes(app: FastAPI, review: Review) -> None:
     @app.get("/next/{after}")
     def next_case(after: int, request: Request):
-        rater = rater_of(request)
-        return RedirectResponse("/", 303) if rater is None else next_redirect(rater, after)
-
-    def next_redirect(rater: str, after: int) -> Response:
-        number = review.next_unrated(rater, after % len(cases))
-        if number is not None:
-            return RedirectResponse(f"/case/{number}", 303)
-        body = f"<h1>All {len(cases)} cases rated</h1><p>Thank you. <a href='/case/1'>Review case 1 again</a>.</p>"
-        return HTMLResponse(page("All rated", body, rater_header(rater, len(cases), len(cases), review.token)))
+        rater = review.rater_of(request)
+        return RedirectResponse("/", 303) if rater is None else next_redirect(review, rater, after)
 
     @app.get("/case/{number}")
     def show_case(number: int, request: Request):
-        rater = rater_of(request)
+        rater = review.rater_of(request)
         return RedirectResponse("/", 303) if rater is None else HTMLResponse(review.case_page(rater, number))
 
     @app.post("/case/{number}")
     async def rate_case(number: int, request: Request):
         form = await read_form(request, review.token)
-        rater, case = rater_of(request), review.case(number)
+        rater, case = review.rater_of(request), review.case(number)
         if rater is None:
             return RedirectResponse("/", 303)
         entered = read_rating(form)
         if entered.message:
             return HTMLResponse(await run_in_threadpool(review.case_page, rater, number, entered), 400)
         rating = Rating(rater, case.id, entered.answers, entered.comment, case.image_sha256 or "")
-        await run_in_threadpool(store.save, rating)
+        await run_in_threadpool(review.store.save, rating)
         return RedirectResponse(f"/next/{number}", 303)
 
     @app.get("/image/{number}")
@@ -217,7 +216,21 @@ def create_app(
             return Response(f"image unavailable: {reason}", status_code=404, media_type="text/plain")
         return Response(png, media_type="image/png")
 
-    return app
+
+def signed_in(review: Review, rater: str) -> Response:
+    response = RedirectResponse("/", 303)
+    cookie = review.cookie(rater)
+    response.set_cookie(COOKIE, cookie, max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="strict")
+    return response
+
+
+def next_redirect(review: Review, rater: str, after: int) -> Response:
+    number = review.next_unrated(rater, after % len(review.cases))
+    if number is not None:
+        return RedirectResponse(f"/case/{number}", 303)
+    total = len(review.cases)
+    body = f"<h1>All {total} cases rated</h1><p>Thank you. <a href='/case/1'>Review case 1 again</a>.</p>"
+    return HTMLResponse(page("All rated", body, rater_header(rater, total, total, review.token)))
 
 
 async def read_form(request: Request, token: str) -> dict[str, list[str]]:

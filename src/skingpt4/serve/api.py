@@ -13,7 +13,6 @@ import asyncio
 import logging
 import secrets
 import threading
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -99,10 +98,33 @@ class Health:
 
 
 def create_app(engine: Engine, config: ServeConfig | None = None, store=None, decode=None) -> FastAPI:
+    """The API in its steps: readiness after a warm-up answer, the body cap, errors in OpenAI's shape, the API
+    key, and the three routes."""
     config = config or ServeConfig()
-    health, admission = Health(), Admission(engine.settings.queue_size, engine.settings.max_batch)
-    fetch = ImageFetcher(int(config.max_image_mb * MB), config.image_root, config.allow_remote_images)
+    health = Health()
+    app = FastAPI(
+        title="skingpt4", description=INTENDED_USE, version="1", lifespan=warming(health, engine, config, decode)
+    )
+    app.add_middleware(BodyLimit, max_bytes=int(config.max_body_mb * MB))
+    openai_errors(app)
+    authorised = Depends(key_check(config.api_key))
     model_id = config.served_model_name or engine.info.model_id
+
+    @app.get("/health")
+    async def get_health():
+        body = {"status": health.status, "detail": health.detail, "model": model_id}
+        return JSONResponse(body, status_code=200 if health.status == "ok" else 503)
+
+    @app.get("/v1/models", dependencies=[authorised])
+    async def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "skingpt4"}]}
+
+    app.post("/v1/chat/completions", dependencies=[authorised])(completions(engine, config, store, decode, model_id))
+    return app
+
+
+def warming(health: Health, engine: Engine, config: ServeConfig, decode):
+    """The app's lifespan: the warm-up answer in the background (`/health` says ready once it succeeded)."""
 
     async def lifespan(app):
         task = asyncio.create_task(asyncio.to_thread(health.warm_up, engine, decode)) if config.warmup else None
@@ -112,28 +134,17 @@ def create_app(engine: Engine, config: ServeConfig | None = None, store=None, de
         if task is not None and not task.done():
             task.cancel()
 
-    app = FastAPI(title="skingpt4", description=INTENDED_USE, version="1", lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=int(config.max_body_mb * MB))
+    return lifespan
+
+
+def openai_errors(app: FastAPI) -> None:
+    """Every error the app gives, in OpenAI's shape: invalid bodies, a wrong key, unknown routes and methods."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return failure(400, f"{where or 'request body'}: {first['msg']}", "invalid_request_error")
-
-    def authorised(request: Request) -> None:
-        if config.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
-            raise _Refused(
-                failure(
-                    401,
-                    "missing or wrong API key (Authorization: Bearer ...)",
-                    "invalid_api_key",
-                    {"WWW-Authenticate": "Bearer"},
-                )
-            )
 
     @app.exception_handler(_Refused)
     async def refused(request, exc: _Refused):
@@ -143,43 +154,50 @@ def create_app(engine: Engine, config: ServeConfig | None = None, store=None, de
     async def http_error(request, exc: StarletteHTTPException):  # 404, 405...: OpenAI's error body, not FastAPI's
         return failure(exc.status_code, unrouted(request, exc), "invalid_request_error", exc.headers)
 
-    @app.get("/health")
-    async def get_health():
-        body = {"status": health.status, "detail": health.detail, "model": model_id}
-        return JSONResponse(body, status_code=200 if health.status == "ok" else 503)
 
-    @app.get("/v1/models", dependencies=[Depends(authorised)])
-    async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "skingpt4"}]}
+def key_check(api_key: str | None):
+    """The dependency that refuses a request without `Authorization: Bearer <api_key>` (none when no key)."""
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
-    async def completions(body: ChatRequest, request: Request):
+    def authorised(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            wrong = "missing or wrong API key (Authorization: Bearer ...)"
+            raise _Refused(failure(401, wrong, "invalid_api_key", {"WWW-Authenticate": "Bearer"}))
+
+    return authorised
+
+
+def completions(engine: Engine, config: ServeConfig, store, decode, model_id: str):
+    """`POST /v1/chat/completions`: a client's housekeeping answered at once; else checked, admitted (or 503),
+    answered in a worker thread, plain or streamed."""
+    admission = Admission(engine.settings.queue_size, engine.settings.max_batch)
+    fetch = ImageFetcher(int(config.max_image_mb * MB), config.image_root, config.allow_remote_images)
+
+    async def answer(body: ChatRequest, request: Request):
         if (task := task_reply(last_text(body))) is not None:  # a client's title or tags: no model, no queue
-            return Canned(f"chatcmpl-{uuid.uuid4().hex}", model_id, task).response(body.stream)
+            return Canned(model_id, task).response(body.stream)
         try:
             accepted = check_sizes(body, config.max_text_chars, config.max_images)
             settings = settings_for(body, config.max_tokens)
         except SkinGPT4Error as exc:
             return failure(400, str(exc), "invalid_request_error")
         if not admission.enter():
-            return failure(
-                503, "the server is busy; retry later", "server_busy", {"Retry-After": str(config.retry_after_s)}
-            )
+            busy = {"Retry-After": str(config.retry_after_s)}
+            return failure(503, "the server is busy; retry later", "server_busy", busy)
         consultation = Consultation(engine, "api", store=store, decode=decode)
         job = Job(lambda cancel: turn(consultation, body, settings, fetch, cancel), admission.leave, request)
-        first = await job.next_event()
-        if first[0] == "error":
+        if (first := await job.next_event())[0] == "error":
             return error_response(first[1])
-        reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", model_id, consultation, settings, accepted)
+        reply = Reply(model_id, consultation, settings, accepted)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(reply.events(job, include_usage), media_type="text/event-stream")
         text, last = await job.collect()
-        if last[0] == "error":
-            return error_response(last[1])
-        return reply.completion(text)
+        return error_response(last[1]) if last[0] == "error" else reply.completion(text)
 
-    return app
+    return answer
 
 
 def unrouted(request: Request, exc) -> str:

@@ -20,13 +20,38 @@ from skingpt4.serve.safety import DISCLAIMER
 log = logging.getLogger("skingpt4.serve.api")
 
 
-class Reply:
-    """OpenAI response bodies for one completion."""
+class Completion:
+    """What every reply carries (an id, the model, when it was made) and its two forms: one body, or chunks."""
 
-    def __init__(self, id: str, model: str, consultation, settings, accepted: list[str] = ()):
-        self.id, self.model, self.consultation, self.settings = id, model, consultation, settings
+    def __init__(self, model: str):
+        self.id, self.model, self.created = f"chatcmpl-{uuid.uuid4().hex}", model, int(time.time())
+
+    def body(self, text: str, finish: str, usage: dict, **extra) -> dict:
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
+        head = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model}
+        return {**head, "choices": [choice], "usage": usage, **extra}
+
+    def chunk(self, delta: dict, finish: str | None = None, usage: dict | None = None, choices=True) -> str:
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else [],
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+
+class Reply(Completion):
+    """A consultation's answer."""
+
+    def __init__(self, model: str, consultation, settings, accepted: list[str] = ()):
+        super().__init__(model)
+        self.consultation, self.settings = consultation, settings
         self.accepted = list(accepted)  # fields taken but not acted on (offered tools: the answer is text)
-        self.created = int(time.time())
 
     def usage(self) -> dict:
         session = self.consultation.session
@@ -42,28 +67,7 @@ class Reply:
         return {**block, "not_acted_on": self.accepted} if self.accepted else block
 
     def completion(self, text: str) -> dict:
-        message = {"role": "assistant", "content": text}
-        return {
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason(), "logprobs": None}],
-            "usage": self.usage(),
-            "skingpt4": self.safety(),
-        }
-
-    def chunk(self, delta: dict, finish: str | None = None, usage: dict | None = None, choices=True) -> str:
-        body = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else [],
-        }
-        if usage is not None:
-            body["usage"] = usage
-        return f"data: {json.dumps(body)}\n\n"
+        return self.body(text, self.finish_reason(), self.usage(), skingpt4=self.safety())
 
     async def events(self, job, include_usage: bool):
         try:
@@ -77,33 +81,33 @@ class Reply:
             yield self.chunk({}, finish=self.finish_reason())
             if include_usage:
                 yield self.chunk({}, usage=self.usage(), choices=False)
-            yield "data: [DONE]\n\n"
+            yield DONE
         finally:
             if not job.done:  # the client went away mid-stream
                 job.cancel.set()
 
 
-class Canned:
+class Canned(Completion):
     """A reply written without the model (a client's chat title or tags), plain or streamed."""
 
-    def __init__(self, id: str, model: str, text: str):
-        self.id, self.model, self.text, self.created = id, model, text, int(time.time())
+    def __init__(self, model: str, text: str):
+        super().__init__(model)
+        self.text = text
 
     def response(self, stream: bool):
         if not stream:
-            message = {"role": "assistant", "content": self.text}
-            choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
-            usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-            body = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model}
-            return JSONResponse({**body, "choices": [choice], "usage": usage})
+            return JSONResponse(
+                self.body(self.text, "stop", {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+            )
         return StreamingResponse(self._events(), media_type="text/event-stream")
 
     async def _events(self):
-        for delta, finish in (({"role": "assistant", "content": self.text}, None), ({}, "stop")):
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
-            yield f"data: {json.dumps({**body, 'choices': [choice]})}\n\n"
-        yield "data: [DONE]\n\n"
+        yield self.chunk({"role": "assistant", "content": self.text})
+        yield self.chunk({}, finish="stop")
+        yield DONE
+
+
+DONE = "data: [DONE]\n\n"
 
 
 def failure(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:

@@ -118,8 +118,9 @@ def run_batch(engine: Engine, loaded, prompts: list[str], settings, store=None) 
             for record in good:
                 record["error"] = f"{RETRY}: {first_line(exc)}"
     seconds = round((time.perf_counter() - started) / max(len(good), 1), 4)
+    answered = {id(record) for record in good}
     for record in records:
-        record["seconds"] = seconds if any(record is g for g in good) else None
+        record["seconds"] = seconds if id(record) in answered else None
     if store is not None:
         _keep(engine, store, [(r, i) for r, i in zip(good, images) if r["error"] is None], settings)
     return records
