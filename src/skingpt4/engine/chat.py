@@ -25,7 +25,7 @@ from skingpt4.engine.scheduler import Request, Scheduler
 from skingpt4.engine.session import ChatFormat, ChatSession, answered
 from skingpt4.engine.settings import MAX_CONTEXT, EngineSettings, GenerationSettings
 from skingpt4.engine.sharing import FairLock, Gathered
-from skingpt4.folder.load import LoadedModel
+from skingpt4.folder.load import LoadedModel, never_generated
 from skingpt4.inputs.conversation import get_template
 from skingpt4.inputs.prompt import common_prefix, image_keys, prompt_ids
 
@@ -60,10 +60,7 @@ class ChatEngine:
     def suppress_tokens(self, ids) -> None:
         rows = self.model.language_model.get_output_embeddings().weight.shape[0]
         self._suppressed = sorted({i for i in ids if i < self.tokens})
-        mask = torch.zeros(rows, dtype=torch.bool)
-        mask[self._suppressed] = True
-        mask[self.tokens :] = True
-        self.forbid = Forbid(mask.to(self.loaded.device))
+        self.forbid = Forbid(never_generated(rows, self.tokens, self._suppressed).to(self.loaded.device))
 
     def session(self) -> ChatSession:
         return ChatSession(self)

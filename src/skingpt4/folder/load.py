@@ -120,6 +120,16 @@ def load_tokenizer(path: Path, image_token_id: int):
     return tokenizer
 
 
+def never_generated(rows: int, tokens: int, ids) -> torch.Tensor:
+    """The never-generate mask, a boolean row over the LM head's `rows`: `ids` (the `<image>` placeholder and the
+    folder's `suppress_tokens`) and every row past the tokenizer's `tokens`, which has no text (a random model's
+    head may be larger). Our engine and the vLLM plugin both apply it, so both answer with the same ids."""
+    mask = torch.zeros(rows, dtype=torch.bool)
+    mask[sorted({i for i in ids if i < tokens})] = True
+    mask[tokens:] = True
+    return mask
+
+
 def model_id(path: Path, meta: ModelMeta) -> str:
     """Folder name plus a short fingerprint of its config and provenance (cheap: no weight hashing)."""
     digest = hashlib.sha256((path / "config.json").read_bytes())

@@ -18,7 +18,10 @@
   mark on the first word of every segment; tokenized whole, the text after `<s>` and after each `<image>` would
   lack it. The template therefore writes a space there (`<s> Give`, `<image> </Img>`): tokenized whole with
   `add_special_tokens=False`, and each `<image>` expanded to the 32 query slots in place, its ids are our prompt
-  ids (tested for 1-3 photos and 1-4 turns with a SentencePiece tokenizer, as Llama-2's and Vicuna's are).
+  ids (tested for 1-3 photos and 1-4 turns with a SentencePiece tokenizer, as Llama-2's and Vicuna's are). The
+  template loops over a variable named `content`: that is how `vllm serve` recognises a template that takes the
+  messages' parts (its "openai" content format); otherwise it flattens each message to text with the image
+  placeholders first, and the prompt is not the original's (folders from before: `convert --upgrade FOLDER`).
 """
 
 from __future__ import annotations
@@ -76,10 +79,10 @@ def chat_template(template: Template) -> str:
 {{%- set ns = namespace(user=none) -%}}
 {{{{- bos_token + {json.dumps(" " + template.system + template.sep)} -}}}}
 {{%- for message in messages -%}}
-  {{%- set parts = message['content'] if message['content'] is not string
+  {{%- set content = message['content'] if message['content'] is not string
       else [{{'type': 'text', 'text': message['content']}}] -%}}
   {{%- if message['role'] == 'user' -%}}
-    {{%- for part in parts -%}}
+    {{%- for part in content -%}}
       {{%- if part['type'] in ['image', 'image_url'] -%}}
         {{%- if ns.user is not none -%}}{{{{- {user} + ns.user + {sep} -}}}}{{%- endif -%}}
         {{%- set ns.user = {image} -%}}
@@ -94,7 +97,8 @@ def chat_template(template: Template) -> str:
     {{%- endfor -%}}
   {{%- elif message['role'] == 'assistant' -%}}
     {{%- if ns.user is not none -%}}{{{{- {user} + ns.user + {sep} -}}}}{{%- set ns.user = none -%}}{{%- endif -%}}
-    {{{{- {assistant} + parts | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') + {sep} -}}}}
+    {{{{- {assistant} + content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')
+        + {sep} -}}}}
   {{%- endif -%}}
 {{%- endfor -%}}
 {{%- if ns.user is not none -%}}{{{{- {user} + ns.user + {sep} -}}}}{{%- endif -%}}

