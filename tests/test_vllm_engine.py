@@ -328,7 +328,7 @@ def test_serve_engine_vllm_without_vllm_says_how_to_install_it(tiny_dir, capsys,
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # as on a machine without vLLM (CI, this one)
     assert main(["serve", "--model", str(tiny_dir), "--engine", "vllm"]) == 2
-    assert 'needs vLLM: pip install "skingpt4[vllm]"' in capsys.readouterr().err
+    assert 'error: --engine vllm: vLLM is not installed (pip install "skingpt4[vllm]"' in capsys.readouterr().err
 
 
 @pytest.mark.vllm
@@ -385,6 +385,7 @@ def test_the_plugins_model_class_encodes_photos_as_ours_does(tiny_dir, loaded, m
     from safetensors.torch import load_file
     from vllm.config import DeviceConfig, ModelConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed.parallel_state import ensure_model_parallel_initialized, init_distributed_environment
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
     from vllm.plugins import load_general_plugins
 
     from skingpt4.backends.vllm_model import SkinGPT4ForConditionalGeneration
@@ -412,6 +413,8 @@ def test_the_plugins_model_class_encodes_photos_as_ours_does(tiny_dir, loaded, m
     weights = load_file(tiny_dir / "model.safetensors")
     names = model.load_weights((k, v) for k, v in weights.items() if not k.startswith("language_model."))
     assert {name for name, _ in model.named_parameters()} <= names  # every tower parameter came from the folder
+    with set_current_vllm_config(config):  # as vLLM's loader does next (the CPU build readies its linear layers)
+        process_weights_after_loading(model, model_config, torch.device("cpu"))
     rng = np.random.default_rng(0)
     photos = [Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)) for _ in range(2)]
     pixels = torch.stack([loaded.info.meta.pixels.eval(photo) for photo in photos])

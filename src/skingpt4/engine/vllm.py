@@ -16,6 +16,7 @@ that went away, Stop) is cancelled in vLLM's loop (vLLM's `generate` then aborts
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import queue
@@ -55,6 +56,7 @@ class VllmEngine:
         self.running, self.peak, self.counting = 0, 0, threading.Lock()
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="vllm-engine", daemon=True).start()
+        atexit.register(self.close)
 
     def session(self) -> ChatSession:
         """No key/value cache is kept in a session: vLLM's prefix caching reuses earlier positions on its side."""
@@ -75,8 +77,14 @@ class VllmEngine:
             return EngineStatus(self.running, 0, self.settings.max_batch, self.peak)
 
     def close(self) -> None:
-        if shutdown := getattr(self.client, "shutdown", None):
+        """Stop vLLM's processes and this engine's loop; once, whoever calls first (a command, or the interpreter
+        on its way out: vLLM's own clean-up cannot run once the interpreter has begun to tear down)."""
+        client, self.client = self.client, None
+        if client is None:
+            return
+        if shutdown := getattr(client, "shutdown", None):
             shutdown()
+            client.shutdown = lambda *args, **kwargs: None  # vLLM's __del__ calls it again, maybe mid tear-down
         self.loop.call_soon_threadsafe(self.loop.stop)
 
     def generate(self, sessions: list[ChatSession], settings=None, streamer=None, cancel=None) -> list[str]:

@@ -86,8 +86,8 @@ def tiny_configs(vocab_size: int) -> tuple[dict, dict, dict]:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=2,  # head dimension 32: the smallest vLLM's CPU attention takes
-        num_key_value_heads=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
         max_position_embeddings=2048,
         rms_norm_eps=1e-6,
         bos_token_id=1,
