@@ -482,3 +482,57 @@ def test_several_sessions_are_answered_together_as_each_alone(tiny_dir, loaded):
     finally:
         engine.close()
     assert together == alone and len(set(alone)) > 1
+
+
+def test_engine_auto_without_vllm_runs_ours_and_says_why(tiny_dir, monkeypatch):
+    from skingpt4.engine.factory import EngineOptions, choose_engine
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as where vLLM is not installed
+    engine, why = choose_engine(EngineOptions(str(tiny_dir), engine="auto"))
+    assert engine == "skingpt4" and why.startswith('vLLM is not installed (pip install "skingpt4[vllm]"')
+    assert choose_engine(EngineOptions(str(tiny_dir), engine="auto", quantize="int4", device="cpu")) == (
+        "skingpt4",
+        "--device runs on our engine",
+    )
+    assert (
+        choose_engine(EngineOptions(str(tiny_dir), engine="auto"), beams=True)[1] == "--num-beams runs on our engine"
+    )
+    assert choose_engine(EngineOptions(str(tiny_dir), engine="vllm")) == ("vllm", "--engine vllm")
+
+
+def test_serve_and_demo_default_to_auto_the_others_to_ours(tiny_dir, capsys, monkeypatch):
+    from skingpt4.cli.main import build_parser, main
+
+    parser = build_parser()
+    for command, default in (("serve", "auto"), ("demo", "auto"), ("chat", "skingpt4"), ("diagnose", "skingpt4")):
+        extra = ["x.png", "--out", "r.jsonl"] if command == "diagnose" else []
+        assert parser.parse_args([command, "--model", "tiny", *extra]).engine == default
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    assert main(["chat", "--model", str(tiny_dir), "--engine", "vllm"]) == 2
+    assert capsys.readouterr().err.startswith("error: --engine vllm: vLLM is not installed")
+    data = tiny_dir / "none.jsonl"
+    argv = [
+        "eval",
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(data),
+        "--out",
+        "x",
+        "--mode",
+        "choice",
+        "--engine",
+        "vllm",
+    ]
+    assert main(argv) == 2
+    assert "--mode choice reads the model's logits: run it on our engine" in capsys.readouterr().err
+
+
+def test_vllms_key_value_store_on_the_cpu_holds_max_batch_contexts(tiny_dir):
+    from skingpt4.engine.factory import VllmOptions
+
+    # the tiny model: 2 layers x 4 key/value heads x head dimension 16, keys and values, float32 (4 bytes)
+    per_token = 2 * 2 * 4 * 16 * 4
+    assert VllmOptions().cpu_args(tiny_dir, 8, "float32") == {"kv_cache_memory_bytes": per_token * 2000 * 8}
+    assert VllmOptions().cpu_args(tiny_dir, 3, "bfloat16") == {"kv_cache_memory_bytes": per_token // 2 * 2000 * 3}
+    assert VllmOptions(extra={"gpu_memory_utilization": 0.5}).cpu_args(tiny_dir, 8, "float32") == {}

@@ -153,7 +153,7 @@ def engine(args, max_images: int | None = None):
     options = engine_options(args, max_images)
     options.check(**asked(args))
     options.engine, why = choose_engine(options, **asked(args))
-    if args.engine != "skingpt4":  # ours unless asked otherwise: nothing to say
+    if args.engine == "auto":  # which one it chose, and why
         print(f"engine: {options.engine} ({why})", file=sys.stderr)
     return open_engine(options, **asked(args))
 
