@@ -16,9 +16,10 @@ GENERATION_FLAGS = ("max_new_tokens", "temperature", "top_p", "num_beams", "repe
 MODEL_FLAGS = ("model", "device", "dtype", "device_map", "load_in_8bit", "load_in_4bit", "quantize", "template")
 
 
-def model_flags(parser: argparse.ArgumentParser, engine: str = "skingpt4") -> None:
-    """`engine`: the command's default `--engine`."""
-    parser.add_argument("--model", required=True, help="model folder from `skingpt4 convert`, or `tiny`")
+def model_flags(parser: argparse.ArgumentParser, engine: str = "skingpt4", several: bool = False) -> None:
+    """`engine`: the command's default `--engine`; `several`: --model may be repeated (a list)."""
+    help = "model folder from `skingpt4 convert`, or `tiny`" + ("; repeat it to compare models" if several else "")
+    parser.add_argument("--model", required=True, action="append" if several else "store", help=help)
     parser.add_argument(
         "--engine",
         choices=("auto", "skingpt4", "vllm"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def prepare_data_flags(data) -> None:
 
 
 def eval_flags(ev) -> None:
-    flags.model_flags(ev)
+    flags.model_flags(ev, several=True)
     ev.add_argument(
         "--data",
         required=True,
@@ -184,44 +185,80 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """measure diagnostic accuracy on a labelled set (by skin type, with intervals); resumable
+    """measure diagnostic accuracy on a labelled set (by skin type, with intervals); resumable; several models
+    head to head
 
     skingpt4 eval --model ./skingpt4 --data test.jsonl --out results/ --mode choice
       skingpt4 eval --model ./skingpt4 --data test.jsonl --out clinical/ --protocol clinical
+      skingpt4 eval --model ./skingpt4 --model ./other --data test.jsonl --out compared/
     """
     from skingpt4.data.manifest import collect
-    from skingpt4.evaluate.run import choose_split, run_eval
-    from skingpt4.inputs.conversation import DEFAULT_QUESTION
+    from skingpt4.evaluate.run import choose_split
 
     if args.batch_size < 1 or args.repeats < 1:
         raise InputError("--batch-size and --repeats must be at least 1")
-    flags.check_model_flags(args)  # every model-flag conflict (--quantize with --mode choice...) before any work
-    labels = args.labels
-    if labels and "," in labels:
-        labels = [label.strip() for label in labels.split(",") if label.strip()]
+    names = model_names(args.model)
+    for model in args.model:  # every model-flag conflict (--quantize with --mode choice...) before any work
+        flags.check_model_flags(argparse.Namespace(**{**vars(args), "model": model}))
     items, split, warnings = choose_split(collect(args.data), args.split)  # before the model loads: bad input
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    settings = _eval_settings(args)
+    if len(names) == 1:
+        return _eval_one(argparse.Namespace(**{**vars(args), "model": args.model[0]}), items, split, len(warnings))
+    status = 0
+    for name, model in zip(names, args.model):
+        print(f"model {name}: {model}", file=sys.stderr)
+        one = argparse.Namespace(**{**vars(args), "model": model, "out": str(Path(args.out) / name)})
+        status = max(status, _eval_one(one, items, split, len(warnings)))
+    if args.protocol == "diagnosis":
+        from skingpt4.evaluate.compare import head_to_head
+
+        summary = head_to_head({name: Path(args.out) / name for name in names}, Path(args.out), args.bootstrap)
+        print(summary)
+    return status
+
+
+def model_names(models: list[str]) -> list[str]:
+    """Each model's name in a comparison (its folder's name; `tiny`), made unique, and refused if given twice."""
+    if len(set(models)) < len(models):
+        raise InputError("--model: the same model is given twice")
+    names: list[str] = []
+    for model in models:
+        name = Path(model).name or model
+        names.append(name if name not in names else f"{name}-{len(names) + 1}")
+    return names
+
+
+def _eval_one(args, items, split: str, warned: int) -> int:
+    """One model's evaluation into `args.out`; its exit status (1 when images failed, as diagnose)."""
+    from skingpt4.evaluate.run import run_eval
+    from skingpt4.inputs.conversation import DEFAULT_QUESTION
+
+    labels = args.labels
+    if labels and "," in labels:
+        labels = [label.strip() for label in labels.split(",") if label.strip()]
     engine = flags.engine(args)
     flags.announce(engine)
-    result = run_eval(
-        engine,
-        items,
-        Path(args.out),
-        labels=labels,
-        mode=args.mode,
-        settings=settings,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        repeats=args.repeats,
-        protocol=args.protocol,
-        question=args.question or DEFAULT_QUESTION,
-        n_boot=args.bootstrap,
-        progress=not args.no_progress,
-        split=split,
-    )
-    for warning in result["warnings"][len(warnings) :]:  # found while scoring (training images, by content)
+    try:
+        result = run_eval(
+            engine,
+            items,
+            Path(args.out),
+            labels=labels,
+            mode=args.mode,
+            settings=_eval_settings(args),
+            seed=args.seed,
+            batch_size=args.batch_size,
+            repeats=args.repeats,
+            protocol=args.protocol,
+            question=args.question or DEFAULT_QUESTION,
+            n_boot=args.bootstrap,
+            progress=not args.no_progress,
+            split=split,
+        )
+    finally:
+        engine.close()  # before the next model loads
+    for warning in result["warnings"][warned:]:  # found while scoring (training images, by content)
         print(f"warning: {warning}", file=sys.stderr)
     metrics = result.get("metrics") or {}
     accuracy = (metrics.get("accuracy") or {}).get("value")

@@ -41,7 +41,7 @@ _CELLS_PER_CHUNK = 4_000_000  # replicates x rows held at once; bounds memory on
 # Encoding rows
 
 
-def _encode(rows: list[dict], labels: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def encode_rows(rows: list[dict], labels: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Truth and prediction as label indices (-1 = unmatched), and a row x label score matrix if all rows have one."""
     if not rows:
         raise InputError("no cases to evaluate: the prediction set is empty")
@@ -66,7 +66,7 @@ def _encode(rows: list[dict], labels: list[str]) -> tuple[np.ndarray, np.ndarray
     return y, pred, scores
 
 
-def _skin_group(value) -> str:
+def skin_group(value) -> str:
     """A type 1-6, or a group name itself (sets like DDI record only the group)."""
     if value is None:
         return UNKNOWN
@@ -106,7 +106,9 @@ def _auroc(W: np.ndarray, positive: np.ndarray, score: np.ndarray) -> np.ndarray
     return _ratio(wins, pos.sum(axis=0) * neg.sum(axis=0))
 
 
-def _scores(W: np.ndarray, y: np.ndarray, pred: np.ndarray, scores: np.ndarray | None, n_labels: int, top_k) -> dict:
+def replicate_scores(
+    W: np.ndarray, y: np.ndarray, pred: np.ndarray, scores: np.ndarray | None, n_labels: int, top_k
+) -> dict:
     """Every metric for each replicate (row of W); keys name the metric, per-class ones hold (replicates x labels)."""
     truth = np.eye(n_labels)[y]  # one-hot rows x labels
     predicted = np.zeros((len(y), n_labels))
@@ -144,7 +146,7 @@ def _replicates(y, pred, scores, n_labels: int, top_k, n_boot: int, rng: np.rand
     parts = []
     for start in range(0, n_boot, chunk):
         W = rng.multinomial(n, np.full(n, 1.0 / n), size=min(chunk, n_boot - start)).astype(float)
-        parts.append(_scores(W, y, pred, scores, n_labels, top_k))
+        parts.append(replicate_scores(W, y, pred, scores, n_labels, top_k))
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]} if parts else {}
 
 
@@ -157,7 +159,7 @@ def _num(x) -> float | None:
     return None if math.isnan(x) else x
 
 
-def _interval(value, reps: np.ndarray | None, ci: float) -> dict:
+def interval(value, reps: np.ndarray | None, ci: float) -> dict:
     """{"value", "ci"}: percentile interval over the replicates where the metric is defined."""
     out = {"value": _num(value), "ci": None}
     if reps is not None:
@@ -174,14 +176,16 @@ class _Estimates:
     def __init__(self, y, pred, scores, n_labels, top_k, n_boot, rng, ci):
         self.n = len(y)
         self.ci = ci
-        self.point = {k: v[0] for k, v in _scores(np.ones((1, len(y))), y, pred, scores, n_labels, top_k).items()}
+        self.point = {
+            k: v[0] for k, v in replicate_scores(np.ones((1, len(y))), y, pred, scores, n_labels, top_k).items()
+        }
         self.reps = _replicates(y, pred, scores, n_labels, top_k, n_boot, rng) if n_boot > 0 else {}
 
     def get(self, key: str, column: int | None = None) -> dict:
         value, reps = self.point[key], self.reps.get(key)
         if column is not None:
             value, reps = value[column], None if reps is None else reps[:, column]
-        return _interval(value, reps, self.ci)
+        return interval(value, reps, self.ci)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,8 +201,8 @@ def evaluate_predictions(
     (choice mode), "fitzpatrick": 1-6 or None}. With n_boot=0 the intervals are None.
     """
     labels = list(labels)
-    y, pred, scores = _encode(rows, labels)
-    groups = np.array([_skin_group(r.get("fitzpatrick")) for r in rows])
+    y, pred, scores = encode_rows(rows, labels)
+    groups = np.array([skin_group(r.get("fitzpatrick")) for r in rows])
     est = _Estimates(y, pred, scores, len(labels), top_k, n_boot, np.random.default_rng(seed), ci)
     out = {
         "n": len(rows),
@@ -273,7 +277,7 @@ def _gap(groups: dict, metric: str, ci: float) -> dict | None:
     reps = None
     if metric in groups[best].reps:
         reps = groups[best].reps[metric] - groups[worst].reps[metric]
-    return {**_interval(values[best] - values[worst], reps, ci), "best": best, "worst": worst}
+    return {**interval(values[best] - values[worst], reps, ci), "best": best, "worst": worst}
 
 
 def consistency(runs: list[list[str | None]], *, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> dict:
@@ -306,8 +310,8 @@ def consistency(runs: list[list[str | None]], *, n_boot: int = 1000, seed: int =
     return {
         "n_cases": len(runs),
         "runs_per_case": sizes[0] if len(sizes) == 1 else sizes,
-        "ratio": _interval(per_case[:, 0].mean(), None if reps is None else reps[:, 0], ci),
-        "pairwise": _interval(per_case[:, 1].mean(), None if reps is None else reps[:, 1], ci),
+        "ratio": interval(per_case[:, 0].mean(), None if reps is None else reps[:, 0], ci),
+        "pairwise": interval(per_case[:, 1].mean(), None if reps is None else reps[:, 1], ci),
         "all_agree": sum(m == 1.0 for m in modal) / len(runs),
         "definition": "ratio: share of a case's runs giving its most frequent answer, averaged over cases; "
         "pairwise: share of agreeing run pairs, averaged over cases; unmatched answers agree with nothing",
