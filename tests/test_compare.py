@@ -133,3 +133,51 @@ def test_eval_with_two_models_writes_each_run_and_the_comparison(tiny_dir, tmp_p
     assert main(argv) == 0 and capsys.readouterr().out.count("8 already done") == 2  # resumable
     assert main([*argv[:3], "--model", str(tiny_dir), *argv[5:]]) == 2
     assert "the same model is given twice" in capsys.readouterr().err
+
+
+def test_clinical_protocol_with_two_models_is_blinded_and_reviewed_per_model(tmp_path, capsys):
+    from skingpt4.folder.tiny import create_tiny_model
+    from skingpt4.review.cases import load_cases
+    from skingpt4.review.store import STATEMENTS, Rating, ReviewStore
+
+    first, other = create_tiny_model(tmp_path / "alpha-model"), create_tiny_model(tmp_path / "other-model", seed=7)
+    records = []
+    for i, (label, skin) in enumerate([("eczema", 2), ("psoriasis", 4), ("eczema", 6)]):
+        (tmp_path / f"p{i}.png").write_bytes(image_bytes(noise_seed=80 + i))
+        records.append({"image": f"p{i}.png", "label": label, "fitzpatrick": skin, "case": f"c{i}"})
+    (tmp_path / "cases.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "clinical"
+    argv = ["eval", "--model", str(first), "--model", str(other), "--data", str(tmp_path / "cases.jsonl")]
+    argv += ["--out", str(out), "--protocol", "clinical", "--max-new-tokens", "3", "--no-progress"]
+    assert main(argv) == 0
+    blinded = [json.loads(line) for line in (out / "transcripts.jsonl").read_text().splitlines()]
+    key = json.loads((out / "blinding-key.json").read_text())
+    assert (out / "blinding-key.json").stat().st_mode & 0o077 == 0  # the key: the owner's alone
+    assert len(blinded) == 6 and all("model" not in case for case in blinded)
+    text = (out / "transcripts.jsonl").read_text() + (out / "transcripts.md").read_text()
+    assert first.name not in text and "other-model" not in text  # nothing a rater sees names a model
+    assert sorted((e["model"], e["case"]) for e in key.values()) == sorted(
+        (m, f"c{i}") for m in (first.name, "other-model") for i in range(3)
+    )
+    for case in blinded:  # each blinded case is its model's transcript, word for word
+        entry = key[case["case"]]
+        own = [json.loads(line) for line in (out / entry["model"] / "transcripts.jsonl").read_text().splitlines()]
+        assert case["turns"] == next(c["turns"] for c in own if c["case"] == entry["case"])
+    assert len(load_cases(out / "transcripts.jsonl")) == 6  # what `review` serves, photos found from there
+    assert main(argv) == 0 and json.loads((out / "blinding-key.json").read_text()) == key  # rerun: same ids
+    capsys.readouterr()
+
+    with ReviewStore(out / "ratings.sqlite") as store:  # ann agrees with every statement on the first model only
+        for case_id, entry in key.items():
+            answer = "strongly_agree" if entry["model"] == first.name else "disagree"
+            store.save(Rating("ann", case_id, {s.key: answer for s in STATEMENTS}))
+    summary = ["review", "summary", "--store", str(out / "ratings.sqlite"), "--key", str(out / "blinding-key.json")]
+    assert main([*summary, "--out", str(tmp_path / "summary")]) == 0
+    printed = capsys.readouterr().out
+    assert f"model {first.name}:" in printed and "model other-model:" in printed
+    result = json.loads((tmp_path / "summary" / "summary.json").read_text())
+    bound = 1 / (1 + 1.959964**2 / 3)  # Wilson's interval for 3 of 3 (by hand: the centre minus half is 1/(1+z^2/n))
+    for model, share, interval in ((first.name, 1.0, (bound, 1.0)), ("other-model", 0.0, (0.0, 1 - bound))):
+        statements = result["by_model"][model]["statements"]
+        assert all(s["n"] == 3 and s["share"] == share for s in statements)
+        assert all((s["wilson_low"], s["wilson_high"]) == pytest.approx(interval, abs=1e-6) for s in statements)

@@ -112,6 +112,7 @@ def review_flags(review) -> None:
         "names cannot then be typed in, nor a cookie edited to rate as another",
     )
     review.add_argument("--out", help="summary: folder for ratings.csv, summary.json and agreement.png")
+    review.add_argument("--key", help="summary: blinding-key.json of `eval` with several models: ratings per model")
 
 
 def cmd_prepare_data(args) -> int:
@@ -210,11 +211,19 @@ def cmd_eval(args) -> int:
         print(f"model {name}: {model}", file=sys.stderr)
         one = argparse.Namespace(**{**vars(args), "model": model, "out": str(Path(args.out) / name)})
         status = max(status, _eval_one(one, items, split, len(warnings)))
-    if args.protocol == "diagnosis":
+    folders = {name: Path(args.out) / name for name in names}
+    if args.protocol == "clinical":
+        from skingpt4.evaluate.outputs import blind
+
+        files = blind(folders, Path(args.out), args.seed)
+        print(
+            f"blinded transcripts for `skingpt4 review`: {files['transcripts']}; which model wrote which: "
+            f"{files['key']} (keep it from the raters; `review summary --key` reads it)"
+        )
+    else:
         from skingpt4.evaluate.compare import head_to_head
 
-        summary = head_to_head({name: Path(args.out) / name for name in names}, Path(args.out), args.bootstrap)
-        print(summary)
+        print(head_to_head(folders, Path(args.out), args.bootstrap))
     return status
 
 
@@ -288,7 +297,8 @@ def cmd_review(args) -> int:
 
         if not args.store:
             raise InputError("review summary needs --store (the ratings database)")
-        print(format_summary(summary(Path(args.store), flags.optional_path(args.out))))
+        key = flags.optional_path(args.key)
+        print(format_summary(summary(Path(args.store), flags.optional_path(args.out), key)))
         return 0
     from skingpt4.net import check_port
     from skingpt4.review.page import serve_review

@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
+import secrets
 from pathlib import Path
+
+from skingpt4.private_files import write_private
 
 
 def finish(out: Path, records: dict, labels: list[str], config: dict, n_boot: int, warnings=()) -> dict:
@@ -100,15 +104,41 @@ def _from(folder: Path, image: str) -> str:
     return Path(os.path.relpath(os.path.abspath(image), os.path.abspath(folder))).as_posix()
 
 
-def _markdown(cases: list[dict]) -> str:
-    lines = ["# SkinGPT-4 transcripts for clinical review", ""]
+KEY_FILE = "blinding-key.json"
+
+
+def blind(folders: dict[str, Path], out: Path, seed: int) -> dict[str, Path]:
+    """Several models' clinical transcripts (name -> that model's `eval` folder) as one set for `review` whose
+    model is hidden: each (model, case) becomes a case of its own with an opaque id (`c7-3f9a2b1c`), in a shuffled
+    order, without the model's name; `blinding-key.json` (0600, kept apart from what raters see) maps each id to
+    its model and case. Run again, it keeps the ids it gave, so ratings already made still count."""
+    key_path = out / KEY_FILE
+    key = json.loads(key_path.read_text(encoding="utf-8")) if key_path.exists() else {}
+    given = {(entry["model"], entry["case"]): case_id for case_id, entry in key.items()}
+    cases = []
+    for name, folder in folders.items():
+        for line in (folder / "transcripts.jsonl").read_text(encoding="utf-8").splitlines():
+            case = json.loads(line)
+            case_id = given.get((name, case["case"])) or f"{case['case']}-{secrets.token_hex(4)}"
+            key[case_id] = {"model": name, "case": case["case"]}
+            image = _from(out, os.path.join(folder, case["image"]))
+            cases.append({**{k: v for k, v in case.items() if k != "model"}, "case": case_id, "image": image})
+    random.Random(seed).shuffle(cases)
+    write_private(key_path, lambda f: f.write(json.dumps(key, indent=2, sort_keys=True) + "\n"))
+    jsonl, md = out / "transcripts.jsonl", out / "transcripts.md"
+    jsonl.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in cases), encoding="utf-8")
+    md.write_text(_markdown(cases, "Model"), encoding="utf-8")
+    return {"transcripts": jsonl, "transcripts_md": md, "key": key_path}
+
+
+def _markdown(cases: list[dict], who: str = "SkinGPT-4") -> str:
+    lines = [f"# {who} transcripts for clinical review", ""]
     if cases and cases[0]["untrained"]:
         lines += ["**These answers come from an untrained (random) model.**", ""]
     for c in cases:
         lines += [f"## Case {c['case']}", "", f"- image: `{c['image']}`", f"- sha256: `{c['image_sha256']}`"]
         lines += [f"- reference label: {c['label'] or 'not given'}", ""]
         for turn in c["turns"]:
-            who = "Question" if turn["role"] == "user" else "SkinGPT-4"
             text = turn["text"].replace("\n", "\n> ") if turn["role"] == "assistant" else turn["text"]
-            lines += [f"**{who}:** {text}" if turn["role"] == "user" else f"> {text}", ""]
+            lines += [f"**Question:** {text}" if turn["role"] == "user" else f"> {text}", ""]
     return "\n".join(lines)

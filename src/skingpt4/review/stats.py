@@ -60,13 +60,16 @@ def fleiss_kappa(table: list[list[int]]) -> float | None:
 # -- the summary -------------------------------------------------------------------------------------------------
 
 
-def summary(store: Path, out: Path | None = None) -> dict:
-    """Summarise a review store; with `out` (a folder) also write ratings.csv, summary.json and agreement.png."""
+def summary(store: Path, out: Path | None = None, key: Path | None = None) -> dict:
+    """Summarise a review store; with `out` (a folder) also write ratings.csv, summary.json and agreement.png;
+    with `key` (the blinding key of `eval` with several models) also each model's own summary."""
     with ReviewStore(store, create=False) as opened:
         ratings = one_per_rater(opened.ratings())
     if not ratings:
         raise InputError(f"{store} holds no ratings yet; rate some cases with `skingpt4 review` first")
     result = summarise(ratings)
+    if key is not None:
+        result["by_model"] = by_model(ratings, read_key(key))
     if out is not None:
         folder = _output_folder(Path(out).expanduser())
         write_private(folder / "ratings.csv", lambda f: write_csv(ratings, f))
@@ -74,6 +77,22 @@ def summary(store: Path, out: Path | None = None) -> dict:
         plot(result, folder / "agreement.png")
         result["files"] = [str(folder / name) for name in ("ratings.csv", "summary.json", "agreement.png")]
     return result
+
+
+def read_key(path: Path) -> dict[str, str]:
+    """Blinded case id -> model, from `blinding-key.json`."""
+    try:
+        return {case: entry["model"] for case, entry in json.loads(path.read_text(encoding="utf-8")).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{path}: not a blinding key from `skingpt4 eval` ({first_line(exc)})") from None
+
+
+def by_model(ratings: list[Rating], key: dict[str, str]) -> dict[str, dict]:
+    """Each model's summary over the ratings of its own cases (cases the key does not name are left out)."""
+    if not any(r.case in key for r in ratings):
+        raise InputError("the blinding key names none of the rated cases: is it the key of these transcripts?")
+    models = sorted({key[r.case] for r in ratings if r.case in key})
+    return {model: summarise([r for r in ratings if key.get(r.case) == model]) for model in models}
 
 
 def one_per_rater(ratings: list[Rating]) -> list[Rating]:
@@ -155,6 +174,8 @@ def format_summary(result: dict) -> str:
             f"[{s['wilson_low']:>6.1%}, {s['wilson_high']:>6.1%}]  {counts}  {kappa}  {s['paper_share']:.2%}"
         )
     lines += ["", _kappa_note(result), "agree = strongly agree + agree; paper = Fig. 4a (150 cases, 5 raters)"]
+    for model, own in result.get("by_model", {}).items():
+        lines += ["", f"model {model}:", *format_summary(own).splitlines()[:-2]]
     return "\n".join(lines)
 
 
