@@ -398,8 +398,10 @@ def test_ctrl_c_during_a_streamed_answer_exits_130_with_the_question_withdrawn(t
     records = tmp_path / "records.sqlite"
     argv = [sys.executable, "-m", "skingpt4", "chat", "--model", str(model), "--greedy", "--max-new-tokens", "1500"]
     argv += ["--image", str(tmp_path / "lesion.png"), "--record", "--records", str(records)]
-    chat = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen, answering = [], threading.Event()
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # SIGABRT dumps every thread's stack (used on a hang below)
+    pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    chat = subprocess.Popen(argv, env=env, **pipes)
+    seen, errors, answering = [], [], threading.Event()
 
     def read():
         while char := chat.stdout.read(1):
@@ -408,6 +410,8 @@ def test_ctrl_c_during_a_streamed_answer_exits_130_with_the_question_withdrawn(t
                 answering.set()
 
     threading.Thread(target=read, daemon=True).start()
+    draining = threading.Thread(target=lambda: errors.extend(chat.stderr), daemon=True)  # never a full pipe
+    draining.start()
     chat.stdin.write("What is this rash on my arm?\n")
     chat.stdin.flush()
     assert answering.wait(120), "".join(seen)
@@ -415,9 +419,14 @@ def test_ctrl_c_during_a_streamed_answer_exits_130_with_the_question_withdrawn(t
     os.kill(chat.pid, signal.SIGINT)
     try:
         code = chat.wait(60)
+    except subprocess.TimeoutExpired:
+        chat.send_signal(signal.SIGABRT)
+        draining.join(10)
+        raise AssertionError("no exit within 60 s of SIGINT; its threads:\n" + "".join(errors)[-6000:]) from None
     finally:
         chat.kill()
-    err = chat.stderr.read()
+    draining.join(10)
+    err = "".join(errors)
     assert code == 130 and "terminate called" not in err and "Aborted" not in err, err
     with RecordStore(records) as store:
         (record,) = [store.get(r["id"]) for r in store.list()]
