@@ -400,7 +400,10 @@ def test_ctrl_c_during_a_streamed_answer_exits_130_with_the_question_withdrawn(t
     argv += ["--image", str(tmp_path / "lesion.png"), "--record", "--records", str(records)]
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # SIGABRT dumps every thread's stack (used on a hang below)
     pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    chat = subprocess.Popen(argv, env=env, **pipes)
+    # Ctrl+C as in a terminal: a run started in the background by a shell without job control (`cmd &` in a
+    # script) ignores SIGINT, and its children inherit that; the chat would then never see the signal.
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    chat = subprocess.Popen(argv, env=env, preexec_fn=default_sigint, **pipes)
     seen, errors, answering = [], [], threading.Event()
 
     def read():
