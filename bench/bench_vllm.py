@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 import time
@@ -37,7 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from common import bench_sizes, jpeg_bytes, median, print_table, sample_images
+from common import bench_sizes, byte_pieces, jpeg_bytes, median, print_table, sample_images
+from transformers import AutoTokenizer
 
 from skingpt4.backends.transformers_llm import load_model
 from skingpt4.engine.chat import ChatEngine
@@ -60,8 +60,7 @@ def bench_folder(folder: Path, small: bool) -> Path:
     in the folder, so that both engines see it)."""
     create_random_model(folder, *(small_sizes() if small else bench_sizes()))
     without_endings(folder)
-    vocab = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
-    pieces = [i for piece, i in vocab.items() if re.fullmatch(r"<0x[0-9A-F]{2}>", piece)]
+    pieces = byte_pieces(AutoTokenizer.from_pretrained(folder))
     path = folder / "generation_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     config["suppress_tokens"] = sorted({*config["suppress_tokens"], *pieces})

@@ -50,6 +50,12 @@ def suppress_ids(engine: ChatEngine, ids: list[int]) -> None:
     head.register_forward_hook(lambda module, args, logits: logits.index_fill(-1, index, float("-inf")))
 
 
+def byte_pieces(tokenizer) -> list[int]:
+    """The ids of the byte-fallback pieces <0x00>..<0xFF>."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return [i for i, piece in enumerate(pieces) if re.fullmatch(r"<0x[0-9A-F]{2}>", piece)]
+
+
 def load_bench_engine(folder: str | Path) -> tuple[ChatEngine, list[str]]:
     """The engine on CPU float32; returns notes on what was done for the benchmark.
 
@@ -58,8 +64,7 @@ def load_bench_engine(folder: str | Path) -> tuple[ChatEngine, list[str]]:
     the history). The LM head still computes all 32000 logits.
     """
     engine = ChatEngine(load_model(folder, device="cpu", dtype="float32"))
-    pieces = engine.tokenizer.convert_ids_to_tokens(list(range(len(engine.tokenizer))))
-    ids = [i for i, piece in enumerate(pieces) if re.fullmatch(r"<0x[0-9A-F]{2}>", piece)]
+    ids = byte_pieces(engine.tokenizer)
     suppress_ids(engine, ids)
     return engine, [f"bench choice: suppressed the {len(ids)} byte-fallback ids so answers are well-formed text"]
 

@@ -511,20 +511,8 @@ def test_serve_and_demo_default_to_auto_the_others_to_ours(tiny_dir, capsys, mon
     assert main(["chat", "--model", str(tiny_dir), "--engine", "vllm"]) == 2
     assert capsys.readouterr().err.startswith("error: --engine vllm: vLLM is not installed")
     data = tiny_dir / "none.jsonl"
-    argv = [
-        "eval",
-        "--model",
-        str(tiny_dir),
-        "--data",
-        str(data),
-        "--out",
-        "x",
-        "--mode",
-        "choice",
-        "--engine",
-        "vllm",
-    ]
-    assert main(argv) == 2
+    argv = ["eval", "--model", str(tiny_dir), "--data", str(data), "--out", "x"]
+    assert main([*argv, "--mode", "choice", "--engine", "vllm"]) == 2
     assert "--mode choice reads the model's logits: run it on our engine" in capsys.readouterr().err
 
 

@@ -149,14 +149,10 @@ def asked(args) -> dict:
 
 def engine(args, max_images: int | None = None):
     """Open the engine the model flags name (`engine/factory.py`; it checks them first), saying which runs."""
-    from skingpt4.engine.factory import choose_engine, open_engine
+    from skingpt4.engine.factory import open_engine
 
-    options = engine_options(args, max_images)
-    options.check(**asked(args))
-    options.engine, why = choose_engine(options, **asked(args))
-    if args.engine == "auto":  # which one it chose, and why
-        print(f"engine: {options.engine} ({why})", file=sys.stderr)
-    return open_engine(options, **asked(args))
+    say = lambda line: print(line, file=sys.stderr)  # noqa: E731  (with --engine auto: which one, and why)
+    return open_engine(engine_options(args, max_images), **asked(args), say=say)
 
 
 def engine_loading(args) -> Future:

@@ -162,11 +162,15 @@ def vllm_refusal(folder: Path) -> str | None:
     return None
 
 
-def open_engine(options: EngineOptions, beams: bool = False, scoring: bool = False):
-    """Check the options against what will be asked (`EngineOptions.check`), choose the engine
-    (`choose_engine`), load the model, and return the engine that runs it (a `protocol.Engine`)."""
+def open_engine(options: EngineOptions, beams: bool = False, scoring: bool = False, say=None):
+    """Check the options against what will be asked (`EngineOptions.check`), choose the engine once
+    (`choose_engine`; `say` is told which and why when `--engine auto` chose), load the model, and return the engine
+    that runs it (a `protocol.Engine`)."""
     options.check(beams, scoring)
-    if choose_engine(options, beams, scoring)[0] == "vllm":
+    engine, why = choose_engine(options, beams, scoring)
+    if say is not None and options.engine == "auto":
+        say(f"engine: {engine} ({why})")
+    if engine == "vllm":
         return open_vllm(options)
     from skingpt4.engine.chat import ChatEngine
 
@@ -189,8 +193,9 @@ def open_vllm(options: EngineOptions):
     from skingpt4.folder.load import resolve_device, resolve_dtype, resolve_model_path
 
     folder = resolve_model_path(options.model)
-    if refusal := vllm_refusal(folder):
+    if options.engine == "vllm" and (refusal := vllm_refusal(folder)):  # `--engine auto` has asked already
         raise InputError(f"--engine vllm: {refusal}")
+    quiet_vllm()
     try:
         from vllm import AsyncEngineArgs, SamplingParams
         from vllm.platforms import current_platform

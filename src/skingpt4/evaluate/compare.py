@@ -135,9 +135,8 @@ def markdown(result: dict) -> str:
         gap = "-" if fair["gap"] is None else f"{fair['gap']:.3f}"
         score = "-" if fair["dermobench_fairness"] is None else f"{fair['dermobench_fairness']:.3f}"
         lines.append(f"| {name} | {fair['accuracy']:.3f} | {gap} | {score} |")
-    lines += ["", "| A vs B | images | accuracy A - B [95% CI] | balanced accuracy A - B | A only right |"]
-    lines[-1] += " B only right | McNemar exact p |"
-    lines.append("|---|---|---|---|---|---|---|")
+    head = ("A vs B", "images", "accuracy A - B [95% CI]", "balanced accuracy A - B", "A only right", "B only right")
+    lines += ["", "| " + " | ".join([*head, "McNemar exact p"]) + " |", "|---" * (len(head) + 1) + "|"]
     for pair in result["pairs"]:
         a, b = pair["models"]
         for subset, found in pair["by_subset"].items():
