@@ -1,10 +1,11 @@
 """The one place that chooses and opens an engine from the model flags (`--engine`, `--quantize`, the device and
 precision flags, `--max-batch`, `--cached-sessions`, `--queue-size`, vLLM's flags).
 
-`EngineOptions.check` refuses every conflict among them in one line before anything loads (it imports no torch,
-so a command can say so at once); `choose_engine` settles `--engine auto` (vLLM where it runs the model as asked,
-else ours); `open_engine` then loads the model on transformers (`folder/load.py`), on llama.cpp
-(`backends/llamacpp.py`), or starts vLLM (`vllm.py`), and returns a `protocol.Engine`.
+`EngineOptions.check` refuses every conflict among them, and with the model's family (`folder/family.py`), in one
+line before anything loads (it reads config.json only, so a command can say so at once); `choose_engine` settles
+`--engine auto` (vLLM where it runs the model as asked, else ours); `open_engine` then loads the model on
+transformers (`folder/load.py`), on llama.cpp (`backends/llamacpp.py`), another family's folder on its own
+transformers classes (`family.py`), or starts vLLM (`vllm.py`), and returns a `protocol.Engine`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from skingpt4.errors import NEEDS_TRANSFORMERS, NO_BEAMS, InputError
 from skingpt4.folder.serving import ARCHITECTURE
 
 ENGINES = ("auto", "skingpt4", "vllm")
+FAMILY_ON_OURS = "other families' folders run on our engine (vLLM's own server runs them without skingpt4)"
 
 
 @dataclass
@@ -94,18 +96,35 @@ class EngineOptions:
     def check(self, beams: bool = False, scoring: bool = False) -> None:
         """Every conflict among the options, and with what the command will ask (`beams`: beam search;
         `scoring`: choice-mode evaluation), in one line, before anything loads."""
-        from skingpt4.folder.meta import model_folder
         from skingpt4.inputs.conversation import get_template
 
-        model_folder(self.model)
-        if self.template:
+        family = self.family()
+        if self.template and not family:
             try:
                 get_template(self.template)
             except ValueError as exc:
                 raise InputError(str(exc)) from None
-        for refused, message in self._conflicts(beams, scoring):
+        for refused, message in self._conflicts(beams, scoring) + self._family_conflicts(family):
             if refused:
                 raise InputError(message)
+
+    def family(self):
+        """The model's family where it is not SkinGPT-4 (`folder/family.py`; reads config.json only)."""
+        from skingpt4.folder.family import family_of
+        from skingpt4.folder.meta import model_folder
+
+        return family_of(model_folder(self.model))
+
+    def _family_conflicts(self, family) -> list[tuple[bool, str]]:
+        if family is None:
+            return []
+        name = f"a {family.name} folder"
+        return [
+            (self.template is not None, f"--template: {name} is read in its own chat template"),
+            (self.quantize is not None, f"--quantize converts SkinGPT-4's Llama for llama.cpp; not {name}"),
+            (self.load_in_8bit or self.load_in_4bit, f"--load-in-8bit/4bit: not yet for {name} (use --dtype)"),
+            (self.engine == "vllm", f"--engine vllm: {FAMILY_ON_OURS} ({name})"),
+        ]
 
     def ours_only(self) -> list[str]:
         """The flags given that only our engine takes (vLLM places and loads the model itself)."""
@@ -134,6 +153,8 @@ def choose_engine(options: EngineOptions, beams: bool = False, scoring: bool = F
     can run this model as asked (vLLM is faster; both give the same answers), else ours."""
     if options.engine != "auto":
         return options.engine, f"--engine {options.engine}"
+    if (family := options.family()) is not None:
+        return "skingpt4", f"{FAMILY_ON_OURS} ({family.name})"
     asked = options.ours_only() + ["--num-beams"] * beams + ["--mode choice"] * scoring
     if asked:
         return "skingpt4", f"{asked[0]} runs on our engine"
@@ -172,6 +193,10 @@ def open_engine(options: EngineOptions, beams: bool = False, scoring: bool = Fal
         say(f"engine: {engine} ({why})")
     if engine == "vllm":
         return open_vllm(options)
+    if (family := options.family()) is not None:
+        from skingpt4.engine.family import open_family
+
+        return open_family(options, family)
     from skingpt4.engine.chat import ChatEngine
 
     if options.quantize:

@@ -1,9 +1,9 @@
 """The engine's two interfaces, written down.
 
 `Engine` is what every surface (`serve/`, `evaluate/`, `review/`, `cli/`) calls, and all it may call: our engine
-(`chat.ChatEngine`, on transformers or llama.cpp) and vLLM's (`vllm.VllmEngine`) implement it. A surface holds
-sessions (`Session`, one per consultation; `session.ChatSession` is the one implementation, shared by both
-engines) and asks the engine for answers through them.
+(`chat.ChatEngine`, on transformers or llama.cpp), vLLM's (`vllm.VllmEngine`) and, for other model families'
+folders, `family.FamilyEngine` implement it. A surface holds sessions (`Session`, one per consultation;
+`session.ChatSession` is the one implementation, shared by all three) and asks the engine for answers through them.
 
 `LanguageModel` is what our engine's decode loop (`scheduler.py`) calls: transformers
 (`backends/transformers_llm.py`) and llama.cpp (`backends/llamacpp.py`) implement it. The engine computes the
@@ -49,6 +49,7 @@ class Session(Protocol):
     prompt_tokens: int  # of the last turn (usage reports)
     completion_tokens: int
     reused_tokens: int  # positions of the last turn's prompt that a kept cache already held
+    reasoning: str  # the last answer's thought (a reasoning model's `<think>` block), kept apart from the answer
 
     def add_image(self, source: str | Path | bytes) -> str:
         """Decode (through the one image loader) and add a photo; returns its SHA-256."""

@@ -30,6 +30,7 @@ class ChatFormat:
     def __init__(self, tokenizer, template: Template, image_token_id: int):
         self.tokenizer, self.template, self.image_token_id = tokenizer, template, image_token_id
         self.special_tokens = tuple(tokenizer.all_special_tokens)
+        self.end_id = tokenizer.eos_token_id  # ends a choice-mode target sentence where the template has no stop
 
     def conversation(self) -> Conversation:
         return Conversation(self.template, special_tokens=self.special_tokens)
@@ -52,9 +53,15 @@ class ChatFormat:
         """A streamer that turns an answer's ids into its shown text as they come."""
         return TextPieces(self.tokenizer, self.answer_text(settings))
 
+    def finished(self, ids: list[int], settings: GenerationSettings) -> AnswerText:
+        """A whole answer's clean-up from its ids (`.text`: what is shown; `.reasoning`: a thought kept apart)."""
+        clean = self.answer_text(settings)
+        clean.whole(self.tokenizer.decode(ids, skip_special_tokens=True))
+        return clean
+
     def answer(self, ids: list[int], settings: GenerationSettings) -> str:
         """A whole answer's shown text from its ids."""
-        return self.answer_text(settings).whole(self.tokenizer.decode(ids, skip_special_tokens=True))
+        return self.finished(ids, settings).text
 
 
 def answered(sessions: list[ChatSession], settings, chat: ChatFormat, streamer, cancel, produce) -> list[str]:
@@ -74,10 +81,21 @@ def answered(sessions: list[ChatSession], settings, chat: ChatFormat, streamer, 
     answers = []
     for session, ids in zip(sessions, new_ids):
         # what was streamed is the answer, to the character
-        text = streamer.text() if streamer is not None else chat.answer(list(ids), settings)
+        if streamer is not None:
+            text, session.reasoning = streamer.text(), streamer.answer.reasoning
+        else:
+            clean = chat.finished(list(ids), settings)
+            text, session.reasoning = clean.text, clean.reasoning
         session.completion_tokens = len(ids)
         answers.append(session.conversation.add_answer(text))
     return answers
+
+
+def keep_reasoning(record: dict, session: ChatSession) -> None:
+    """After an answer is added to a bulk record's "answers": a reasoning model's thought for it in "reasoning"
+    (one per answer), which records of models that write none do not have."""
+    if session.reasoning or "reasoning" in record:
+        record.setdefault("reasoning", [""] * (len(record["answers"]) - 1)).append(session.reasoning)
 
 
 class ChatSession:
@@ -94,6 +112,7 @@ class ChatSession:
         self.image_hashes: list[str] = []
         self.cache, self.cache_keys, self.reused_tokens = None, [], 0
         self.prompt_tokens = self.completion_tokens = 0  # of the last turn (usage reports)
+        self.reasoning = ""  # the last answer's thought, kept apart from it (reasoning models)
 
     def add_image(self, source: str | Path | bytes) -> str:
         """Decode (through the one image loader), encode once, and add an image; returns its SHA-256."""

@@ -36,6 +36,7 @@ import torch
 
 from skingpt4.data.manifest import Item, prefetched
 from skingpt4.data.results import RETRY, RecordFile
+from skingpt4.engine.session import keep_reasoning
 from skingpt4.engine.settings import GenerationSettings
 from skingpt4.errors import InputError, first_line
 from skingpt4.evaluate import labels as L
@@ -367,8 +368,9 @@ def _converse(ctx: Context, records: list[dict], features: torch.Tensor, setting
     for prompt in ctx.prompts:
         for session in sessions:
             session.ask(prompt)
-        for record, answer in zip(records, ctx.engine.generate(sessions, settings)):
+        for record, session, answer in zip(records, sessions, ctx.engine.generate(sessions, settings)):
             record["answers"].append(answer)
+            keep_reasoning(record, session)
     for record in records:
         if ctx.labels:
             found = L.explain(record["answers"][0], ctx.labels)

@@ -50,7 +50,7 @@ def _target_ids(engine: Engine, label: str) -> list[int]:
     """The sentence as the model would write it: tokenized on its own (as in training), stop string included."""
     template, tokenizer = engine.chat.template, engine.chat.tokenizer
     ids = tokenizer(ANSWER_FORMAT.format(spoken(label)) + (template.stop or ""), add_special_tokens=False).input_ids
-    return ids if template.stop else [*ids, tokenizer.eos_token_id]
+    return ids if template.stop else [*ids, engine.chat.end_id]
 
 
 def _prompt(engine: Engine, feature: torch.Tensor, question: str, room: int) -> tuple[list[int], list]:

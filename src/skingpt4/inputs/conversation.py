@@ -103,7 +103,7 @@ def neutralise(text: str, template: Template, special_tokens: tuple[str, ...] = 
     return text.strip()
 
 
-_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffd]")  # C0/C1 but newline and tab; U+FFFD
+CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffd]")  # C0/C1 but newline and tab; U+FFFD
 
 
 class AnswerText:
@@ -125,6 +125,7 @@ class AnswerText:
         self.ends = [s for s in (template.stop, *stops, self.marker) if s]
         self.banned = [s.lower() for s in {*_MARKUP, *special_tokens} if s]
         self.pending, self.text, self.done = "", "", False
+        self.reasoning = ""  # a reasoning model's thought (`family_prompt.ThinkingAnswer`); never shown
 
     def whole(self, text: str) -> str:
         """The answer in a text that is complete (not streamed)."""
@@ -135,7 +136,7 @@ class AnswerText:
     def feed(self, piece: str) -> str:
         if self.done:
             return ""
-        self.pending = strip_markup(_CONTROLS.sub("", self.pending + piece), tuple(self.banned))
+        self.pending = strip_markup(CONTROL_CHARS.sub("", self.pending + piece), tuple(self.banned))
         if not self.text:
             self.pending = self.pending.lstrip()
             while self.marker and self.pending.startswith(self.marker):

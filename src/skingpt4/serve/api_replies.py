@@ -26,8 +26,8 @@ class Completion:
     def __init__(self, model: str):
         self.id, self.model, self.created = f"chatcmpl-{uuid.uuid4().hex}", model, int(time.time())
 
-    def body(self, text: str, finish: str, usage: dict, **extra) -> dict:
-        message = {"role": "assistant", "content": text}
+    def body(self, text: str, finish: str, usage: dict, reasoning: str = "", **extra) -> dict:
+        message = {"role": "assistant", "content": text} | ({"reasoning_content": reasoning} if reasoning else {})
         choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
         head = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model}
         return {**head, "choices": [choice], "usage": usage, **extra}
@@ -67,7 +67,12 @@ class Reply(Completion):
         return {**block, "not_acted_on": self.accepted} if self.accepted else block
 
     def completion(self, text: str) -> dict:
-        return self.body(text, self.finish_reason(), self.usage(), skingpt4=self.safety())
+        return self.body(text, self.finish_reason(), self.usage(), self.reasoning(), skingpt4=self.safety())
+
+    def reasoning(self) -> str:
+        """A reasoning model's thought, kept out of the answer: `reasoning_content`, as vLLM and others send it."""
+        last = self.consultation.turns[-1] if self.consultation.turns else {}
+        return last.get("reasoning", "")
 
     async def events(self, job, include_usage: bool):
         try:
@@ -78,6 +83,8 @@ class Reply(Completion):
             if event[0] == "error":  # headers are sent: report in-band, as OpenAI does
                 yield f"data: {json.dumps(error_body(*describe(event[1])[1:]))}\n\n"
                 return
+            if reasoning := self.reasoning():  # known once the answer is done (the thought is never streamed raw)
+                yield self.chunk({"reasoning_content": reasoning})
             yield self.chunk({}, finish=self.finish_reason())
             if include_usage:
                 yield self.chunk({}, usage=self.usage(), choices=False)

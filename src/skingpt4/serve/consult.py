@@ -99,6 +99,7 @@ class Consultation:
                 "triggers": list(verdict.triggers),
                 "seconds": round(time.perf_counter() - start, 3),
             }
+            | ({"reasoning": self.session.reasoning} if self.session.reasoning else {})
         )
         self.settings = settings
         self._save()

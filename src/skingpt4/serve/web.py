@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 SURFACE = "web"
 CLINICAL_LABELS = ("1. Describe it", "2. Other features", "3. Cause", "4. Treatment")  # CLINICAL_PROMPTS, in order
 STOPPED = "Stopped; the question was withdrawn."
+REASONING_TITLE = "The model's reasoning (not part of the answer)"
 ADD_PHOTO = "Add a photo and press Start chat"
 ASK = "Ask about the photo(s), or use a clinical question below"
 SUMMARY_NAME = "consultation-summary-{:%Y-%m-%d-%H%M}.html"  # the time it was made: several do not collide
@@ -238,7 +239,7 @@ class WebApp:
     @staticmethod
     def _history(visit: Visit | None) -> list[dict]:
         turns = visit.consultation.turns if visit is not None else []
-        return [_message(turn["role"], turn["text"]) for turn in turns]
+        return [shown for turn in turns for shown in _messages(turn)]
 
     @staticmethod
     def thumbnails(visit: Visit | None) -> str:
@@ -376,6 +377,15 @@ def _message(role: str, text: str) -> dict:
     if role == "assistant":
         text = text.replace(DISCLAIMER, NOTICE)
     return {"role": role, "content": html.escape(text)}
+
+
+def _messages(turn: dict) -> list[dict]:
+    """A turn as shown: a reasoning model's thought first, folded (Gradio's collapsible "thought" message)."""
+    shown = [_message(turn["role"], turn["text"])]
+    if thought := turn.get("reasoning"):
+        fold = {"title": REASONING_TITLE, "status": "done"}
+        shown.insert(0, {"role": "assistant", "content": html.escape(thought), "metadata": fold})
+    return shown
 
 
 def _text(message: str) -> str:

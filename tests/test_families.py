@@ -1,0 +1,341 @@
+"""Other model families behind every surface (`folder/family.py`, `engine/family.py`): tiny random Gemma 3
+(MedGemma's family), Qwen2.5-VL (SkinGPT-R1's) and LLaVA-1.5 folders built in-process with their own transformers
+classes, processors and chat templates. Exactness is checked against each family's own `generate` on its processor's
+inputs for messages written out here by hand."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import image_bytes
+from PIL import Image
+
+from skingpt4.cli.main import main
+from skingpt4.engine.factory import EngineOptions, open_engine
+from skingpt4.engine.settings import GenerationSettings
+from skingpt4.folder.tiny_families import BUILDERS, build_tiny_family
+from skingpt4.inputs.conversation import AnswerText
+from skingpt4.inputs.family_prompt import ThinkingAnswer, family_template
+from skingpt4.inputs.images import load_image
+
+FAMILIES = list(BUILDERS)
+GREEDY = GenerationSettings.greedy(max_new_tokens=10)
+QUESTION, FOLLOW_UP = "What is this rash?", "Which treatment would you suggest?"
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {name: build_tiny_family(name, root / f"tiny-{name}") for name in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def engines(family_dirs):
+    return {name: open_engine(EngineOptions(model=str(folder))) for name, folder in family_dirs.items()}
+
+
+def photo(seed: int) -> Image.Image:
+    return load_image(image_bytes(size=(80, 64), noise_seed=seed))
+
+
+def by_hand(engine, turns: list[tuple[str, int | str]]) -> list[dict]:
+    """The chat messages as a user of the family's processor writes them: ("user", n photos then text) turns."""
+    system = engine.chat.family.system
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    for role, (count, text) in turns:
+        content = [{"type": "image"}] * count + [{"type": "text", "text": text}]
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def reference(engine, batch: list[tuple[list[dict], list]], new_tokens: int) -> list[list[int]]:
+    """The family's own processor and `generate` (greedy), a batch left-padded by the processor itself."""
+    processor = engine.chat.processor
+    texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m, _ in batch]
+    bos = processor.tokenizer.bos_token
+    images = [photos for _, photos in batch]  # one list per prompt, as the processors take a batch
+    inputs = processor(
+        text=texts,
+        images=images,
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=not (bos and texts[0].startswith(bos)),
+    )
+    out = engine.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    return [row[inputs["input_ids"].shape[1] :].tolist() for row in out]
+
+
+def ours(engine, session, settings=GREEDY) -> list[int]:
+    """Our engine's generated ids, as its streamer receives them."""
+    pieces = engine.chat.text_pieces(settings)
+    engine.generate([session], settings, pieces)
+    return pieces.ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_ids_equal_the_familys_own_generate(engines, family):
+    engine = engines[family]
+    photos = [photo(1)] if family == "llava" else [photo(1), photo(2)]  # LLaVA-1.5 reads one photo
+    session = engine.session()
+    for image in photos:
+        session.add_encoded(image)
+    session.ask(QUESTION)
+    first = ours(engine, session)
+    messages = by_hand(engine, [("user", (len(photos), QUESTION))])
+    assert first == reference(engine, [(messages, photos)], 10)[0]
+    # the second turn reads the first answer as it was shown
+    session.ask(FOLLOW_UP)
+    second = ours(engine, session)
+    shown = next(text for role, text in session.conversation.messages if role == 1)  # the first answer, as shown
+    assert shown == engine.chat.answer(first, GREEDY)
+    messages += by_hand(engine, [("assistant", (0, shown)), ("user", (0, FOLLOW_UP))])[-2:]
+    assert second == reference(engine, [(messages, photos)], 10)[0]
+    assert session.prompt_tokens > 20 and session.completion_tokens <= 10
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_batch_answers_as_each_alone_and_as_the_familys_batched_generate(engines, family):
+    engine = engines[family]
+    questions = ["Describe it.", "What could this be, in a few words please?", QUESTION]
+    photos = [photo(10 + i) for i in range(len(questions))]
+
+    def sessions():
+        made = [engine.session() for _ in questions]
+        for session, image, question in zip(made, photos, questions):
+            session.add_encoded(image)
+            session.ask(question)
+        return made
+
+    together = engine.generate(sessions(), GREEDY)
+    alone = [engine.generate([s], GREEDY)[0] for s in sessions()]
+    assert together == alone
+    batch = [(by_hand(engine, [("user", (1, q))]), [p]) for q, p in zip(questions, photos)]
+    expected = [engine.chat.answer(engine.chat.trimmed(ids), GREEDY) for ids in reference(engine, batch, 10)]
+    assert together == expected
+    assert engine.status().peak == 3
+
+
+def test_two_threads_at_once_answer_as_alone(engines):
+    engine, results = engines["qwen2_5_vl"], {}
+
+    def ask(key: int):
+        session = engine.session()
+        session.add_encoded(photo(20 + key))
+        session.ask(QUESTION)
+        results[key] = session.answer(GREEDY)
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for key in range(2):
+        session = engine.session()
+        session.add_encoded(photo(20 + key))
+        session.ask(QUESTION)
+        assert results[key] == session.answer(GREEDY)
+
+
+def test_the_medgemma_system_prompt_and_one_photo_for_llava(engines):
+    text = engines["gemma3"].chat.text(_asked(engines["gemma3"]))
+    assert text.startswith("<bos><start_of_turn>user\nYou are an expert dermatologist.\n\n<start_of_image>")
+    session = engines["llava"].session()
+    session.add_encoded(photo(1))
+    with pytest.raises(Exception, match="reads 1 photo per consultation"):
+        session.add_encoded(photo(2))
+    assert session.conversation.num_images == 1
+
+
+def _asked(engine):
+    session = engine.session()
+    session.add_encoded(photo(3))
+    session.ask(QUESTION)
+    return session
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_choice_scores_are_the_targets_log_probability(engines, family):
+    engine = engines[family]
+    session = _asked(engine)
+    ids, (inputs,), _ = engine.chat.prompt(session, GREEDY)
+    target = engine.chat.tokenizer("This could be eczema.", add_special_tokens=False).input_ids
+    [score] = engine.score([(ids, [inputs], target)])
+    # by hand: the whole sequence through the model once, each target token read after the one before it
+    full = dict(inputs)
+    full["input_ids"] = torch.tensor([ids + target])
+    for key in ("attention_mask", "token_type_ids", "mm_token_type_ids"):
+        if key in inputs:
+            tail = torch.full((1, len(target)), 1 if key == "attention_mask" else 0, dtype=inputs[key].dtype)
+            full[key] = torch.cat([inputs[key], tail], 1)
+    with torch.no_grad():
+        logits = engine.model(**full).logits[0].double().log_softmax(-1)
+    expected = sum(float(logits[len(ids) - 1 + i, t]) for i, t in enumerate(target))
+    assert score == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        ["<think>It is red and scaly.</think> Likely psoriasis."],
+        ["<th", "ink>It is red", " and scaly.</thi", "nk>", " Likely", " psoriasis."],
+        list("<think>It is red and scaly.</think> Likely psoriasis."),
+    ],
+)
+def test_a_thought_is_kept_apart_however_it_streams(pieces):
+    answer = ThinkingAnswer(family_template("qwen2_5_vl"))
+    shown = [answer.feed(p) for p in pieces] + [answer.finish()]
+    assert "".join(shown) == answer.text == "Likely psoriasis."
+    assert answer.reasoning == "It is red and scaly."
+    plain = ThinkingAnswer(family_template("qwen2_5_vl"))
+    assert plain.whole("Likely <think> psoriasis.") == AnswerText(family_template("x")).whole(
+        "Likely <think> psoriasis."
+    )
+    unfinished = ThinkingAnswer(family_template("qwen2_5_vl"))
+    assert unfinished.whole("<think>Still thinking when the budget") == "" and unfinished.reasoning.startswith("Still")
+
+
+def scripted(engine, monkeypatch, text: str):
+    """The model writes `text` (a reasoning model's answer), through `generate`'s streamer protocol."""
+    tokenizer = engine.chat.tokenizer
+
+    def generate(**inputs):
+        prompt, streamer = inputs["input_ids"], inputs.get("streamer")
+        new = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids] * prompt.shape[0])
+        if streamer is not None:
+            streamer.put(prompt)
+            for column in new.T:
+                streamer.put(column)
+            streamer.end()
+        return torch.cat([prompt, new], 1)
+
+    monkeypatch.setattr(engine.model, "generate", generate)
+
+
+THOUGHT = "<think>Red scaly plaques on the elbow.</think>This may be psoriasis."
+
+
+def test_the_thought_reaches_records_and_the_api_but_not_the_answer(family_dirs, tmp_path, monkeypatch):
+    from openai import OpenAI
+    from test_api import Server, data_url
+
+    from skingpt4.serve.api import ServeConfig, create_app
+
+    engine = open_engine(EngineOptions(model=str(family_dirs["qwen2_5_vl"])))
+    scripted(engine, monkeypatch, THOUGHT)
+    server = Server(create_app(engine, ServeConfig(max_tokens=40)))
+    try:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="-")
+        content = [{"type": "image_url", "image_url": {"url": data_url(image_bytes())}}, {"type": "text", "text": "?"}]
+        messages = [{"role": "user", "content": content}]
+        reply = client.chat.completions.create(model="m", messages=messages, max_tokens=40, temperature=0)
+        message = reply.choices[0].message
+        assert message.content.startswith("This may be psoriasis.") and "think" not in message.content
+        assert message.model_extra["reasoning_content"] == "Red scaly plaques on the elbow."
+        stream = client.chat.completions.create(model="m", messages=messages, max_tokens=40, stream=True)
+        chunks = [c.choices[0].delta for c in stream if c.choices]
+        assert "".join(d.content or "" for d in chunks) == message.content
+        assert [d.model_extra.get("reasoning_content") for d in chunks if d.model_extra.get("reasoning_content")] == [
+            "Red scaly plaques on the elbow."
+        ]
+    finally:
+        server.stop()
+    images = tmp_path / "photos"
+    images.mkdir()
+    (images / "a.png").write_bytes(image_bytes())
+    monkeypatch.setattr("skingpt4.engine.factory.open_engine", lambda *a, **k: engine)
+    out = tmp_path / "out.jsonl"
+    assert main(["diagnose", str(images), "--model", str(family_dirs["qwen2_5_vl"]), "--out", str(out)]) == 0
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["answer"].startswith("This may be psoriasis.")
+    assert record["reasoning"] == ["Red scaly plaques on the elbow."]
+
+
+def test_web_app_folds_the_thought_in_chromium(family_dirs, tmp_path, monkeypatch):
+    from playwright.sync_api import expect, sync_playwright
+    from test_webapp import CHROMIUM, FAST, free_port
+
+    from skingpt4.serve.web import NOTICE, REASONING_TITLE, WebConfig
+    from skingpt4.serve.web_launch import launch
+
+    engine = open_engine(EngineOptions(model=str(family_dirs["gemma3"])))
+    scripted(engine, monkeypatch, THOUGHT)
+    running = launch(engine, WebConfig(port=free_port(), settings=FAST), block=False)
+    photo_file = tmp_path / "lesion.png"
+    photo_file.write_bytes(image_bytes())
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+            page = browser.new_page()
+            page.goto(running.url)
+            expect(page.locator("#untrained-banner")).to_contain_text("UNTRAINED")
+            page.locator("input[type=file]").set_input_files(str(photo_file))
+            expect(page.locator("#photo-strip img")).to_have_count(1, timeout=30_000)
+            page.locator("#start").click()
+            page.locator("#question textarea").fill("What is this?")
+            page.locator("#question textarea").press("Enter")
+            chat = page.locator("#chat")
+            expect(chat).to_contain_text(NOTICE, timeout=30_000)
+            expect(chat).to_contain_text("This may be psoriasis.")
+            expect(chat).to_contain_text(REASONING_TITLE)
+            expect(page.get_by_text("Red scaly plaques on the elbow.")).not_to_be_visible()  # folded
+            page.get_by_text(REASONING_TITLE).click()
+            expect(page.get_by_text("Red scaly plaques on the elbow.")).to_be_visible()
+            assert "&lt;think" not in page.content() and "<think>" not in chat.inner_text()
+            browser.close()
+    finally:
+        running.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_research_command_runs_on_the_family(family_dirs, tmp_path, capsys, family):
+    from test_cli_research import labelled_set
+
+    model, data = str(family_dirs[family]), labelled_set(tmp_path)
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i in range(3):
+        (images / f"{i}.png").write_bytes(image_bytes(noise_seed=i))
+    out = tmp_path / "diagnosed.jsonl"
+    argv = ["diagnose", str(images), "--model", model, "--out", str(out), "--max-new-tokens", "3"]
+    assert main(argv) == 0
+    assert "3 diagnosed, 0 failed, 0 already done" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "0 diagnosed, 0 failed, 3 already done" in capsys.readouterr().out
+    common = ["--model", model, "--data", data, "--bootstrap", "20", "--no-progress", "--max-new-tokens", "3"]
+    for extra in (["--mode", "open"], ["--mode", "choice"], ["--protocol", "clinical"]):
+        target = tmp_path / "-".join(extra)
+        assert main(["eval", *common, "--out", str(target), *extra]) == 0, capsys.readouterr().err
+        metrics = json.loads((target / "metrics.json").read_text())
+        assert metrics["n"] == 4 and metrics["run"]["model"].startswith(f"tiny-{family}@")
+    assert (tmp_path / "--protocol-clinical" / "transcripts.jsonl").is_file()
+
+
+def test_two_families_head_to_head(family_dirs, tmp_path, capsys):
+    from test_cli_research import labelled_set
+
+    data, out = labelled_set(tmp_path), tmp_path / "compare"
+    models = ["--model", str(family_dirs["gemma3"]), "--model", str(family_dirs["llava"])]
+    argv = ["eval", *models, "--data", data, "--out", str(out), "--mode", "choice", "--bootstrap", "20"]
+    assert main([*argv, "--no-progress"]) == 0, capsys.readouterr().err
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert len(comparison["pairs"]) == 1 and {"tiny-gemma3", "tiny-llava"} <= set(comparison["models"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--engine", "vllm"], "other families' folders run on our engine"),
+        (["--quantize", "int8", "--device", "cpu"], "--quantize converts SkinGPT-4's Llama"),
+        (["--template", "llama2"], "read in its own chat template"),
+    ],
+)
+def test_what_a_family_folder_cannot_take_is_refused_in_one_line(family_dirs, tmp_path, capsys, flags, message):
+    (tmp_path / "a.png").write_bytes(image_bytes())
+    argv = ["diagnose", str(tmp_path), "--model", str(family_dirs["gemma3"]), "--out", str(tmp_path / "o.jsonl")]
+    assert main([*argv, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
