@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ from PIL import Image
 from skingpt4.cli.main import main
 from skingpt4.engine.factory import EngineOptions, open_engine
 from skingpt4.engine.settings import GenerationSettings
+from skingpt4.errors import Cancelled
+from skingpt4.folder.family import FAMILIES as FAMILY_FACTS
+from skingpt4.folder.family import pixel_options
 from skingpt4.folder.tiny_families import BUILDERS, build_tiny_family
 from skingpt4.inputs.conversation import AnswerText
 from skingpt4.inputs.family_prompt import ThinkingAnswer, family_template
@@ -25,6 +29,7 @@ from skingpt4.inputs.images import load_image
 FAMILIES = list(BUILDERS)
 GREEDY = GenerationSettings.greedy(max_new_tokens=10)
 QUESTION, FOLLOW_UP = "What is this rash?", "Which treatment would you suggest?"
+SKIN_R1 = "You are a professional AI dermatology assistant."
 
 
 @pytest.fixture(scope="session")
@@ -42,13 +47,18 @@ def photo(seed: int) -> Image.Image:
     return load_image(image_bytes(size=(80, 64), noise_seed=seed))
 
 
-def by_hand(engine, turns: list[tuple[str, int | str]]) -> list[dict]:
-    """The chat messages as a user of the family's processor writes them: ("user", n photos then text) turns."""
-    system = engine.chat.family.system
-    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
-    for role, (count, text) in turns:
-        content = [{"type": "image"}] * count + [{"type": "text", "text": text}]
-        messages.append({"role": role, "content": content})
+# What each model's card or its authors' code asks for: MedGemma a system turn, SkinGPT-R1 its system prompt before
+# the first question (its inference code), LLaVA-1.5 none.
+SYSTEM = {"gemma3": ("You are an expert dermatologist.", "turn"), "qwen2_5_vl": (SKIN_R1, "question")}
+
+
+def by_hand(engine, turns: list[tuple[str, tuple[int, str]]]) -> list[dict]:
+    """The chat messages as a user of the family's processor writes them: (role, (n photos, text)) turns."""
+    system, where = SYSTEM.get(engine.chat.family.name, ("", ""))
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if where == "turn" else []
+    for i, (role, (count, text)) in enumerate(turns):
+        text = f"{system}\n\n{text}" if where == "question" and i == 0 else text
+        messages.append({"role": role, "content": [{"type": "image"}] * count + [{"type": "text", "text": text}]})
     return messages
 
 
@@ -85,15 +95,15 @@ def test_greedy_ids_equal_the_familys_own_generate(engines, family):
         session.add_encoded(image)
     session.ask(QUESTION)
     first = ours(engine, session)
-    messages = by_hand(engine, [("user", (len(photos), QUESTION))])
-    assert first == reference(engine, [(messages, photos)], 10)[0]
+    turns = [("user", (len(photos), QUESTION))]
+    assert first == reference(engine, [(by_hand(engine, turns), photos)], 10)[0]
     # the second turn reads the first answer as it was shown
     session.ask(FOLLOW_UP)
     second = ours(engine, session)
     shown = next(text for role, text in session.conversation.messages if role == 1)  # the first answer, as shown
     assert shown == engine.chat.answer(first, GREEDY)
-    messages += by_hand(engine, [("assistant", (0, shown)), ("user", (0, FOLLOW_UP))])[-2:]
-    assert second == reference(engine, [(messages, photos)], 10)[0]
+    turns += [("assistant", (0, shown)), ("user", (0, FOLLOW_UP))]
+    assert second == reference(engine, [(by_hand(engine, turns), photos)], 10)[0]
     assert session.prompt_tokens > 20 and session.completion_tokens <= 10
 
 
@@ -119,30 +129,74 @@ def test_a_batch_answers_as_each_alone_and_as_the_familys_batched_generate(engin
     assert engine.status().peak == 3
 
 
-def test_two_threads_at_once_answer_as_alone(engines):
-    engine, results = engines["qwen2_5_vl"], {}
+def asked(engine, seed: int, question: str = QUESTION):
+    session = engine.session()
+    session.add_encoded(photo(seed))
+    session.ask(question)
+    return session
+
+
+def test_requests_from_two_threads_are_decoded_together_and_answer_as_alone(family_dirs):
+    """API clients at once: both wait while the model is busy, then one `generate` answers both (peak 2 rows)."""
+    engine = open_engine(EngineOptions(model=str(family_dirs["qwen2_5_vl"])))
+    results, questions = {}, [QUESTION, "Describe the border, please."]
 
     def ask(key: int):
-        session = engine.session()
-        session.add_encoded(photo(20 + key))
-        session.ask(QUESTION)
-        results[key] = session.answer(GREEDY)
+        results[key] = asked(engine, 20 + key, questions[key]).answer(GREEDY)
 
     threads = [threading.Thread(target=ask, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
+    with engine.turn:  # the model is busy: both requests queue
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while engine.status().waiting < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
     for t in threads:
         t.join(60)
-    for key in range(2):
-        session = engine.session()
-        session.add_encoded(photo(20 + key))
-        session.ask(QUESTION)
-        assert results[key] == session.answer(GREEDY)
+    assert engine.status().peak == 2
+    assert [results[k] for k in range(2)] == [asked(engine, 20 + k, questions[k]).answer(GREEDY) for k in range(2)]
 
 
-def test_the_medgemma_system_prompt_and_one_photo_for_llava(engines):
-    text = engines["gemma3"].chat.text(_asked(engines["gemma3"]))
+def test_a_cancelled_stream_leaves_its_batch_mate_answering_in_full(family_dirs):
+    engine = open_engine(EngineOptions(model=str(family_dirs["gemma3"])))
+    settings = GenerationSettings.greedy(max_new_tokens=40)
+    whole, results = asked(engine, 31).answer(settings), {}
+    cancel = threading.Event()
+
+    def stream(key: int, flag):
+        session = asked(engine, 30 + key)
+        try:
+            results[key] = [engine.generate([session], settings, engine.chat.text_pieces(settings), flag)]
+        except Cancelled:
+            results[key] = "cancelled"
+
+    threads = [threading.Thread(target=stream, args=(0, cancel)), threading.Thread(target=stream, args=(1, None))]
+    with engine.turn:
+        for t in threads:
+            t.start()
+        while engine.status().waiting < 2:
+            time.sleep(0.01)
+        cancel.set()  # before its first step: the row ends at once, its mate goes on
+    for t in threads:
+        t.join(60)
+    assert results == {0: "cancelled", 1: [[whole]]} and engine.status().peak == 2
+
+
+def test_the_system_prompts_photo_sizes_and_one_photo_for_llava(engines, family_dirs):
+    text = engines["gemma3"].chat.text(asked(engines["gemma3"], 3))
     assert text.startswith("<bos><start_of_turn>user\nYou are an expert dermatologist.\n\n<start_of_image>")
+    text = engines["qwen2_5_vl"].chat.text(asked(engines["qwen2_5_vl"], 3))
+    assert f"<|vision_end|>{SKIN_R1}\n\n{QUESTION}<|im_end|>" in text and "system\nYou are a helpful" in text
+    # SkinGPT-R1's photo bounds (256 to 1280 patches of 28 px) over a folder's own; the tiny folder's are inside them
+    config = family_dirs["qwen2_5_vl"] / "preprocessor_config.json"
+    qwen = FAMILY_FACTS["qwen2_5_vl"]
+    assert pixel_options(family_dirs["qwen2_5_vl"], qwen) == {"min_pixels": 3136, "max_pixels": 3136}
+    real = json.loads(config.read_text()) | {"min_pixels": 3136, "max_pixels": 12845056}  # Qwen2.5-VL's own
+    real["size"] = {"shortest_edge": 3136, "longest_edge": 12845056}
+    folder = family_dirs["qwen2_5_vl"].parent / "real-sizes"
+    folder.mkdir(exist_ok=True)
+    (folder / "preprocessor_config.json").write_text(json.dumps(real))
+    assert pixel_options(folder, qwen) == {"min_pixels": 200704, "max_pixels": 1003520}
     session = engines["llava"].session()
     session.add_encoded(photo(1))
     with pytest.raises(Exception, match="reads 1 photo per consultation"):
@@ -150,17 +204,10 @@ def test_the_medgemma_system_prompt_and_one_photo_for_llava(engines):
     assert session.conversation.num_images == 1
 
 
-def _asked(engine):
-    session = engine.session()
-    session.add_encoded(photo(3))
-    session.ask(QUESTION)
-    return session
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_choice_scores_are_the_targets_log_probability(engines, family):
     engine = engines[family]
-    session = _asked(engine)
+    session = asked(engine, 3)
     ids, (inputs,), _ = engine.chat.prompt(session, GREEDY)
     target = engine.chat.tokenizer("This could be eczema.", add_special_tokens=False).input_ids
     [score] = engine.score([(ids, [inputs], target)])

@@ -103,3 +103,10 @@ _ESCAPED = re.compile(r"\\([\\rn])")
 
 def _from_cell(cell: str | None) -> str | None:
     return None if cell is None else _ESCAPED.sub(lambda m: {"\\": "\\", "r": "\r", "n": "\n"}[m[1]], cell)
+
+
+def keep_reasoning(record: dict, thought: str) -> None:
+    """After an answer is added to a bulk record's "answers": a reasoning model's thought for it in "reasoning"
+    (one per answer), which records of models that write none do not have."""
+    if thought or "reasoning" in record:
+        record.setdefault("reasoning", [""] * (len(record["answers"]) - 1)).append(thought)

@@ -93,6 +93,14 @@ class EngineOptions:
     settings: EngineSettings = field(default_factory=EngineSettings)
     vllm: VllmOptions = field(default_factory=VllmOptions)
 
+    def __post_init__(self):
+        from skingpt4.folder.family import TINY_FAMILIES
+
+        if self.model in TINY_FAMILIES and not Path(self.model).exists():  # built on first use, then cached
+            from skingpt4.folder.tiny_families import tiny_family_dir
+
+            self.model = str(tiny_family_dir(self.model))
+
     def check(self, beams: bool = False, scoring: bool = False) -> None:
         """Every conflict among the options, and with what the command will ask (`beams`: beam search;
         `scoring`: choice-mode evaluation), in one line, before anything loads."""

@@ -5,20 +5,21 @@ Exact by construction: a prompt is the family's chat template rendered from the 
 (`inputs/family_prompt.py`) and its processor's inputs; an answer is the model's own `generate` on them, with its
 own generation config (its EOS ids) and our settings. What is ours is around it: the stop strings, the cancel flag
 (`decoding.StopWhen`, checked after each step: they end an answer, never change its ids), the stream, the reasoning
-kept apart, the rails and records of the surfaces. The sessions of one `generate` call (a `diagnose` or `eval`
-batch) are decoded together, `--max-batch` at a time, left-padded as the family's processor pads a batch; calls from
-several threads (API clients) take turns, one batch at a time.
+kept apart, the rails and records of the surfaces. Requests are decoded together, `--max-batch` rows at a time,
+left-padded as the family's processor pads a batch: the sessions of one `generate` call (a `diagnose` or `eval`
+batch) and the requests of other threads (API clients) waiting meanwhile. A batch runs to its longest answer
+(static batching: a request that arrives during one waits for the next).
 """
 
 from __future__ import annotations
 
 import copy
 import threading
-from contextlib import contextmanager
 
 import torch
 
 from skingpt4.engine.decoding import StopWhen, TokenBytes
+from skingpt4.engine.family_batch import Job, RowsCancelled, RowStreams, collate, extended
 from skingpt4.engine.protocol import EngineStatus
 from skingpt4.engine.sampler import TOP_K
 from skingpt4.engine.session import ChatFormat, ChatSession, answered
@@ -47,7 +48,7 @@ class FamilyFormat(ChatFormat):
 
     def text(self, session: ChatSession) -> str:
         """The prompt as the family's chat template writes it."""
-        messages = session.conversation.chat_messages(self.family.system)
+        messages = session.conversation.chat_messages(self.family.system, self.family.system_in_question)
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def inputs(self, session: ChatSession):
@@ -91,7 +92,8 @@ class FamilyEngine:
         context = loaded.model.config.get_text_config().max_position_embeddings
         self.chat = FamilyFormat(loaded.processor, loaded.family, loaded.model.generation_config, context)
         self.pieces = TokenBytes(self.chat.tokenizer)
-        self.turn, self.counting = threading.Lock(), threading.Lock()
+        self.turn, self.counting = threading.Lock(), threading.Lock()  # the model; the queue and the counts
+        self.queue: list[Job] = []
         self.running = self.waiting = self.peak = 0
 
     def session(self) -> ChatSession:
@@ -123,21 +125,61 @@ class FamilyEngine:
 
         return answered(sessions, settings, self.chat, streamer, cancel, produce)
 
-    @torch.no_grad()
     def _decode(self, inputs: list, settings: GenerationSettings, streamer, cancel) -> list[list[int]]:
-        batch = collate(inputs, self.chat.tokenizer.pad_token_id).to(self.model.device)
-        stop = StopWhen(self.pieces, self.chat.stops(settings), cancel)
-        with self._turn(len(inputs)):
-            if settings.do_sample and settings.seed is not None:
+        """These rows' new ids. The caller waits in line; whoever holds the model decodes its own rows with every
+        waiting request's that can join them (`Job.joins`), up to `--max-batch` rows, and hands each its answer."""
+        job = Job(inputs, settings, streamer, cancel)
+        with self.counting:
+            self.queue.append(job)
+            self.waiting += len(inputs)
+        while not job.finished:
+            with self.turn:
+                if not job.finished:
+                    self._run(self._take(job))
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _take(self, job: Job) -> list[Job]:
+        """`job` and the waiting jobs that join it, in arrival order, as many as fit in `--max-batch` rows."""
+        with self.counting:
+            taken, rows = [job], len(job.inputs)
+            for other in self.queue:
+                if other is not job and job.joins(other) and rows + len(other.inputs) <= self.settings.max_batch:
+                    taken.append(other)
+                    rows += len(other.inputs)
+            self.queue = [j for j in self.queue if j not in taken]
+            self.waiting -= rows
+            self.running, self.peak = rows, max(self.peak, rows)
+        return taken
+
+    @torch.no_grad()
+    def _run(self, jobs: list[Job]) -> None:
+        rows = [one for job in jobs for one in job.inputs]
+        batch = collate(rows, self.chat.tokenizer.pad_token_id).to(self.model.device)
+        settings = jobs[0].settings
+        stops = [StopWhen(self.pieces, self.chat.stops(settings)), RowsCancelled(jobs)]
+        streams = [s for job in jobs for s in [job.streamer] + [None] * (len(job.inputs) - 1)]
+        try:
+            if settings.do_sample and settings.seed is not None:  # such a job runs alone (`Job.joins`)
                 torch.manual_seed(settings.seed)
             out = self.model.generate(
                 **batch,
                 generation_config=self.generation_config(settings),
-                stopping_criteria=[stop],
-                streamer=AfterPrompt(streamer) if streamer is not None else None,
+                stopping_criteria=stops,
+                streamer=RowStreams(streams) if any(streams) else None,
             )
-        new = out[:, batch["input_ids"].shape[1] :].tolist()
-        return [self.chat.trimmed(ids) for ids in new]
+        except BaseException as exc:  # out of memory, a cancel...: every job of the batch hears of it
+            for job in jobs:
+                job.error, job.finished = exc, True
+            return
+        finally:
+            with self.counting:
+                self.running = 0
+        new = iter(out[:, batch["input_ids"].shape[1] :].tolist())
+        for job in jobs:
+            job.result = [self.chat.trimmed(next(new)) for _ in job.inputs]
+            job.finished = True
 
     def generation_config(self, settings: GenerationSettings):
         """The folder's own generation config (its EOS ids) with the request's settings."""
@@ -149,21 +191,6 @@ class FamilyEngine:
         config.update(**(sampling if s.do_sample else dict.fromkeys(sampling)))
         return config
 
-    @contextmanager
-    def _turn(self, rows: int):
-        """One batch at a time; `status` counts the rows waiting for their turn and those decoding."""
-        with self.counting:
-            self.waiting += rows
-        with self.turn:
-            with self.counting:
-                self.waiting -= rows
-                self.running, self.peak = rows, max(self.peak, rows)
-            try:
-                yield
-            finally:
-                with self.counting:
-                    self.running = 0
-
     @torch.no_grad()
     def score(self, rows) -> list[float]:
         """Each (prompt ids, [processor inputs], target ids): the target's summed log-probability after the prompt,
@@ -171,65 +198,11 @@ class FamilyEngine:
         scores = []
         for ids, (inputs,), target in rows:
             batch = extended(inputs, target).to(self.model.device)
-            with self._turn(1):
+            with self.turn:
                 logits = self.model(**batch).logits[0, len(ids) - 1 : len(ids) + len(target) - 1].float()
             picked = torch.log_softmax(logits, -1).gather(-1, torch.tensor(target, device=logits.device)[:, None])
             scores.append(float(picked.sum()))
         return scores
-
-
-def sequence_keys(inputs) -> list[str]:
-    """The processor outputs that run along the prompt (ids, mask, token types): padded, not concatenated."""
-    length = inputs["input_ids"].shape[1]
-    return [k for k, v in inputs.items() if torch.is_tensor(v) and v.dim() == 2 and v.shape == (1, length)]
-
-
-def collate(inputs: list, pad_id: int):
-    """Prompts' processor inputs as one batch: sequences left-padded (pad id, mask and token types 0), the photos'
-    tensors (pixels, grids) concatenated in order, as the family's processor makes a batch."""
-    from transformers import BatchFeature
-
-    if len(inputs) == 1:
-        return inputs[0]
-    length = max(one["input_ids"].shape[1] for one in inputs)
-    batch = {}
-    for key in dict.fromkeys(k for one in inputs for k in one.keys()):
-        parts = [one[key] for one in inputs if key in one]
-        if key in sequence_keys(inputs[0]):
-            fill = pad_id if key == "input_ids" else 0
-            parts = [torch.nn.functional.pad(p, (length - p.shape[1], 0), value=fill) for p in parts]
-        batch[key] = torch.cat(parts)
-    return BatchFeature(batch)
-
-
-def extended(inputs, target: list[int]):
-    """The processor inputs with `target` appended to the prompt (mask 1, token type 0: text)."""
-    from transformers import BatchFeature
-
-    out = dict(inputs)
-    for key in sequence_keys(inputs):
-        tail = (
-            torch.tensor([target])
-            if key == "input_ids"
-            else torch.full((1, len(target)), int(key == "attention_mask"))
-        )
-        out[key] = torch.cat([inputs[key], tail.to(inputs[key].dtype)], dim=1)
-    return BatchFeature(out)
-
-
-class AfterPrompt:
-    """transformers' streamer protocol in front of ours: `generate` first puts the prompt ids, then each step's."""
-
-    def __init__(self, streamer):
-        self.streamer, self.prompt_seen = streamer, False
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.prompt_seen:
-            self.streamer.put(value)
-        self.prompt_seen = True
-
-    def end(self) -> None:
-        self.streamer.end()
 
 
 def open_family(options, family) -> FamilyEngine:

@@ -91,13 +91,6 @@ def answered(sessions: list[ChatSession], settings, chat: ChatFormat, streamer, 
     return answers
 
 
-def keep_reasoning(record: dict, session: ChatSession) -> None:
-    """After an answer is added to a bulk record's "answers": a reasoning model's thought for it in "reasoning"
-    (one per answer), which records of models that write none do not have."""
-    if session.reasoning or "reasoning" in record:
-        record.setdefault("reasoning", [""] * (len(record["answers"]) - 1)).append(session.reasoning)
-
-
 class ChatSession:
     """One consultation: its photos (encoded once, when added), its turns, and its engine's state between turns
     (`cache`, `cache_keys`: our engine's key/value cache and the ids it holds; vLLM keeps nothing here)."""

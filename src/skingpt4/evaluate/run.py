@@ -35,8 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from skingpt4.data.manifest import Item, prefetched
-from skingpt4.data.results import RETRY, RecordFile
-from skingpt4.engine.session import keep_reasoning
+from skingpt4.data.results import RETRY, RecordFile, keep_reasoning
 from skingpt4.engine.settings import GenerationSettings
 from skingpt4.errors import InputError, first_line
 from skingpt4.evaluate import labels as L
@@ -370,7 +369,7 @@ def _converse(ctx: Context, records: list[dict], features: torch.Tensor, setting
             session.ask(prompt)
         for record, session, answer in zip(records, sessions, ctx.engine.generate(sessions, settings)):
             record["answers"].append(answer)
-            keep_reasoning(record, session)
+            keep_reasoning(record, session.reasoning)
     for record in records:
         if ctx.labels:
             found = L.explain(record["answers"][0], ctx.labels)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from skingpt4.errors import ModelLoadError, first_line
-from skingpt4.folder.load import ModelInfo, model_id
 from skingpt4.folder.meta import ModelMeta
 
 SKINGPT4_TYPE = "blip-2"  # SkinGPT-4's own folders (`meta.py`)
@@ -23,19 +22,29 @@ TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 @dataclass(frozen=True)
 class Family:
-    """What a family's model card asks of the caller."""
+    """What a family's model card (or its authors' own inference code) asks of the caller."""
 
     name: str  # config.json's model_type
-    system: str = ""  # the system prompt the card asks for ("" for none)
+    system: str = ""  # the system prompt it asks for ("" for none)
+    system_in_question: bool = False  # written before the first question, not as a system turn
     max_images: int | None = None  # photos per consultation it was trained to read (None: no limit of its own)
+    pixels: tuple[int, int] | None = None  # (min, max) pixels per photo its processor is loaded with
 
 
 FAMILIES = {
     # MedGemma's card: a system turn naming the expert ("You are an expert radiologist." for X-rays).
     "gemma3": Family("gemma3", system="You are an expert dermatologist."),
-    "qwen2_5_vl": Family("qwen2_5_vl"),  # SkinGPT-R1; its template adds Qwen's default system turn itself
+    # SkinGPT-R1's inference code: its system prompt before the question, photos of 256 to 1280 28 x 28 patches
+    # (Qwen2.5-VL's own processor allows 16384, over 12 megapixels).
+    "qwen2_5_vl": Family(
+        "qwen2_5_vl",
+        system="You are a professional AI dermatology assistant.",
+        system_in_question=True,
+        pixels=(256 * 28 * 28, 1280 * 28 * 28),
+    ),
     "llava": Family("llava", max_images=1),  # LLaVA-1.5 was trained on one image per conversation
 }
+TINY_FAMILIES = tuple(f"tiny-{name}" for name in FAMILIES)  # `--model tiny-gemma3`...: `tiny_families.py`
 
 
 def model_type(folder: Path) -> str:
@@ -52,7 +61,10 @@ def family_of(folder: Path | None) -> Family | None:
     return FAMILIES.get(kind) or Family(kind)
 
 
-def family_info(folder: Path, family: Family) -> ModelInfo:
+def family_info(folder: Path, family: Family):
+    """The `load.ModelInfo` every surface reads (the `tiny-` folders are marked untrained)."""
+    from skingpt4.folder.load import ModelInfo, model_id
+
     meta = ModelMeta(template=family.name, name=folder.name, description=f"{family.name} image-text-to-text folder")
     meta.untrained = folder.name.startswith("tiny-")
     return ModelInfo(model_id(folder, meta), meta, folder)
@@ -63,7 +75,7 @@ class LoadedFamily:
     model: object  # the family's `...ForConditionalGeneration`
     processor: object
     family: Family
-    info: ModelInfo
+    info: object  # `load.ModelInfo`
 
 
 def load_family(folder: Path, family: Family, device: str, dtype, device_map=None) -> LoadedFamily:
@@ -71,7 +83,7 @@ def load_family(folder: Path, family: Family, device: str, dtype, device_map=Non
     processor, with left padding (batched rows end where their answers begin)."""
     from transformers import AutoModelForImageTextToText
 
-    processor = load_processor(folder)
+    processor = load_processor(folder, pixel_options(folder, family))
     try:
         model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, device_map=device_map)
     except Exception as exc:  # transformers raises many kinds here; the user needs one line
@@ -81,18 +93,20 @@ def load_family(folder: Path, family: Family, device: str, dtype, device_map=Non
     return LoadedFamily(model.eval().requires_grad_(False), processor, family, family_info(folder, family))
 
 
-def load_processor(folder: Path):
-    """`AutoProcessor`, or where it needs what is not installed (Qwen2.5-VL's video processor wants torchvision) the
-    folder's processor class over its tokenizer and image processor alone."""
+def load_processor(folder: Path, options: dict | None = None):
+    """`AutoProcessor` (with `options` for its image processor), or where it needs what is not installed
+    (Qwen2.5-VL's video processor wants torchvision) the folder's processor class over its tokenizer and image
+    processor alone."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
+    options = options or {}
     try:
-        processor = AutoProcessor.from_pretrained(folder)
+        processor = AutoProcessor.from_pretrained(folder, **options)
     except Exception as auto_error:
         try:
-            cls = _processor_class(folder)
-            image, tokenizer = AutoImageProcessor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-            processor = image_only(cls, image, tokenizer, _chat_template(folder))
+            images = AutoImageProcessor.from_pretrained(folder, **options)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            processor = image_only(_processor_class(folder), images, tokenizer, _chat_template(folder))
         except Exception:
             raise ModelLoadError(f"cannot load the processor in {folder} ({first_line(auto_error)})") from None
     if not getattr(processor, "chat_template", None):
@@ -101,6 +115,23 @@ def load_processor(folder: Path):
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     return processor
+
+
+def pixel_options(folder: Path, family: Family) -> dict:
+    """The family's photo size bounds over the folder's own: at most its largest, at least its smallest."""
+    path = folder / "preprocessor_config.json"
+    if family.pixels is None or not path.is_file():
+        return {}
+    config = json.loads(path.read_text(encoding="utf-8"))
+    size = config.get("size") or {}
+    low, high = (
+        config.get("min_pixels") or size.get("shortest_edge"),
+        config.get("max_pixels") or size.get("longest_edge"),
+    )
+    if not (low and high):
+        return {}
+    high = min(high, family.pixels[1])
+    return {"min_pixels": min(max(low, family.pixels[0]), high), "max_pixels": high}
 
 
 def image_only(cls, image_processor, tokenizer, chat_template: str | None):

@@ -128,11 +128,6 @@ def model_folder(model: str | Path) -> Path | None:
     folder of that name is here, which wins); cheap, without loading anything."""
     if str(model) == TINY and not Path(TINY).exists():
         return None
-    if str(model).startswith(f"{TINY}-") and not Path(model).exists():
-        from skingpt4.folder.tiny_families import TINY_FAMILIES, tiny_family_dir
-
-        if str(model) in TINY_FAMILIES:  # another family's tiny random folder, built on first use
-            return tiny_family_dir(str(model))
     path = Path(model).expanduser()
     if not path.is_dir():
         raise ModelLoadError(

@@ -164,8 +164,7 @@ def _llava():
     return LlavaForConditionalGeneration(config), processor
 
 
-BUILDERS = {"gemma3": _gemma3, "qwen2_5_vl": _qwen2_5_vl, "llava": _llava}
-TINY_FAMILIES = tuple(f"tiny-{name}" for name in BUILDERS)
+BUILDERS = {"gemma3": _gemma3, "qwen2_5_vl": _qwen2_5_vl, "llava": _llava}  # family.TINY_FAMILIES names them
 
 
 def build_tiny_family(family: str, folder: Path, seed: int = 0) -> Path:

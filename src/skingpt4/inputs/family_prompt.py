@@ -47,9 +47,12 @@ class FamilyConversation(Conversation):
             )
         super().add_image()
 
-    def chat_messages(self, system: str = "") -> list[dict]:
-        """The messages for the family's chat template, the open question last."""
+    def chat_messages(self, system: str = "", in_question: bool = False) -> list[dict]:
+        """The messages for the family's chat template, the open question last; `system` as a system turn, or
+        (`in_question`) before the first question's text."""
         messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+        if in_question:
+            messages = []
         for role, text in self.messages:
             content = [{"type": "image"}] * text.count(IMAGE_PLACEHOLDER) if role == 0 else []
             words = strip_markup(text, self.special_tokens).strip()
@@ -59,6 +62,12 @@ class FamilyConversation(Conversation):
                 messages[-1]["content"] += content
             else:
                 messages.append({"role": name, "content": content})
+        if in_question and system and messages:
+            content = messages[0]["content"]
+            text = next((part for part in content if part["type"] == "text"), None)
+            if text is None:
+                content.append(text := {"type": "text", "text": ""})
+            text["text"] = f"{system}\n\n{text['text']}".strip()
         return messages
 
 

@@ -18,8 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from skingpt4.data.manifest import Item, prefetched
-from skingpt4.data.results import RETRY, RecordFile
-from skingpt4.engine.session import keep_reasoning
+from skingpt4.data.results import RETRY, RecordFile, keep_reasoning
 from skingpt4.engine.settings import GenerationSettings
 from skingpt4.errors import first_line
 from skingpt4.inputs.conversation import DEFAULT_QUESTION
@@ -157,7 +156,7 @@ def _answer(engine: Engine, records: list[dict], images: list, prompts: list[str
         for record, session, answer in zip(records, sessions, engine.generate(sessions, settings)):
             verdict = review(answer, "\n".join(prompts[: n + 1]))
             record["answers"].append(verdict.text.removesuffix(DISCLAIMER).rstrip())  # the disclaimer: own field
-            keep_reasoning(record, session)
+            keep_reasoning(record, session.reasoning)
             record["referral"] = max(record["referral"], verdict.level, key=LEVELS.index)
             record["triggers"] = sorted({*record["triggers"], *verdict.triggers})
     for record in records:
