@@ -5,10 +5,11 @@ Exact by construction: a prompt is the family's chat template rendered from the 
 (`inputs/family_prompt.py`) and its processor's inputs; an answer is the model's own `generate` on them, with its
 own generation config (its EOS ids) and our settings. What is ours is around it: the stop strings, the cancel flag
 (`decoding.StopWhen`, checked after each step: they end an answer, never change its ids), the stream, the reasoning
-kept apart, the rails and records of the surfaces. Requests are decoded together, `--max-batch` rows at a time,
-left-padded as the family's processor pads a batch: the sessions of one `generate` call (a `diagnose` or `eval`
-batch) and the requests of other threads (API clients) waiting meanwhile. A batch runs to its longest answer
-(static batching: a request that arrives during one waits for the next).
+kept apart, the rails and records of the surfaces. One decode thread runs the model; requests queue for it and are
+decoded together, `--max-batch` rows at a time, left-padded as the family's processor pads a batch: the sessions of
+one `generate` call (a `diagnose` or `eval` batch) and the requests of other threads (API clients) waiting
+meanwhile. A batch runs to its longest answer (static batching: a request that arrives during one waits for the
+next).
 """
 
 from __future__ import annotations
@@ -93,8 +94,11 @@ class FamilyEngine:
         self.chat = FamilyFormat(loaded.processor, loaded.family, loaded.model.generation_config, context)
         self.pieces = TokenBytes(self.chat.tokenizer)
         self.turn, self.counting = threading.Lock(), threading.Lock()  # the model; the queue and the counts
+        self.wake = threading.Condition(self.counting)
         self.queue: list[Job] = []
         self.running = self.waiting = self.peak = 0
+        self.worker: threading.Thread | None = None
+        self.closed = False
 
     def session(self) -> ChatSession:
         return ChatSession(self)
@@ -111,7 +115,10 @@ class FamilyEngine:
             return EngineStatus(self.running, self.waiting, self.settings.max_batch, self.peak)
 
     def close(self) -> None:
-        pass
+        """Stop the decode thread once the batch in progress ends (a server's engine, at shutdown)."""
+        with self.counting:
+            self.closed = True
+            self.wake.notify_all()
 
     def generate(self, sessions, settings: GenerationSettings, streamer=None, cancel=None) -> list[str]:
         def produce():
@@ -126,19 +133,33 @@ class FamilyEngine:
         return answered(sessions, settings, self.chat, streamer, cancel, produce)
 
     def _decode(self, inputs: list, settings: GenerationSettings, streamer, cancel) -> list[list[int]]:
-        """These rows' new ids. The caller waits in line; whoever holds the model decodes its own rows with every
-        waiting request's that can join them (`Job.joins`), up to `--max-batch` rows, and hands each its answer."""
+        """These rows' new ids, from the decode thread: the request waits in its queue meanwhile."""
         job = Job(inputs, settings, streamer, cancel)
         with self.counting:
+            if self.closed:
+                raise InputError("the engine is closed")
+            if self.worker is None:
+                self.worker = threading.Thread(target=self._work, name="family-decode", daemon=True)
+                self.worker.start()
             self.queue.append(job)
             self.waiting += len(inputs)
-        while not job.finished:
-            with self.turn:
-                if not job.finished:
-                    self._run(self._take(job))
+            self.wake.notify_all()
+        job.done.wait()
         if job.error is not None:
             raise job.error
         return job.result
+
+    def _work(self) -> None:
+        """The decode thread, the one that runs `generate` (one thread: PyTorch's CPU thread pool is made once, not
+        per request). It takes the oldest request with every waiting one that can join it (`Job.joins`), up to
+        `--max-batch` rows, and hands each its answer."""
+        while True:
+            with self.counting:
+                self.wake.wait_for(lambda: self.queue or self.closed)
+                if self.closed:
+                    return
+            with self.turn:
+                self._run(self._take(self.queue[0]))
 
     def _take(self, job: Job) -> list[Job]:
         """`job` and the waiting jobs that join it, in arrival order, as many as fit in `--max-batch` rows."""
@@ -169,9 +190,10 @@ class FamilyEngine:
                 stopping_criteria=stops,
                 streamer=RowStreams(streams) if any(streams) else None,
             )
-        except BaseException as exc:  # out of memory, a cancel...: every job of the batch hears of it
+        except BaseException as exc:  # out of memory...: every job of the batch hears of it
             for job in jobs:
-                job.error, job.finished = exc, True
+                job.error = exc
+                job.done.set()
             return
         finally:
             with self.counting:
@@ -179,7 +201,7 @@ class FamilyEngine:
         new = iter(out[:, batch["input_ids"].shape[1] :].tolist())
         for job in jobs:
             job.result = [self.chat.trimmed(next(new)) for _ in job.inputs]
-            job.finished = True
+            job.done.set()
 
     def generation_config(self, settings: GenerationSettings):
         """The folder's own generation config (its EOS ids) with the request's settings."""

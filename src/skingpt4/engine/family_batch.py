@@ -4,7 +4,7 @@ inputs as one batch, their streams and cancel flags inside transformers' `genera
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,7 +21,7 @@ class Job:
     cancel: threading.Event | None = None
     result: list[list[int]] | None = None
     error: BaseException | None = None
-    finished: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
 
     def joins(self, other: Job) -> bool:
         """Whether both may be decoded in one `generate`: the same settings, and no seeded sampling (its draws would

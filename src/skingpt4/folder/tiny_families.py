@@ -88,7 +88,7 @@ def _image_processor(name: str, **options):
     return (getattr(transformers, name + "Pil", None) or getattr(transformers, name))(**options)
 
 
-def _gemma3():
+def _gemma3(sizes: dict):
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
 
     marks = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
@@ -97,6 +97,7 @@ def _gemma3():
     ids = dict(zip(marks, tokenizer.convert_tokens_to_ids(marks)))
     text = TEXT | dict(vocab_size=len(tokenizer), sliding_window=512, pad_token_id=tokenizer.pad_token_id)
     text |= dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id, ids["<end_of_turn>"]])
+    text |= sizes
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     vision |= dict(image_size=IMAGE_PX, patch_size=14)
     config = Gemma3Config(
@@ -115,7 +116,7 @@ def _gemma3():
     return model, processor
 
 
-def _qwen2_5_vl():
+def _qwen2_5_vl(sizes: dict):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
     from skingpt4.folder.family import image_only
@@ -124,8 +125,9 @@ def _qwen2_5_vl():
     tokenizer = _tokenizer("Qwen2Tokenizer", marks, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     ids = dict(zip(marks, tokenizer.convert_tokens_to_ids(marks)))
     text = TEXT | dict(vocab_size=len(tokenizer), rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
-    text |= dict(eos_token_id=ids["<|im_end|>"], pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=14)
+    text |= dict(eos_token_id=ids["<|im_end|>"], pad_token_id=tokenizer.pad_token_id, bos_token_id=None) | sizes
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14)
+    vision |= dict(out_hidden_size=text["hidden_size"])  # the merger writes the language model's width
     vision |= dict(spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0])
     config = Qwen2_5_VLConfig(
         text_config=text,
@@ -141,11 +143,11 @@ def _qwen2_5_vl():
     return Qwen2_5_VLForConditionalGeneration(config), processor
 
 
-def _llava():
+def _llava(sizes: dict):
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tokenizer = _tokenizer("LlamaTokenizer", ["<image>"])
-    text = TEXT | dict(model_type="llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    text = TEXT | dict(model_type="llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id) | sizes
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     vision |= dict(image_size=IMAGE_PX, patch_size=14, projection_dim=32, model_type="clip_vision_model")
     config = LlavaConfig(
@@ -167,10 +169,11 @@ def _llava():
 BUILDERS = {"gemma3": _gemma3, "qwen2_5_vl": _qwen2_5_vl, "llava": _llava}  # family.TINY_FAMILIES names them
 
 
-def build_tiny_family(family: str, folder: Path, seed: int = 0) -> Path:
-    """Write a tiny random folder of `family` (one of `BUILDERS`) into `folder`."""
+def build_tiny_family(family: str, folder: Path, seed: int = 0, sizes: dict | None = None) -> Path:
+    """Write a tiny random folder of `family` (one of `BUILDERS`) into `folder`; `sizes` overrides the language
+    model's config fields (the bench's larger models)."""
     torch.manual_seed(seed)
-    model, processor = BUILDERS[family]()
+    model, processor = BUILDERS[family](sizes or {})
     model.generation_config.eos_token_id = model.config.get_text_config().eos_token_id
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.eval().save_pretrained(folder)
