@@ -210,6 +210,8 @@ def test_choice_scores_are_the_targets_log_probability(engines, family):
     session = asked(engine, 3)
     ids, (inputs,), _ = engine.chat.prompt(session, GREEDY)
     target = engine.chat.tokenizer("This could be eczema.", add_special_tokens=False).input_ids
+    ends = {"gemma3": "<end_of_turn>", "qwen2_5_vl": "<|im_end|>", "llava": "</s>"}  # how each ends an answer
+    assert engine.chat.tokenizer.convert_ids_to_tokens(engine.chat.end_id) == ends[family]
     [score] = engine.score([(ids, [inputs], target)])
     # by hand: the whole sequence through the model once, each target token read after the one before it
     full = dict(inputs)

@@ -41,8 +41,16 @@ class FamilyFormat(ChatFormat):
         added = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
         self.special_tokens = tuple(sorted(added | set(self.special_tokens)))
         eos = generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        self.end_id = eos[0] if isinstance(eos, list) else eos  # ends a choice-mode target sentence
+        self.eos_ids = list(eos) if isinstance(eos, list) else [eos]
+        self.end_id = self._turn_end()  # ends a choice-mode target sentence, as the model ends an answer
+
+    def _turn_end(self) -> int:
+        """The EOS id the chat template writes after an answer (Gemma's `<end_of_turn>`, Qwen's `<|im_end|>`), else
+        the first EOS id (LLaVA-1.5's template writes none: its answers end with `</s>`)."""
+        said = [{"role": r, "content": [{"type": "text", "text": "x"}]} for r in ("user", "assistant")]
+        text = self.processor.apply_chat_template(said, tokenize=False)
+        after = self.tokenizer(text[text.rindex("x") + 1 :], add_special_tokens=False).input_ids
+        return next((i for i in after if i in self.eos_ids), self.eos_ids[0])
 
     def conversation(self) -> FamilyConversation:
         return FamilyConversation(self.template, special_tokens=self.special_tokens, max_images=self.family.max_images)
