@@ -377,7 +377,6 @@ def test_two_families_head_to_head(family_dirs, tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--engine", "vllm"], "other families' folders run on our engine"),
         (["--quantize", "int8", "--device", "cpu"], "--quantize converts SkinGPT-4's Llama"),
         (["--template", "llama2"], "read in its own chat template"),
     ],
@@ -388,3 +387,49 @@ def test_what_a_family_folder_cannot_take_is_refused_in_one_line(family_dirs, tm
     assert main([*argv, *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_what_vllm_is_sent_for_a_family_folder(family_dirs):
+    """`--engine vllm` on a family folder (vLLM itself: `test_families_on_vllm.py`): the chat template's text as
+    token ids, one placeholder per photo as the template writes it (vLLM's processor expands them), the photos; the
+    prompt's length as vLLM reports it; the answer cleaned as ours, its thought kept apart."""
+    from types import SimpleNamespace
+
+    from skingpt4.engine.vllm import VllmEngine
+
+    folder = family_dirs["gemma3"]
+    ours = open_engine(EngineOptions(model=str(folder)))
+    tokenizer = ours.chat.tokenizer
+    answer = tokenizer(THOUGHT, add_special_tokens=False).input_ids
+    sent = []
+
+    async def generate(prompt, params, request_id):
+        sent.append(prompt)
+        yield SimpleNamespace(outputs=[SimpleNamespace(token_ids=answer)], prompt_token_ids=[0] * 77, finished=True)
+
+    engine = VllmEngine(SimpleNamespace(generate=generate), folder, params=SimpleNamespace)
+    try:
+        session = engine.session()
+        photos = [photo(1), photo(2)]
+        for image in photos:
+            session.add_encoded(image)
+        session.ask(QUESTION)
+        assert session.answer(GREEDY) == "This may be psoriasis." and session.reasoning.startswith("Red scaly")
+        processor = ours.chat.processor
+        text = processor.apply_chat_template(
+            by_hand(ours, [("user", (2, QUESTION))]), add_generation_prompt=True, tokenize=False
+        )
+        assert sent[0]["prompt_token_ids"] == tokenizer(text, add_special_tokens=False).input_ids
+        assert sent[0]["prompt_token_ids"].count(tokenizer.convert_tokens_to_ids("<start_of_image>")) == 2
+        assert sent[0]["multi_modal_data"]["image"] == photos and session.prompt_tokens == 77
+    finally:
+        engine.close()
+
+
+def test_vllm_arguments_for_family_folders(family_dirs):
+    from skingpt4.engine.factory import VllmOptions
+
+    llava = VllmOptions().engine_args(family_dirs["llava"], 4, "float32")
+    assert "hf_overrides" not in llava and llava["limit_mm_per_prompt"] == {"image": 1}  # vLLM's own LLaVA class
+    qwen = VllmOptions().engine_args(family_dirs["qwen2_5_vl"], 4, "float32")
+    assert qwen["mm_processor_kwargs"] == {"min_pixels": 3136, "max_pixels": 3136}  # the bounds our engine uses

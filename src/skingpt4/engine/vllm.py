@@ -29,10 +29,12 @@ from pathlib import Path
 import torch
 
 from skingpt4.engine import sampler
+from skingpt4.engine.family import FamilyFormat, family_format
 from skingpt4.engine.protocol import EngineStatus
 from skingpt4.engine.session import ChatFormat, ChatSession, answered
 from skingpt4.engine.settings import EngineSettings, GenerationSettings
 from skingpt4.errors import InputError
+from skingpt4.folder.family import family_info, family_of
 from skingpt4.folder.load import ModelInfo, load_tokenizer
 from skingpt4.inputs.conversation import get_template
 from skingpt4.inputs.prompt import one_slot_per_image
@@ -47,12 +49,16 @@ class VllmEngine:
     `params` makes vLLM's `SamplingParams` from keyword arguments."""
 
     def __init__(self, client, folder: Path, params, settings: EngineSettings | None = None, template=None):
-        """Needs the folder's config, tokenizer and `skingpt4.json`; the weights are vLLM's to load."""
+        """Needs the folder's config, tokenizer and `skingpt4.json` (another family's folder: its processor and
+        generation config); the weights are vLLM's to load."""
         self.client, self.params, self.settings = client, params, settings or EngineSettings()
-        self.info = ModelInfo.of(folder)
-        image_token_id = json.loads((folder / "config.json").read_text(encoding="utf-8"))["image_token_index"]
-        tokenizer = load_tokenizer(folder, image_token_id)
-        self.chat = ChatFormat(tokenizer, get_template(template or self.info.meta.template), image_token_id)
+        if (family := family_of(folder)) is not None:
+            self.info, self.chat = family_info(folder, family), family_format(folder, family)
+        else:
+            self.info = ModelInfo.of(folder)
+            image_token_id = json.loads((folder / "config.json").read_text(encoding="utf-8"))["image_token_index"]
+            tokenizer = load_tokenizer(folder, image_token_id)
+            self.chat = ChatFormat(tokenizer, get_template(template or self.info.meta.template), image_token_id)
         self.running, self.peak, self.counting = 0, 0, threading.Lock()
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="vllm-engine", daemon=True).start()
@@ -99,24 +105,35 @@ class VllmEngine:
 
         return answered(sessions, settings, self.chat, streamer, cancel, produce)
 
-    def request(self, session: ChatSession, settings: GenerationSettings) -> tuple[dict, int]:
+    def request(self, session: ChatSession, settings: GenerationSettings) -> tuple[dict, int | None]:
         """vLLM's prompt for the session's pending question (one `<image>` id per kept photo) and its length in
-        the model's positions (each photo 32)."""
-        ids, images, _ = self.chat.prompt(session, settings)
-        inputs = {"prompt_token_ids": one_slot_per_image(ids, self.chat.image_token_id)}
+        the model's positions (each photo 32). Another family's: its chat template's text as token ids, one
+        placeholder per photo as the template writes it, which vLLM's processor for the family expands as the
+        family's own processor does; its length comes back with vLLM's answer."""
+        if isinstance(self.chat, FamilyFormat):
+            text, bos = self.chat.text(session), self.chat.tokenizer.bos_token
+            ids = self.chat.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids
+            images, length = session.photos, None
+        else:
+            ids, images, _ = self.chat.prompt(session, settings)
+            ids, length = one_slot_per_image(ids, self.chat.image_token_id), len(ids)
+        inputs = {"prompt_token_ids": ids}
         if images:
-            inputs["multi_modal_data"] = {"image": images}
-        return inputs, len(ids)
+            inputs["multi_modal_data"] = {"image": list(images)}
+        return inputs, length
 
     def _new_ids(self, session: ChatSession, settings: GenerationSettings, streamer, cancel) -> list[int]:
         params = self.params(**sampler.vllm_options(settings, self.chat.stops(settings)))
         prompt, session.prompt_tokens = self.request(session, settings)
         ids: list[int] = []
         with self._counted():
-            for new in self.token_ids(prompt, params, cancel or threading.Event()):
+            for output in self.token_ids(prompt, params, cancel or threading.Event()):
+                new = list(output.outputs[0].token_ids)
                 if streamer is not None:
                     streamer.put(torch.tensor(new[len(ids) :], dtype=torch.long))
                 ids = new
+                if session.prompt_tokens is None:  # as vLLM's processor expanded the photos
+                    session.prompt_tokens = len(output.prompt_token_ids)
         if streamer is not None:
             streamer.end()
         return ids
@@ -134,10 +151,10 @@ class VllmEngine:
                 self.running -= 1
 
     def token_ids(self, prompt: dict, params, cancel: threading.Event):
-        """Yield the answer's token ids as vLLM produces them (all so far, each time). On `cancel`, or when the
-        consumer stops reading, the request is cancelled in vLLM's loop (vLLM's `generate` aborts it then), and
-        this waits until it has ended there (at most `STOP_WAIT_S`; past that it is logged, never raised over
-        the answer's own outcome)."""
+        """Yield vLLM's outputs for the request as it produces them (each with the answer's token ids so far).
+        On `cancel`, or when the consumer stops reading, the request is cancelled in vLLM's loop (vLLM's `generate`
+        aborts it then), and this waits until it has ended there (at most `STOP_WAIT_S`; past that it is logged,
+        never raised over the answer's own outcome)."""
         outputs: queue.Queue = queue.Queue()
         generating = self.client.generate(prompt, params, f"skingpt4-{uuid.uuid4().hex}")
         job = asyncio.run_coroutine_threadsafe(_pump(generating, outputs.put), self.loop)
@@ -145,7 +162,7 @@ class VllmEngine:
             while (item := _next_output(outputs, cancel)) is not None and item is not _ENDED:
                 if isinstance(item, BaseException):
                     raise item
-                yield list(item.outputs[0].token_ids)
+                yield item
         finally:
             job.cancel()  # nothing to do when it has ended
             if not wait([job], STOP_WAIT_S).done:

@@ -54,6 +54,17 @@ def model_type(folder: Path) -> str:
         raise ModelLoadError(f"{folder / 'config.json'} is not a readable model config") from None
 
 
+def text_config(folder: Path) -> dict:
+    """The language model's config, read from the folder's config.json (no transformers import); folders that
+    keep it at the top level (Qwen2.5-VL's) too."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return config.get("text_config") or config
+
+
+def head_dim(text: dict) -> int:
+    return text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+
+
 def family_of(folder: Path | None) -> Family | None:
     """The family of a folder that is not SkinGPT-4's (None for SkinGPT-4 folders and the tiny model)."""
     if folder is None or (kind := model_type(folder)) == SKINGPT4_TYPE:
