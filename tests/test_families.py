@@ -18,7 +18,7 @@ from PIL import Image
 from skingpt4.cli.main import main
 from skingpt4.engine.factory import EngineOptions, open_engine
 from skingpt4.engine.settings import GenerationSettings
-from skingpt4.errors import Cancelled
+from skingpt4.errors import Cancelled, InputError
 from skingpt4.folder.family import FAMILIES as FAMILY_FACTS
 from skingpt4.folder.family import pixel_options
 from skingpt4.folder.tiny_families import BUILDERS, build_tiny_family
@@ -433,3 +433,35 @@ def test_vllm_arguments_for_family_folders(family_dirs):
     assert "hf_overrides" not in llava and llava["limit_mm_per_prompt"] == {"image": 1}  # vLLM's own LLaVA class
     qwen = VllmOptions().engine_args(family_dirs["qwen2_5_vl"], 4, "float32")
     assert qwen["mm_processor_kwargs"] == {"min_pixels": 3136, "max_pixels": 3136}  # the bounds our engine uses
+
+
+def test_a_failed_batch_reaches_its_requests_and_the_engine_goes_on(family_dirs, monkeypatch):
+    engine = open_engine(EngineOptions(model=str(family_dirs["llava"])))
+    before = asked(engine, 5).answer(GREEDY)
+    real = engine.model.generate
+
+    def out_of_memory(**inputs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(engine.model, "generate", out_of_memory)
+    session = asked(engine, 5)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        session.answer(GREEDY)
+    assert QUESTION not in str(session.conversation.messages)  # withdrawn: a retry adds no second question
+    monkeypatch.setattr(engine.model, "generate", real)
+    assert asked(engine, 5).answer(GREEDY) == before
+    engine.close()
+    with pytest.raises(InputError, match="closed"):
+        asked(engine, 5).answer(GREEDY)
+
+
+def test_training_refuses_a_family_folder_in_one_line(family_dirs, tmp_path, capsys):
+    from conftest import train_config
+
+    (tmp_path / "a.png").write_bytes(image_bytes())
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"image": "a.png", "caption": "This could be a skin disease image of eczema."}) + "\n")
+    config = train_config(tmp_path / "t.yaml", model=family_dirs["gemma3"], data=data, output_dir=tmp_path / "run")
+    assert main(["train", "--config", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a gemma3 folder; this needs a SkinGPT-4 folder" in err[0]

@@ -14,6 +14,7 @@ import torch
 
 from skingpt4.backends.padding import pad_left, padded
 from skingpt4.errors import ModelLoadError, first_line
+from skingpt4.folder.family import family_of
 from skingpt4.folder.load import LoadedModel, ready, resolve_device, resolve_dtype, resolve_model_path
 
 
@@ -135,6 +136,8 @@ def load_model(
     from transformers import Blip2ForConditionalGeneration
 
     path = resolve_model_path(model)
+    if (family := family_of(path)) is not None:  # the commands that answer take those (`engine/family.py`)
+        raise ModelLoadError(f"{path} is a {family.name} folder; this needs a SkinGPT-4 folder (`skingpt4 convert`)")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     quant = quantization_config(load_in_8bit, load_in_4bit, torch_dtype)

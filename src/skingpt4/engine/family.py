@@ -125,8 +125,11 @@ class FamilyEngine:
     def close(self) -> None:
         """Stop the decode thread once the batch in progress ends (a server's engine, at shutdown)."""
         with self.counting:
-            self.closed = True
+            self.closed, waiting, self.queue = True, self.queue, []
             self.wake.notify_all()
+        for job in waiting:
+            job.error = InputError("the engine was closed before this request was answered")
+            job.done.set()
 
     def generate(self, sessions, settings: GenerationSettings, streamer=None, cancel=None) -> list[str]:
         def produce():
@@ -167,11 +170,13 @@ class FamilyEngine:
                 if self.closed:
                     return
             with self.turn:
-                self._run(self._take(self.queue[0]))
+                self._run(self._take())
 
-    def _take(self, job: Job) -> list[Job]:
-        """`job` and the waiting jobs that join it, in arrival order, as many as fit in `--max-batch` rows."""
+    def _take(self) -> list[Job]:
+        """The oldest job and the waiting jobs that join it, in arrival order, as many as fit in `--max-batch`
+        rows."""
         with self.counting:
+            job = self.queue[0]
             taken, rows = [job], len(job.inputs)
             for other in self.queue:
                 if other is not job and job.joins(other) and rows + len(other.inputs) <= self.settings.max_batch:
@@ -182,34 +187,37 @@ class FamilyEngine:
             self.running, self.peak = rows, max(self.peak, rows)
         return taken
 
-    @torch.no_grad()
     def _run(self, jobs: list[Job]) -> None:
+        """Decode the jobs' rows as one batch; each job hears of its answers, or of the error (out of memory...)."""
+        try:
+            new = iter(self._generate(jobs))
+            for job in jobs:
+                job.result = [self.chat.trimmed(next(new)) for _ in job.inputs]
+        except BaseException as exc:
+            for job in jobs:
+                job.error = exc
+        finally:
+            with self.counting:
+                self.running = 0
+            for job in jobs:
+                job.done.set()
+
+    @torch.no_grad()
+    def _generate(self, jobs: list[Job]) -> list[list[int]]:
         rows = [one for job in jobs for one in job.inputs]
         batch = collate(rows, self.chat.tokenizer.pad_token_id).to(self.model.device)
         settings = jobs[0].settings
         stops = [StopWhen(self.pieces, self.chat.stops(settings)), RowsCancelled(jobs)]
         streams = [s for job in jobs for s in [job.streamer] + [None] * (len(job.inputs) - 1)]
-        try:
-            if settings.do_sample and settings.seed is not None:  # such a job runs alone (`Job.joins`)
-                torch.manual_seed(settings.seed)
-            out = self.model.generate(
-                **batch,
-                generation_config=self.generation_config(settings),
-                stopping_criteria=stops,
-                streamer=RowStreams(streams) if any(streams) else None,
-            )
-        except BaseException as exc:  # out of memory...: every job of the batch hears of it
-            for job in jobs:
-                job.error = exc
-                job.done.set()
-            return
-        finally:
-            with self.counting:
-                self.running = 0
-        new = iter(out[:, batch["input_ids"].shape[1] :].tolist())
-        for job in jobs:
-            job.result = [self.chat.trimmed(next(new)) for _ in job.inputs]
-            job.done.set()
+        if settings.do_sample and settings.seed is not None:  # such a job runs alone (`Job.joins`)
+            torch.manual_seed(settings.seed)
+        out = self.model.generate(
+            **batch,
+            generation_config=self.generation_config(settings),
+            stopping_criteria=stops,
+            streamer=RowStreams(streams) if any(streams) else None,
+        )
+        return out[:, batch["input_ids"].shape[1] :].tolist()
 
     def generation_config(self, settings: GenerationSettings):
         """The folder's own generation config (its EOS ids) with the request's settings."""
@@ -243,7 +251,10 @@ def family_format(folder, family) -> FamilyFormat:
     from skingpt4.folder.family import load_processor, pixel_options, text_config
 
     processor = load_processor(folder, pixel_options(folder, family))
-    config = GenerationConfig.from_pretrained(folder)
+    try:
+        config = GenerationConfig.from_pretrained(folder)
+    except OSError:  # no generation_config.json: the tokenizer's EOS
+        config = GenerationConfig(eos_token_id=processor.tokenizer.eos_token_id)
     return FamilyFormat(processor, family, config, text_config(folder)["max_position_embeddings"])
 
 
