@@ -25,6 +25,7 @@ from skingpt4.folder.tiny_families import BUILDERS, build_tiny_family
 from skingpt4.inputs.conversation import AnswerText
 from skingpt4.inputs.family_prompt import ThinkingAnswer, family_template
 from skingpt4.inputs.images import load_image
+from skingpt4.serve.safety import DISCLAIMER
 
 FAMILIES = list(BUILDERS)
 GREEDY = GenerationSettings.greedy(max_new_tokens=10)
@@ -264,10 +265,11 @@ def scripted(engine, monkeypatch, text: str):
     monkeypatch.setattr(engine.model, "generate", generate)
 
 
-THOUGHT = "<think>Red scaly plaques on the elbow.</think>This may be psoriasis."
+THOUGHT_TEXT = "Red scaly plaques on the elbow."
+THOUGHT = f"<think>{THOUGHT_TEXT}</think>This may be psoriasis."
 
 
-def test_the_thought_reaches_records_and_the_api_but_not_the_answer(family_dirs, tmp_path, monkeypatch):
+def test_the_thought_reaches_records_and_the_api_but_not_the_answer(family_dirs, tmp_path, monkeypatch, store):
     from openai import OpenAI
     from test_api import Server, data_url
 
@@ -275,7 +277,7 @@ def test_the_thought_reaches_records_and_the_api_but_not_the_answer(family_dirs,
 
     engine = open_engine(EngineOptions(model=str(family_dirs["qwen2_5_vl"])))
     scripted(engine, monkeypatch, THOUGHT)
-    server = Server(create_app(engine, ServeConfig(max_tokens=40)))
+    server = Server(create_app(engine, ServeConfig(max_tokens=40), store))
     try:
         client = OpenAI(base_url=f"{server.url}/v1", api_key="-")
         content = [{"type": "image_url", "image_url": {"url": data_url(image_bytes())}}, {"type": "text", "text": "?"}]
@@ -283,6 +285,7 @@ def test_the_thought_reaches_records_and_the_api_but_not_the_answer(family_dirs,
         reply = client.chat.completions.create(model="m", messages=messages, max_tokens=40, temperature=0)
         message = reply.choices[0].message
         assert message.content.startswith("This may be psoriasis.") and "think" not in message.content
+        assert message.content.endswith(DISCLAIMER)  # the rails as for SkinGPT-4
         assert message.model_extra["reasoning_content"] == "Red scaly plaques on the elbow."
         stream = client.chat.completions.create(model="m", messages=messages, max_tokens=40, stream=True)
         chunks = [c.choices[0].delta for c in stream if c.choices]
@@ -292,6 +295,8 @@ def test_the_thought_reaches_records_and_the_api_but_not_the_answer(family_dirs,
         ]
     finally:
         server.stop()
+    saved = [store.get(r["id"]) for r in store.list()]
+    assert [t["reasoning"] for r in saved for t in r["turns"] if "reasoning" in t] == [THOUGHT_TEXT] * 2
     images = tmp_path / "photos"
     images.mkdir()
     (images / "a.png").write_bytes(image_bytes())
@@ -360,7 +365,10 @@ def test_every_research_command_runs_on_the_family(family_dirs, tmp_path, capsys
         assert main(["eval", *common, "--out", str(target), *extra]) == 0, capsys.readouterr().err
         metrics = json.loads((target / "metrics.json").read_text())
         assert metrics["n"] == 4 and metrics["run"]["model"].startswith(f"tiny-{family}@")
-    assert (tmp_path / "--protocol-clinical" / "transcripts.jsonl").is_file()
+    from skingpt4.review.page import load_cases
+
+    cases = load_cases(tmp_path / "--protocol-clinical" / "transcripts.jsonl")  # what `skingpt4 review` serves
+    assert len(cases) == 4 and all(len(case.turns) == 8 for case in cases)
 
 
 def test_two_families_head_to_head(family_dirs, tmp_path, capsys):
