@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -134,15 +135,20 @@ def create_tiny_model(out: str | Path, seed: int = 0) -> Path:
 
 def tiny_model_dir() -> Path:
     """The cached tiny model, built offline on first use."""
-    folder = home_dir() / "tiny-model"
-    if not (folder / META_FILE).is_file():
+    return cached_folder("tiny-model", create_tiny_model, META_FILE)
+
+
+def cached_folder(name: str, build, last_file: str) -> Path:
+    """`name` in the cache, made by `build(folder)` on first use (`last_file`: what a finished one holds)."""
+    folder = home_dir() / name
+    if not (folder / last_file).is_file():
         home_dir().mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix="tiny-", dir=home_dir()))
-        create_tiny_model(tmp)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=home_dir()))
+        build(tmp)
         try:
             tmp.rename(folder)  # atomic: a half-written cache never looks complete
         except OSError:  # another process won the race
-            pass
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from skingpt4.folder.family import save_image_only
-from skingpt4.folder.meta import home_dir
-from skingpt4.folder.tiny import TINY_CORPUS, train_tiny_sentencepiece
+from skingpt4.folder.tiny import TINY_CORPUS, cached_folder, train_tiny_sentencepiece
 
 IMAGE_PX = 56  # 4 x 4 patches of 14 px
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
@@ -186,7 +185,5 @@ def build_tiny_family(family: str, folder: Path, seed: int = 0, sizes: dict | No
 
 def tiny_family_dir(name: str) -> Path:
     """`tiny-<family>`, built into the cache on first use."""
-    folder = home_dir() / name
-    if not (folder / "config.json").is_file():
-        build_tiny_family(name.removeprefix("tiny-"), folder)
-    return folder
+    last = "tokenizer_config.json"
+    return cached_folder(name, lambda folder: build_tiny_family(name.removeprefix("tiny-"), folder), last)
