@@ -473,3 +473,18 @@ def test_training_refuses_a_family_folder_in_one_line(family_dirs, tmp_path, cap
     assert main(["train", "--config", str(config), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a gemma3 folder; this needs a SkinGPT-4 folder" in err[0]
+
+
+def test_a_consultation_past_the_models_context_is_refused_in_one_line(family_dirs, engines):
+    """On `--device-map auto` too (the CPU here); SkinGPT-4's 2000-position budget does not apply, the model's does."""
+    engine = open_engine(EngineOptions(model=str(family_dirs["gemma3"]), device_map="auto"))
+    session = asked(engine, 6)
+    needed = len(engine.chat.prompt(session, GREEDY)[0]) + GREEDY.max_new_tokens
+    assert needed < engine.chat.context == 4096
+    engine.chat.context = needed - 1
+    with pytest.raises(InputError, match="passes the model's context of .*: start a new consultation"):
+        session.answer(GREEDY)
+    assert QUESTION not in str(session.conversation.messages)  # withdrawn
+    engine.chat.context = needed
+    session.ask(QUESTION)
+    assert session.answer(GREEDY) == asked(engines["gemma3"], 6).answer(GREEDY)

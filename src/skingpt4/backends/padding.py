@@ -20,12 +20,12 @@ def padding_mask(lengths: list[int], device=None) -> torch.Tensor:
     return torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=device)
 
 
-def pad_left(x: torch.Tensor, count: int) -> torch.Tensor:
-    """Zeros before the sequence dimension's start (dim -2 of a cache tensor (B, heads, T, D), dim -1 of a mask
-    (B, T) or of a transposed prompt (H, T))."""
+def pad_left(x: torch.Tensor, count: int, value: int = 0) -> torch.Tensor:
+    """`value` (zeros) before the sequence dimension's start (dim -2 of a cache tensor (B, heads, T, D), dim -1 of
+    a mask or of ids (B, T) or of a transposed prompt (H, T))."""
     if count == 0:
         return x
     dim = -1 if x.dim() == 2 else -2
     shape = list(x.shape)
     shape[dim] = count
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
+    return torch.cat([x.new_full(shape, value), x], dim=dim)

@@ -11,7 +11,6 @@ transformers classes (`family.py`), or starts vLLM (`vllm.py`), and returns a `p
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,11 +197,11 @@ def vllm_refusal(folder: Path) -> str | None:
 
 def vllm_architecture(folder: Path) -> str | None:
     """The model class vLLM runs for another family's folder (None for SkinGPT-4's: the plugin's)."""
-    from skingpt4.folder.family import family_of
+    from skingpt4.folder.family import family_of, read_config
 
     if family_of(folder) is None:
         return None
-    return (json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or ["?"])[0]
+    return (read_config(folder).get("architectures") or ["?"])[0]
 
 
 def open_engine(options: EngineOptions, beams: bool = False, scoring: bool = False, say=None):

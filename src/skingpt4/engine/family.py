@@ -23,7 +23,7 @@ from skingpt4.engine.decoding import StopWhen, TokenBytes
 from skingpt4.engine.family_batch import Job, RowsCancelled, RowStreams, collate, extended
 from skingpt4.engine.protocol import EngineStatus
 from skingpt4.engine.sampler import TOP_K
-from skingpt4.engine.session import ChatFormat, ChatSession, answered
+from skingpt4.engine.session import ChatFormat, ChatSession, KeptImages, answered
 from skingpt4.engine.settings import EngineSettings, GenerationSettings
 from skingpt4.errors import InputError
 from skingpt4.folder.family import LoadedFamily
@@ -93,8 +93,9 @@ class FamilyFormat(ChatFormat):
         return ids
 
 
-class FamilyEngine:
-    """`protocol.Engine` over a family folder's model (`folder.family.load_family`)."""
+class FamilyEngine(KeptImages):
+    """`protocol.Engine` over a family folder's model (`folder.family.load_family`); its processor reads the photos
+    when a prompt is made (`KeptImages`)."""
 
     def __init__(self, loaded: LoadedFamily, settings: EngineSettings | None = None):
         self.model, self.info, self.settings = loaded.model, loaded.info, settings or EngineSettings()
@@ -104,23 +105,14 @@ class FamilyEngine:
         self.turn, self.counting = threading.Lock(), threading.Lock()  # the model; the queue and the counts
         self.wake = threading.Condition(self.counting)
         self.queue: list[Job] = []
-        self.running = self.waiting = self.peak = 0
+        self.running = self.peak = 0
         self.worker: threading.Thread | None = None
         self.closed = False
 
-    def session(self) -> ChatSession:
-        return ChatSession(self)
-
-    def encode_images(self, images: list) -> list:
-        """The family's processor reads the photos when a prompt is made: a session keeps the images."""
-        return list(images)
-
-    def settle(self, session: ChatSession) -> int:
-        return 0
-
     def status(self) -> EngineStatus:
         with self.counting:
-            return EngineStatus(self.running, self.waiting, self.settings.max_batch, self.peak)
+            waiting = sum(len(job.inputs) for job in self.queue)
+            return EngineStatus(self.running, waiting, self.settings.max_batch, self.peak)
 
     def close(self) -> None:
         """Stop the decode thread once the batch in progress ends (a server's engine, at shutdown)."""
@@ -153,7 +145,6 @@ class FamilyEngine:
                 self.worker = threading.Thread(target=self._work, name="family-decode", daemon=True)
                 self.worker.start()
             self.queue.append(job)
-            self.waiting += len(inputs)
             self.wake.notify_all()
         job.done.wait()
         if job.error is not None:
@@ -183,7 +174,6 @@ class FamilyEngine:
                     taken.append(other)
                     rows += len(other.inputs)
             self.queue = [j for j in self.queue if j not in taken]
-            self.waiting -= rows
             self.running, self.peak = rows, max(self.peak, rows)
         return taken
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from skingpt4.backends.padding import pad_left
 from skingpt4.engine.settings import GenerationSettings
 
 
@@ -43,13 +44,13 @@ def collate(inputs: list, pad_id: int):
 
     if len(inputs) == 1:
         return inputs[0]
-    length = max(one["input_ids"].shape[1] for one in inputs)
+    length, along = max(one["input_ids"].shape[1] for one in inputs), sequence_keys(inputs[0])
     batch = {}
     for key in dict.fromkeys(k for one in inputs for k in one.keys()):
         parts = [one[key] for one in inputs if key in one]
-        if key in sequence_keys(inputs[0]):
+        if key in along:
             fill = pad_id if key == "input_ids" else 0
-            parts = [torch.nn.functional.pad(p, (length - p.shape[1], 0), value=fill) for p in parts]
+            parts = [pad_left(p, length - p.shape[1], fill) for p in parts]
         batch[key] = torch.cat(parts)
     return BatchFeature(batch)
 

@@ -3,8 +3,10 @@
 `ChatFormat` is how a conversation becomes prompt ids (the original's per-segment tokenization, 32 slots per photo,
 left-truncated to the context without cutting a photo in half) and how generated ids become the shown answer (the
 template's and the request's stop strings, this tokenizer's special tokens). `ChatSession` is one consultation:
-its photos (as its engine encoded them), its turns, and what its engine keeps for it between turns. Both engines
-(`chat.py`, `vllm.py`) use these two, so the rules are one.
+its photos (as its engine encoded them), its turns, and what its engine keeps for it between turns. Every engine
+(`chat.py`, `vllm.py`, `family.py`) uses these two, so the rules are one; `family.py`'s format is a `ChatFormat`
+whose prompt is another family's chat template. `KeptImages` is what the engines whose model reads the photos
+itself share.
 """
 
 from __future__ import annotations
@@ -171,3 +173,17 @@ def _join(thread: threading.Thread) -> None:
     thread.join(JOIN_S)
     if thread.is_alive():  # never expected: the engine checks the cancel flag at every step and queue poll
         log.error("an answer's thread did not end within %.0f s of its end or cancel; left running", JOIN_S)
+
+
+class KeptImages:
+    """For an engine whose model reads the photos itself when a prompt is made (vLLM; the other families' processor):
+    its sessions keep the images, and nothing between turns."""
+
+    def session(self) -> ChatSession:
+        return ChatSession(self)
+
+    def encode_images(self, images: list) -> list:
+        return list(images)
+
+    def settle(self, session: ChatSession) -> int:
+        return 0

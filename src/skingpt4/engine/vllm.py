@@ -31,7 +31,7 @@ import torch
 from skingpt4.engine import sampler
 from skingpt4.engine.family import FamilyFormat, family_format
 from skingpt4.engine.protocol import EngineStatus
-from skingpt4.engine.session import ChatFormat, ChatSession, answered
+from skingpt4.engine.session import ChatFormat, ChatSession, KeptImages, answered
 from skingpt4.engine.settings import EngineSettings, GenerationSettings
 from skingpt4.errors import InputError
 from skingpt4.folder.family import family_info, family_of
@@ -44,9 +44,10 @@ POLL_S = 0.25  # how often a waiting answer looks at its cancel flag
 STOP_WAIT_S = 30.0  # a cancelled request ends in vLLM within a step; past this it is logged and left
 
 
-class VllmEngine:
+class VllmEngine(KeptImages):
     """Our engine's interface over vLLM (`client`: vLLM's `AsyncLLM`, or a stand-in with its `generate`);
-    `params` makes vLLM's `SamplingParams` from keyword arguments."""
+    `params` makes vLLM's `SamplingParams` from keyword arguments. vLLM encodes the photos itself, and its prefix
+    caching reuses a consultation's earlier positions: a session keeps images and no cache (`KeptImages`)."""
 
     def __init__(self, client, folder: Path, params, settings: EngineSettings | None = None, template=None):
         """Needs the folder's config, tokenizer and `skingpt4.json` (another family's folder: its processor and
@@ -63,17 +64,6 @@ class VllmEngine:
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="vllm-engine", daemon=True).start()
         atexit.register(self.close)
-
-    def session(self) -> ChatSession:
-        """No key/value cache is kept in a session: vLLM's prefix caching reuses earlier positions on its side."""
-        return ChatSession(self)
-
-    def encode_images(self, images: list) -> list:
-        """vLLM encodes the photos itself (its ViT and Q-Former): a session keeps the images."""
-        return list(images)
-
-    def settle(self, session: ChatSession) -> int:
-        return 0
 
     def score(self, rows) -> list[float]:
         raise InputError("choice scoring reads the model's logits here: run it on our engine, not --engine vllm")

@@ -47,17 +47,24 @@ FAMILIES = {
 TINY_FAMILIES = tuple(f"tiny-{name}" for name in FAMILIES)  # `--model tiny-gemma3`...: `tiny_families.py`
 
 
-def model_type(folder: Path) -> str:
+def read_config(folder: Path) -> dict:
+    """The folder's config.json as a dict (no transformers import)."""
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type", "")
-    except (OSError, ValueError, AttributeError):
-        raise ModelLoadError(f"{folder / 'config.json'} is not a readable model config") from None
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{folder / 'config.json'} is not a readable model config")
+    return config
+
+
+def model_type(folder: Path) -> str:
+    return read_config(folder).get("model_type", "")
 
 
 def text_config(folder: Path) -> dict:
-    """The language model's config, read from the folder's config.json (no transformers import); folders that
-    keep it at the top level (Qwen2.5-VL's) too."""
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    """The language model's config; folders that keep it at the top level (Qwen2.5-VL's) too."""
+    config = read_config(folder)
     return config.get("text_config") or config
 
 

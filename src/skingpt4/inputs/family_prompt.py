@@ -50,9 +50,8 @@ class FamilyConversation(Conversation):
     def chat_messages(self, system: str = "", in_question: bool = False) -> list[dict]:
         """The messages for the family's chat template, the open question last; `system` as a system turn, or
         (`in_question`) before the first question's text."""
-        messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
-        if in_question:
-            messages = []
+        turn = system and not in_question
+        messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if turn else []
         for role, text in self.messages:
             content = [{"type": "image"}] * text.count(IMAGE_PLACEHOLDER) if role == 0 else []
             words = strip_markup(text, self.special_tokens).strip()
