@@ -10,6 +10,7 @@ import asyncio
 import base64
 import hashlib
 import html
+import http.server
 import io
 import os
 import re
@@ -17,6 +18,7 @@ import socket
 import stat
 import statistics
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +41,7 @@ from skingpt4.serve.safety import DISCLAIMER, INTENDED_USE
 from skingpt4.serve.uploads import Uploads, sweep
 from skingpt4.serve.web import ADD_PHOTO, ASK, NOTICE, WebConfig
 from skingpt4.serve.web_launch import (
+    answers,
     exposure_warning,
     launch,
     launch_options,
@@ -636,6 +639,57 @@ def test_a_stalled_upload_is_closed_at_its_deadline(loaded):
         assert httpx.get(running.url).status_code == 200
     finally:
         running.close()
+
+
+def test_a_slow_first_page_is_waited_for(loaded, monkeypatch):
+    """Gradio gives the started server 3 s for its first page, then raises that a public share link is needed (CI
+    saw it on a loaded machine); the app waits longer for the page instead, and serves."""
+    import gradio.networking
+
+    monkeypatch.setattr(gradio.networking, "url_ok", lambda url: False)  # what one answer slower than 3 s leaves
+    running = launch(ChatEngine(loaded), WebConfig(port=free_port()), block=False)
+    try:
+        assert httpx.get(running.url).status_code == 200
+    finally:
+        running.close()
+
+
+def test_a_page_that_never_comes_is_said_in_one_line_and_frees_the_port(loaded, monkeypatch):
+    import gradio.networking
+
+    from skingpt4.serve import web_launch
+
+    monkeypatch.setattr(gradio.networking, "url_ok", lambda url: False)
+    monkeypatch.setattr(web_launch, "answers", lambda url, within: False)
+    port = free_port()
+    with pytest.raises(InputError, match=f"served no page at http://127.0.0.1:{port}/ in 60 s$"):
+        launch(ChatEngine(loaded), WebConfig(port=port), block=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # the server that did start is stopped
+
+
+def test_answers_asks_again_until_a_server_comes():
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(408)  # any status is an answer
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answer, bind_and_activate=False)
+    server.server_bind()  # the port is this test's; connections are refused until it listens
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        assert not answers(url, 0.3)
+        starter = threading.Timer(0.5, lambda: (server.server_activate(), server.serve_forever()))
+        starter.daemon = True
+        starter.start()
+        assert answers(url, 30)
+        server.shutdown()
+        starter.join()
+    finally:
+        server.server_close()
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

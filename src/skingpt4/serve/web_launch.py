@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import http.client
 import os
 import shutil
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from skingpt4 import net
 from skingpt4.connections import install
@@ -26,6 +29,8 @@ from skingpt4.serve.web import WebApp, WebConfig
 
 if TYPE_CHECKING:
     from skingpt4.engine.protocol import Engine
+
+PAGE_WAIT_S = 60.0  # how long a started server may take to serve its first page (Gradio gives it 3 s)
 
 __all__ = ["WebConfig", "build_app", "launch", "parse_auth", "read_auth_file"]
 
@@ -181,13 +186,50 @@ def _serve(app: WebApp, blocked: list[str]) -> str:
     options["blocked_paths"] += blocked
     install(config.request_timeout_s, config.max_connections)  # Gradio's uvicorn gets our protocol this way
     try:
-        _, url, _ = app.blocks.launch(**options, prevent_thread_lock=True)
+        url = _launch(app.blocks, options)
     except OSError as exc:  # Gradio's own text points at GRADIO_SERVER_PORT, which our users do not set
         if "port" not in str(exc).lower():
             raise
         raise InputError(f"port {config.port} on {config.host} is in use; choose another with --port") from None
     print(f"SkinGPT-4 web app at {url}", file=sys.stderr)
     return url
+
+
+def _launch(blocks, options: dict) -> str:
+    """Gradio's launch, without its 3-second verdict on the first page.
+
+    Once its server runs, Gradio asks it for the page and, at one answer slower than 3 s (a loaded machine), raises
+    that localhost is unreachable and a public share link is needed: advice meant for notebooks, and one we never
+    take. The server is up by then; we wait for its page ourselves, longer, and say so in one line if it never comes.
+    """
+    try:
+        return blocks.launch(**options, prevent_thread_lock=True)[1]
+    except ValueError as exc:
+        if "localhost is not accessible" not in str(exc):
+            raise
+    if not answers(blocks.local_url, PAGE_WAIT_S):
+        raise InputError(f"the web app's server started but served no page at {blocks.local_url} in {PAGE_WAIT_S:g} s")
+    return blocks.local_url
+
+
+def answers(url: str, within: float) -> bool:
+    """Whether a server answers `url` (any HTTP status) within `within` seconds, asking again while it does not."""
+    parts = urlsplit(url)
+    deadline = time.monotonic() + within
+    while True:
+        connection = http.client.HTTPConnection(
+            parts.hostname, parts.port, timeout=max(0.1, deadline - time.monotonic())
+        )
+        try:
+            connection.request("HEAD", parts.path or "/")
+            connection.getresponse()
+            return True
+        except (OSError, http.client.HTTPException):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.25)
+        finally:
+            connection.close()
 
 
 @contextmanager
