@@ -76,7 +76,10 @@ def test_past_the_connection_bound_a_new_client_gets_503_at_once(loaded):
     server, port = start(loaded, max_connections=20)
     try:
         held = [stalled(port) for _ in range(20)]
-        time.sleep(0.2)  # let the server accept them (ordering, not timing: the bound counts accepted ones)
+        deadline = time.monotonic() + 30  # the bound counts accepted connections: wait until the server holds all 20
+        while len(server.server_state.connections) < 20:
+            assert time.monotonic() < deadline, "the server did not accept the 20 clients"
+            time.sleep(0.05)
         refused = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30)
         assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
         for conn in held:

@@ -229,8 +229,8 @@ def test_out_of_memory_in_a_joint_prefill_also_halves_the_next_batch(engines, mo
 
 def test_a_photo_is_encoded_between_token_steps_not_after_the_batch(engines):
     """The engine's lock is taken in turn: a photo encoded while an answer decodes waits about one step. (The photo
-    is decoded first: its decoding, in a sandboxed process, overlaps the steps by design and takes longer under
-    load; only the encoding waits for the model.)"""
+    is decoded and resized first: that work, outside the lock, overlaps the steps by design and takes longer under
+    load; the steps are counted from the moment the encoding asks for the model.)"""
     batched, _ = engines
     steps = Steps(batched)
     session = asked(batched, 0)
@@ -238,9 +238,13 @@ def test_a_photo_is_encoded_between_token_steps_not_after_the_batch(engines):
     answering = threading.Thread(target=session.answer, args=(GenerationSettings.greedy(max_new_tokens=300),))
     answering.start()
     steps.wait_for(5)
-    before = len(steps.sizes)
-    within(60, batched.encode_images, [photo])
-    waited = len(steps.sizes) - before
+    encode, asked_at = batched._encode, []
+    batched._encode = lambda pixels: (asked_at.append(len(steps.sizes)), encode(pixels))[1]
+    try:
+        within(60, batched.encode_images, [photo])
+    finally:
+        batched._encode = encode
+    waited = len(steps.sizes) - asked_at[0]
     answering.join(120)
     steps.handle.remove()
     assert waited <= 2 and len(steps.sizes) == 299  # it waited a step or two of the 299, not the whole answer
