@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from common import median, print_table, sample_images
+from common import median, print_table, sample_images, suppress_ids
 
 from skingpt4.engine.factory import EngineOptions, open_engine
 from skingpt4.engine.settings import EngineSettings, GenerationSettings
@@ -47,10 +47,7 @@ QUESTIONS = ["What is this rash?", "Describe the lesion.", "Is this mole changin
 def load(family: str, root: Path):
     folder = build_tiny_family(family, root / family, sizes=TEXT_SIZES | FAMILY_SIZES.get(family, {}))
     engine = open_engine(EngineOptions(model=str(folder), device="cpu", settings=EngineSettings(max_batch=4)))
-    banned = sorted({*range(len(engine.chat.tokenizer), TEXT_SIZES["vocab_size"]), *engine.chat.eos_ids})
-    index = torch.tensor(banned)
-    head = engine.model.get_output_embeddings()
-    head.register_forward_hook(lambda module, args, logits: logits.index_fill(-1, index, float("-inf")))
+    suppress_ids(engine, [*range(len(engine.chat.tokenizer), TEXT_SIZES["vocab_size"]), *set(engine.chat.eos_ids)])
     return engine
 
 

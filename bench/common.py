@@ -40,13 +40,14 @@ def build_bench_model(folder: str | Path, seed: int = 0) -> Path:
     return create_random_model(folder, *bench_sizes(), seed=seed)
 
 
-def suppress_ids(engine: ChatEngine, ids: list[int]) -> None:
-    """Never generate `ids`: a forward hook on this model's LM head sets their logits to -inf.
+def suppress_ids(engine, ids: list[int]) -> None:
+    """Never generate `ids`: a forward hook on the engine's model's LM head sets their logits to -inf (any engine
+    over a transformers model: ours on SkinGPT-4 or another family's).
 
     (Cheaper than a long `suppress_tokens` list, which `generate()` copies on every call and checks every step.)
     """
     index = torch.tensor(sorted(ids))
-    head = engine.model.language_model.get_output_embeddings()
+    head = engine.model.get_output_embeddings()
     head.register_forward_hook(lambda module, args, logits: logits.index_fill(-1, index, float("-inf")))
 
 

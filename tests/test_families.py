@@ -6,6 +6,7 @@ inputs for messages written out here by hand."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from skingpt4.engine.factory import EngineOptions, open_engine
 from skingpt4.engine.settings import GenerationSettings
 from skingpt4.errors import Cancelled, InputError
 from skingpt4.folder.family import FAMILIES as FAMILY_FACTS
-from skingpt4.folder.family import pixel_options
+from skingpt4.folder.family import UNTRAINED_KEY, family_info, family_of, pixel_options
 from skingpt4.folder.tiny_families import BUILDERS, build_tiny_family
 from skingpt4.inputs.conversation import AnswerText
 from skingpt4.inputs.family_prompt import ThinkingAnswer, family_template
@@ -461,6 +462,17 @@ def test_a_failed_batch_reaches_its_requests_and_the_engine_goes_on(family_dirs,
     engine.close()
     with pytest.raises(InputError, match="closed"):
         asked(engine, 5).answer(GREEDY)
+
+
+def test_untrained_is_what_the_folder_says_not_its_name(family_dirs, tmp_path):
+    """The random folders carry the mark in config.json; a real folder named tiny-... is not called untrained."""
+    folder = Path(shutil.copytree(family_dirs["llava"], tmp_path / "llava-derm"))
+    assert family_info(folder, family_of(folder)).meta.warning.startswith("UNTRAINED")  # renamed, still random
+    config = json.loads((folder / "config.json").read_text())
+    del config[UNTRAINED_KEY]
+    (folder / "config.json").write_text(json.dumps(config))
+    real = folder.rename(tmp_path / "tiny-llava-derm")
+    assert family_info(real, family_of(real)).meta.warning is None
 
 
 def test_training_refuses_a_family_folder_in_one_line(family_dirs, tmp_path, capsys):

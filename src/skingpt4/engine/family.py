@@ -62,13 +62,18 @@ class FamilyFormat(ChatFormat):
 
     def inputs(self, session: ChatSession):
         """The processor's inputs for the session's next answer (a batch of one)."""
-        text, bos = self.text(session), self.tokenizer.bos_token
+        text = self.text(session)
         return self.processor(
             text=[text],
             images=list(session.photos) or None,
             return_tensors="pt",
-            add_special_tokens=not (bos and text.startswith(bos)),  # a template that writes BOS itself
+            add_special_tokens=not self.writes_bos(text),
         )
+
+    def writes_bos(self, text: str) -> bool:
+        """Whether the chat template wrote the BOS token itself (Gemma's): the tokenizer must then add none."""
+        bos = self.tokenizer.bos_token
+        return bool(bos) and text.startswith(bos)
 
     def prompt(self, session: ChatSession, settings: GenerationSettings) -> tuple[list[int], list, int]:
         """The prompt ids (photos expanded to their tokens) and, as its only "photo", the processor's inputs."""

@@ -101,8 +101,8 @@ class VllmEngine(KeptImages):
         placeholder per photo as the template writes it, which vLLM's processor for the family expands as the
         family's own processor does; its length comes back with vLLM's answer."""
         if isinstance(self.chat, FamilyFormat):
-            text, bos = self.chat.text(session), self.chat.tokenizer.bos_token
-            ids = self.chat.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids
+            text = self.chat.text(session)
+            ids = self.chat.tokenizer(text, add_special_tokens=not self.chat.writes_bos(text)).input_ids
             images, length = session.photos, None
         else:
             ids, images, _ = self.chat.prompt(session, settings)

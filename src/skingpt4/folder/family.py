@@ -18,6 +18,7 @@ from skingpt4.folder.meta import ModelMeta
 
 SKINGPT4_TYPE = "blip-2"  # SkinGPT-4's own folders (`meta.py`)
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+UNTRAINED_KEY = "skingpt4_untrained"  # in config.json: a random folder (`tiny_families.py`), whatever its name
 
 
 @dataclass(frozen=True)
@@ -80,11 +81,11 @@ def family_of(folder: Path | None) -> Family | None:
 
 
 def family_info(folder: Path, family: Family):
-    """The `load.ModelInfo` every surface reads (the `tiny-` folders are marked untrained)."""
+    """The `load.ModelInfo` every surface reads (the random folders of `tiny_families.py` are marked untrained)."""
     from skingpt4.folder.load import ModelInfo, model_id
 
     meta = ModelMeta(template=family.name, name=folder.name, description=f"{family.name} image-text-to-text folder")
-    meta.untrained = folder.name.startswith("tiny-")
+    meta.untrained = read_config(folder).get(UNTRAINED_KEY) is True
     return ModelInfo(model_id(folder, meta), meta, folder)
 
 

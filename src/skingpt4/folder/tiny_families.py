@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from skingpt4.folder.family import save_image_only
+from skingpt4.folder.family import UNTRAINED_KEY, save_image_only
 from skingpt4.folder.tiny import TINY_CORPUS, cached_folder, train_tiny_sentencepiece
 
 IMAGE_PX = 56  # 4 x 4 patches of 14 px
@@ -175,6 +175,7 @@ def build_tiny_family(family: str, folder: Path, seed: int = 0, sizes: dict | No
     model, processor = BUILDERS[family](sizes or {})
     model.generation_config.eos_token_id = model.config.get_text_config().eos_token_id
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    setattr(model.config, UNTRAINED_KEY, True)  # the surfaces then say its answers are noise
     model.eval().save_pretrained(folder)
     if getattr(processor, "video_processor", "") is None:
         save_image_only(processor, folder)
